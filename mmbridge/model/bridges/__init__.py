@@ -1,0 +1,6 @@
+"""Input-token bridges, one file per family; importing this package registers them."""
+
+from mmbridge.model.bridges import mlp  # noqa: F401  (registers linear, mlp, swiglu)
+from mmbridge.model.bridges.base import BRIDGES, Bridge, build_bridge
+
+__all__ = ["BRIDGES", "Bridge", "build_bridge"]

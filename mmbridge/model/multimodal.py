@@ -1,0 +1,258 @@
+"""MultimodalModel: vision encoder → bridge → spliced into the LLM's input embeddings.
+
+The forward pass takes the tensors transformers' ``LlavaForConditionalGeneration``
+takes (``input_ids`` with ``<image>`` placeholders already expanded to the bridge's
+token count, ``attention_mask``, ``pixel_values`` with one row per image in order of
+appearance, ``labels``) and returns ``.logits`` and ``.loss``. The loss is computed
+from hidden states at label positions only, so training never builds full-vocabulary
+logits over image and prompt tokens.
+
+Module keys are fixed: ``vision``, ``bridge``, ``llm`` (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from mmbridge.model.bridges import BRIDGES, build_bridge
+from mmbridge.model.llm import LLMS, build_llm, load_tokenizer
+from mmbridge.model.lora import LoraSpec, inject_lora
+from mmbridge.model.vision import VISION_ENCODERS, build_vision
+from mmbridge.utils import atomic_write_json, atomic_path
+
+MODULE_KEYS = ("vision", "bridge", "llm")
+IGNORE_INDEX = -100
+CONFIG_FILE, WEIGHTS_FILE, PROCESSOR_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "processor.json", "tokenizer"
+
+
+@dataclass
+class ModelConfig:
+    """What to build: three component specs (dicts with a ``type`` or registered configs).
+
+    ``image_token_id`` pins the placeholder id (as an imported HF LLaVA does); when None,
+    ``image_token`` is added to the tokenizer and the embeddings grow by one row.
+    ``adapters`` records LoRA injections (``{"key": "llm", **LoraSpec}``) so a saved model
+    is rebuilt with the same structure.
+    """
+
+    vision: Any = None
+    llm: Any = None
+    bridge: Any = field(default_factory=lambda: {"type": "mlp", "depth": 2, "activation": "gelu"})
+    image_token: str = "<image>"
+    image_token_id: int | None = None
+    adapters: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-able dict; component configs become dicts with their ``type``."""
+        def plain(spec: Any) -> Any:
+            return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else spec
+        return {"vision": plain(self.vision), "llm": plain(self.llm), "bridge": plain(self.bridge),
+                "image_token": self.image_token, "image_token_id": self.image_token_id,
+                "adapters": [dict(adapter) for adapter in self.adapters]}
+
+
+@dataclass
+class MultimodalOutput:
+    """``loss`` (mean over label tokens), ``logits`` (per ``return_logits``), ``cache``, ``num_label_tokens``."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Any = None
+    num_label_tokens: int = 0
+
+
+class MultimodalModel(nn.Module):
+    """A vision encoder, a bridge and a language model under the keys ``vision``, ``bridge``, ``llm``."""
+
+    def __init__(self, vision: nn.Module, bridge: nn.Module, llm: nn.Module, config: ModelConfig,
+                 processor_settings: dict | None = None) -> None:
+        super().__init__()
+        self.vision = vision
+        self.bridge = bridge
+        self.llm = llm
+        self.config = config
+        self.processor_settings = dict(processor_settings or {})
+        if config.image_token_id is None:
+            config.image_token_id = llm.add_tokens([config.image_token])[0]
+        self.image_token_id = int(config.image_token_id)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig | dict, tokenizer: Any = None,
+                    processor_settings: dict | None = None) -> "MultimodalModel":
+        """Build every component from its spec (pretrained weights where a spec names a path)."""
+        if isinstance(config, dict):
+            config = ModelConfig(**config)
+        for name in ("vision", "llm"):
+            if getattr(config, name) is None:
+                raise ValueError(f"model config needs a '{name}' spec")
+        config = dataclasses.replace(
+            config, vision=VISION_ENCODERS.make_config(config.vision), llm=LLMS.make_config(config.llm),
+            bridge=BRIDGES.make_config(config.bridge), adapters=list(config.adapters))
+        vision = build_vision(config.vision)
+        llm = build_llm(config.llm) if tokenizer is None else LLMS.get(config.llm.type).build(config.llm, tokenizer)
+        bridge = build_bridge(config.bridge, vision.feature_dim, llm.hidden_size)
+        model = cls(vision, bridge, llm, config, processor_settings)
+        for adapter in config.adapters:
+            spec = {k: v for k, v in adapter.items() if k != "key"}
+            inject_lora(model.get_submodule(adapter["key"]), LoraSpec(**spec))
+        return model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm.tokenizer
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens each ``<image>`` placeholder expands to."""
+        return self.bridge.num_tokens(self.vision.num_tokens())
+
+    def processor(self, **overrides: Any) -> Any:
+        """The :class:`~mmbridge.data.processor.Processor` matching this model (tokenizer, transform, token count)."""
+        from mmbridge.data.processor import Processor
+
+        settings = {**self.processor_settings, **overrides}
+        return Processor(self.tokenizer, self.vision.transform, self.tokens_per_image, self.config.image_token,
+                         self.image_token_id, **settings)
+
+    def add_lora(self, key: str, spec: LoraSpec) -> None:
+        """Inject LoRA into module ``key`` and record it in the config (used by stages with ``lora``)."""
+        inject_lora(self.get_submodule(key), spec)
+        self.config.adapters.append({"key": key, **spec.to_dict()})
+
+    # -- forward -------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, **context: Any) -> torch.Tensor:
+        """``[n_images, 3, H, W]`` → visual tokens ``[n_images, M, D_llm]``.
+
+        The encoder runs without autograd when none of its parameters train.
+        """
+        vision_trains = any(parameter.requires_grad for parameter in self.vision.parameters())
+        with torch.set_grad_enabled(vision_trains and torch.is_grad_enabled()):
+            features = self.vision(pixel_values)  # [n, N, D_v]
+        return self.bridge(features, **context)  # [n, M, D]
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the visual tokens written at the ``<image>`` positions, ``[B, L, D]``."""
+        image_mask = input_ids == self.image_token_id  # [B, L]
+        embeds = self.llm.embed_tokens(input_ids.masked_fill(image_mask, 0))
+        slots = int(image_mask.sum())
+        if image_tokens is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_tokens = self.encode_images(pixel_values)
+        if image_tokens is None:
+            if slots:
+                raise ValueError(f"input_ids hold {slots} <image> token positions but no pixel_values were given")
+            return embeds
+        count, per_image = image_tokens.shape[:2]
+        if count * per_image != slots:
+            raise ValueError(f"input_ids hold {slots} <image> token positions but {count} image(s) × "
+                             f"{per_image} visual tokens = {count * per_image} were given")
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), image_tokens.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
+                image_tokens: torch.Tensor | None = None, return_logits: str = "all",
+                **_: Any) -> MultimodalOutput:
+        """LLaVA-compatible forward.
+
+        ``return_logits``: ``"all"`` (``[B, L, V]``, as transformers), ``"last"`` (``[B, 1, V]``,
+        for decoding) or ``"none"`` (training: only the loss). ``image_tokens`` may replace
+        ``pixel_values`` with bridge outputs computed elsewhere (feature caches, decoding).
+        """
+        if return_logits not in ("all", "last", "none"):
+            raise ValueError(f"return_logits must be 'all', 'last' or 'none', got {return_logits!r}")
+        embeds = self.embed(input_ids, pixel_values, image_tokens)
+        hidden, cache = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                 cache=cache, use_cache=use_cache)
+        output = MultimodalOutput(cache=cache)
+        if labels is not None:
+            output.loss, output.num_label_tokens = self.label_loss(hidden, labels)
+        if return_logits == "all":
+            output.logits = self.llm.logits(hidden)
+        elif return_logits == "last":
+            output.logits = self.llm.logits(hidden[:, -1:])
+        return output
+
+    def label_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Next-token cross-entropy from the hidden states at label positions only (mean over them)."""
+        targets = labels[:, 1:]  # [B, L-1]
+        keep = targets != IGNORE_INDEX
+        count = int(keep.sum())
+        if count == 0:
+            return hidden.sum() * 0.0, 0
+        logits = self.llm.logits(hidden[:, :-1][keep])  # [T, V]
+        loss = nn.functional.cross_entropy(logits.float(), targets[keep])
+        return loss, count
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, **settings: Any) -> torch.Tensor:
+        """Decode new tokens (see :func:`mmbridge.generate.generate`); returns ``[B, new]`` ids."""
+        from mmbridge.generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **settings)
+
+    def chat(self, prompt: str, images: list | None = None, **settings: Any) -> str:
+        """Answer one user turn: PIL images (or paths) and text with ``<image>`` placeholders (added if missing)."""
+        from mmbridge.generate import chat
+
+        return chat(self, prompt, images or [], **settings)
+
+    # -- reporting -----------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """``{key: {"trainable": n, "frozen": n}}`` for ``vision``, ``bridge``, ``llm``."""
+        counts = {key: {"trainable": 0, "frozen": 0} for key in MODULE_KEYS}
+        for name, parameter in self.named_parameters():
+            key = name.split(".", 1)[0]
+            counts[key]["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
+        return counts
+
+    # -- save / load ---------------------------------------------------------------------------
+    def export_config(self) -> ModelConfig:
+        """A config that rebuilds this exact architecture offline (weights come from the safetensors)."""
+        return ModelConfig(vision=self.vision.export_config(), llm=self.llm.export_config(),
+                           bridge=self.config.bridge, image_token=self.config.image_token,
+                           image_token_id=self.image_token_id, adapters=list(self.config.adapters))
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write config, safetensors weights, tokenizer and processor settings; each file atomically."""
+        os.makedirs(directory, exist_ok=True)
+        with atomic_path(os.path.join(directory, WEIGHTS_FILE)) as temporary:
+            save_model(self, temporary)
+        self.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
+        atomic_write_json(os.path.join(directory, PROCESSOR_FILE), self.processor_settings)
+        atomic_write_json(os.path.join(directory, CONFIG_FILE),
+                          {"format": "mmbridge", "version": 1, "model": self.export_config().to_dict()})
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "MultimodalModel":
+        """Reload a directory written by :meth:`save_pretrained`; logits are identical to the saved model's."""
+        path = os.path.join(directory, CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory} is not an mmbridge model directory: {CONFIG_FILE} is missing")
+        with open(path) as handle:
+            saved = json.load(handle)
+        if saved.get("format") != "mmbridge":
+            raise ValueError(f"{path}: not an mmbridge config (format={saved.get('format')!r})")
+        tokenizer = load_tokenizer(os.path.join(directory, TOKENIZER_DIR))
+        processor_settings = {}
+        if os.path.isfile(os.path.join(directory, PROCESSOR_FILE)):
+            with open(os.path.join(directory, PROCESSOR_FILE)) as handle:
+                processor_settings = json.load(handle)
+        model = cls.from_config(ModelConfig(**saved["model"]), tokenizer=tokenizer,
+                                processor_settings=processor_settings)
+        missing, unexpected = load_model(model, os.path.join(directory, WEIGHTS_FILE), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{directory}/{WEIGHTS_FILE} does not match the config: "
+                             f"missing {sorted(missing)[:5]}…, unexpected {sorted(unexpected)[:5]}…")
+        model.eval()
+        return model

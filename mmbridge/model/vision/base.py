@@ -1,0 +1,43 @@
+"""The vision-encoder interface every encoder adapter implements.
+
+A :class:`VisionEncoder` maps ``pixel_values [B, 3, H, W]`` to features
+``[B, N, D_v]``, says ``num_tokens`` (N) and ``feature_dim`` (D_v), carries the
+:class:`ImageTransform` that prepares its input, and can describe itself as a
+self-contained config (``export_config``) so a saved model is rebuilt without the
+original checkpoint directory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmbridge.model.vision.transform import ImageTransform
+from mmbridge.registry import Registry
+
+VISION_ENCODERS: Registry["VisionEncoder"] = Registry("vision encoder")
+
+
+class VisionEncoder(nn.Module):
+    """Base class: subclasses set ``feature_dim`` and ``transform`` and implement ``forward``."""
+
+    feature_dim: int
+    transform: ImageTransform
+
+    def num_tokens(self) -> int:
+        """Tokens per image for the transform's output size."""
+        raise NotImplementedError(f"{type(self).__name__} must define num_tokens()")
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+    def export_config(self) -> Any:
+        """A config that rebuilds this encoder's architecture (weights come from the checkpoint)."""
+        raise NotImplementedError(f"{type(self).__name__} must define export_config()")
+
+
+def build_vision(spec: Any) -> VisionEncoder:
+    """Build a vision encoder from a dict (``{"type": ..., ...}``) or a registered config."""
+    return VISION_ENCODERS.build(spec)

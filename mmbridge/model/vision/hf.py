@@ -1,0 +1,139 @@
+"""HF vision towers (CLIP, SigLIP, ViT) as mmbridge vision encoders.
+
+Loaded from a local directory, a hub id, or an in-memory config dict. Feature
+selection follows transformers' LLaVA: ``feature_layer`` is one hidden-state index
+(``-2`` = penultimate, LLaVA-1.5) or a list whose states are concatenated on the
+channel axis. ``select``:
+
+* ``default`` — drop the CLS token where the tower has one (CLIP, ViT); SigLIP has none,
+  so all its patches are kept;
+* ``full`` — keep every token;
+* ``drop_first`` — always drop the first token. This is what transformers' LLaVA does for
+  ``vision_feature_select_strategy="default"`` whatever the tower, so it is used when a
+  SigLIP LLaVA is imported, to keep logits identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+from mmbridge.model.vision.base import VISION_ENCODERS, VisionEncoder
+from mmbridge.model.vision.transform import ImageTransform
+
+SELECT_STRATEGIES = ("default", "full", "drop_first")
+# model_type of the vision sub-config -> (has a CLS token, default mean, default std)
+_FAMILIES = {
+    "clip_vision_model": (True, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip_vision_model": (False, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "siglip2_vision_model": (False, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "vit": (True, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+@dataclass
+class HFVisionConfig:
+    """An HF vision tower. Give ``path`` (directory or hub id) or ``hf_config`` (a config dict)."""
+
+    type: str = "hf"
+    path: str | None = None
+    hf_config: dict | None = None
+    feature_layer: int | list[int] = -2
+    select: str = "default"
+    image_processor: dict | None = None  # HF preprocessor_config.json settings, or an ImageTransform dict
+    pad_to_square: bool = False
+
+
+def _vision_sub_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The vision part of a full CLIP/SigLIP config, or the config itself."""
+    return getattr(config, "vision_config", None) or config
+
+
+def _load_transform(cfg: HFVisionConfig, vision_config: PretrainedConfig) -> ImageTransform:
+    settings = cfg.image_processor
+    if settings is None and cfg.path and os.path.isfile(os.path.join(cfg.path, "preprocessor_config.json")):
+        with open(os.path.join(cfg.path, "preprocessor_config.json")) as handle:
+            settings = json.load(handle)
+    if settings is not None and "resize" in settings and "size" in settings and "image_mean" not in settings:
+        return ImageTransform.from_dict(settings)  # already an exported ImageTransform
+    _, mean, std = _FAMILIES.get(vision_config.model_type, (True, (0.5,) * 3, (0.5,) * 3))
+    side = vision_config.image_size
+    defaults = {"size": {"height": side, "width": side}, "image_mean": mean, "image_std": std}
+    return ImageTransform.from_hf({**defaults, **(settings or {})}, pad_to_square=cfg.pad_to_square)
+
+
+class HFVisionEncoder(VisionEncoder):
+    """Wraps an HF vision model; forward returns the selected hidden states ``[B, N, D_v]``."""
+
+    def __init__(self, model: torch.nn.Module, feature_layer: int | list[int], select: str,
+                 transform: ImageTransform) -> None:
+        super().__init__()
+        if select not in SELECT_STRATEGIES:
+            raise ValueError(f"vision select must be one of {SELECT_STRATEGIES}, got {select!r}")
+        self.model = model
+        self.feature_layer = list(feature_layer) if isinstance(feature_layer, (list, tuple)) else int(feature_layer)
+        self.select = select
+        self.transform = transform
+        config = model.config
+        num_states = config.num_hidden_layers + 1
+        for layer in self._layers():
+            if not -num_states <= layer < num_states:
+                raise ValueError(f"vision feature_layer {layer} is out of range for a tower with {num_states} hidden states")
+        self.has_cls = _FAMILIES.get(config.model_type, (True,))[0]
+        self.feature_dim = config.hidden_size * len(self._layers())
+
+    def _layers(self) -> list[int]:
+        return self.feature_layer if isinstance(self.feature_layer, list) else [self.feature_layer]
+
+    def _drops_first(self) -> bool:
+        return self.select == "drop_first" or (self.select == "default" and self.has_cls)
+
+    def num_tokens(self) -> int:
+        height, width = self.transform.output_size
+        patch = self.model.config.patch_size
+        count = (height // patch) * (width // patch) + (1 if self.has_cls else 0)
+        return count - (1 if self._drops_first() else 0)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
+        dtype = next(self.model.parameters()).dtype
+        outputs = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        states = [outputs.hidden_states[layer] for layer in self._layers()]
+        if self._drops_first():
+            states = [state[:, 1:] for state in states]
+        return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+
+    def export_config(self) -> HFVisionConfig:
+        return HFVisionConfig(hf_config=self.model.config.to_dict(), feature_layer=self.feature_layer,
+                              select=self.select, image_processor=self.transform.to_dict())
+
+
+def _vision_model_from_config(config: PretrainedConfig) -> torch.nn.Module:
+    if config.model_type == "vit":
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    return AutoModel.from_config(config)
+
+
+@VISION_ENCODERS.register("hf", HFVisionConfig)
+def build_hf_vision(cfg: HFVisionConfig) -> HFVisionEncoder:
+    """Build an HF tower from ``cfg.path`` (pretrained weights) or ``cfg.hf_config`` (random init)."""
+    if cfg.path:
+        config = _vision_sub_config(AutoConfig.from_pretrained(cfg.path))
+        model_cls = type(_vision_model_from_config(config))
+        extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
+        model = model_cls.from_pretrained(cfg.path, config=config, **extra)
+    elif cfg.hf_config:
+        data = dict(cfg.hf_config)
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("vision hf_config needs a 'model_type' (e.g. clip_vision_model, siglip_vision_model, vit)")
+        config = _vision_sub_config(AutoConfig.for_model(model_type, **data))
+        model = _vision_model_from_config(config)
+    else:
+        raise ValueError("vision encoder 'hf' needs 'path' (directory or hub id) or 'hf_config'")
+    model.eval()
+    return HFVisionEncoder(model, cfg.feature_layer, cfg.select, _load_transform(cfg, config))

@@ -1,0 +1,126 @@
+"""Tiny random components for tests and the offline tiny pipeline (no downloads).
+
+A byte-level BPE tokenizer trained in milliseconds on a small corpus, with a ChatML
+chat template; tiny Llama/Qwen2/Mistral configs; tiny CLIP/SigLIP/ViT towers; and
+a few generated images. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# a Llama-2-style template with BOS and no system prompt, to test label masking on another layout
+BOS_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square")
+_CORPUS = [
+    "The image shows a red circle on a white background.",
+    "What colour is the shape? It is blue. Which shape is it? A square.",
+    "Describe the picture in detail. There is one green square in the middle.",
+    "yes no one two three four five six seven eight nine ten left right above below",
+    "You are a helpful assistant. USER: ASSISTANT: system user assistant",
+    "0123456789 [INST] [/INST] <image> , . ? ! : ; ' \" ( ) [ ] { } - + = / \\ * # @ & % $",
+]
+
+
+def tiny_tokenizer(directory: str, chat_template: str = CHATML_TEMPLATE, vocab_size: int = 320) -> Any:
+    """Train a byte-level BPE tokenizer, save it to ``directory``, and return it as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer)
+    eos = "<|im_end|>" if chat_template == CHATML_TEMPLATE else "</s>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token="<|endoftext|>",
+                                   bos_token="<s>", unk_token="<|endoftext|>")
+    fast.chat_template = chat_template
+    os.makedirs(directory, exist_ok=True)
+    fast.save_pretrained(directory)
+    return fast
+
+
+def tiny_llm_config(vocab_size: int, model_type: str = "llama", hidden: int = 32, layers: int = 2,
+                    **overrides: Any) -> dict:
+    """A tiny decoder config dict (llama, qwen2 or mistral) for ``AutoConfig.for_model``."""
+    config = {"model_type": model_type, "vocab_size": vocab_size, "hidden_size": hidden,
+              "intermediate_size": hidden * 2, "num_hidden_layers": layers, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": False}
+    config.update(overrides)
+    return config
+
+
+def tiny_vision_config(model_type: str = "clip_vision_model", image_size: int = 16, patch_size: int = 4,
+                       hidden: int = 32, layers: int = 2) -> dict:
+    """A tiny vision tower config dict (clip_vision_model, siglip_vision_model or vit)."""
+    config = {"model_type": model_type, "image_size": image_size, "patch_size": patch_size,
+              "hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": layers,
+              "num_attention_heads": 4}
+    if model_type == "clip_vision_model":
+        config["projection_dim"] = hidden
+    return config
+
+
+def tiny_model_config(tokenizer_dir: str, vocab_size: int, bridge: dict | None = None,
+                      vision: dict | None = None, llm: dict | None = None) -> dict:
+    """A whole :class:`~mmbridge.model.multimodal.ModelConfig` dict of tiny random parts."""
+    return {
+        "vision": {"type": "hf", "hf_config": tiny_vision_config(), "feature_layer": -2, **(vision or {})},
+        "llm": {"type": "hf", "hf_config": tiny_llm_config(vocab_size), "tokenizer": tokenizer_dir, **(llm or {})},
+        "bridge": bridge or {"type": "mlp", "depth": 2, "activation": "gelu"},
+    }
+
+
+def shape_image(colour: str, shape: str, size: int = 32, seed: int = 0) -> Image.Image:
+    """One coloured shape on a white canvas, placed with a seeded jitter."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    margin = size // 6 + int(rng.integers(0, max(1, size // 8)))
+    box = (margin, margin, size - margin, size - margin)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    return image
+
+
+def write_shape_dataset(directory: str, count: int, seed: int = 0, size: int = 32) -> str:
+    """Write ``count`` shape images and a LLaVA-format JSON (caption + colour question); returns the JSON path."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    images = os.path.join(directory, "images")
+    os.makedirs(images, exist_ok=True)
+    samples = []
+    for index in range(count):
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        name = f"{index:04d}.png"
+        shape_image(colour, shape, size, seed=seed * 100003 + index).save(os.path.join(images, name))
+        samples.append({"id": f"shape-{index}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the shape?"},
+            {"from": "gpt", "value": f"It is {colour}."},
+            {"from": "human", "value": "Which shape is it?"},
+            {"from": "gpt", "value": f"A {shape}."},
+        ]})
+    path = os.path.join(directory, "data.json")
+    with open(path, "w") as handle:
+        json.dump(samples, handle, indent=1)
+    return path

@@ -1,0 +1,43 @@
+"""Small shared helpers: atomic file writes, seeding, dtype names."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, on failure it is removed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def atomic_write_json(path: str, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
