@@ -39,6 +39,7 @@ def inject_lora(module: nn.Module, spec: LoraSpec, adapter_name: str = "default"
                          f"{type(module).__name__}; its linear layers include: {sorted(_linear_names(module))}")
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
     inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    module.train(module.training)  # new LoRA dropout layers follow the module's train/eval mode
 
 
 def has_lora(module: nn.Module) -> bool:

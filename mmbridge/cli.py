@@ -1,0 +1,124 @@
+"""The ``mmbridge`` command: thin sub-commands that parse arguments and call the library.
+
+    mmbridge train RECIPE.yaml [key.path=value ...] [--resume]
+    mmbridge generate --model DIR --image PATH --prompt TEXT [--max-new-tokens N] [--do-sample ...]
+    mmbridge info --model DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mmbridge.model.multimodal import MODULE_KEYS
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mmbridge.config import load_run_config
+    from mmbridge.train import train
+
+    run = load_run_config(args.recipe, args.overrides)
+    if args.output_dir:
+        run.output_dir = args.output_dir
+    result = train(run, resume=args.resume, progress=not args.no_progress)
+    last = result.history[-1] if result.history else None
+    if last:
+        print(f"done: {len(result.history)} steps, final loss {last['loss']:.4f}; model saved to {run.output_dir}/final")
+    for stage, counts in result.skipped.items():
+        print(f"stage '{stage}' skipped samples: {counts}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mmbridge.model.multimodal import MultimodalModel
+
+    model = MultimodalModel.from_pretrained(args.model)
+    settings = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
+                "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    if args.stream:
+        tokenizer = model.tokenizer
+        settings["streamer"] = lambda tokens: print(tokenizer.decode(tokens[0], skip_special_tokens=True),
+                                                    end="", flush=True)
+    answer = model.chat(args.prompt, args.image or [], **settings)
+    print() if args.stream else print(answer)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from mmbridge.model.multimodal import MultimodalModel
+
+    model = MultimodalModel.from_pretrained(args.model)
+    print(info_text(model))
+    return 0
+
+
+def info_text(model) -> str:
+    """Components, parameters per key (trainable/frozen) and visual tokens per image."""
+    config = model.export_config()
+    counts = model.parameter_counts()
+    lines = [
+        f"vision : {type(model.vision).__name__} ({_describe(config.vision)}), "
+        f"{model.vision.num_tokens()} features × {model.vision.feature_dim}, input {model.vision.transform.output_size}",
+        f"bridge : {_describe(config.bridge)}",
+        f"llm    : {type(model.llm.model).__name__} ({model.llm.config.model_type}), hidden {model.llm.hidden_size}, "
+        f"vocab {model.llm.config.vocab_size}",
+        f"visual tokens per image: {model.tokens_per_image}  (placeholder {model.config.image_token!r} = id {model.image_token_id})",
+    ]
+    if config.adapters:
+        lines.append("adapters: " + ", ".join(f"LoRA r={a['r']} on {a['key']}" for a in config.adapters))
+    lines.append(f"{'key':<8}{'trainable':>14}{'frozen':>14}")
+    for key in MODULE_KEYS:
+        lines.append(f"{key:<8}{counts[key]['trainable']:>14,}{counts[key]['frozen']:>14,}")
+    return "\n".join(lines)
+
+
+def _describe(spec) -> str:
+    data = spec if isinstance(spec, dict) else vars(spec)
+    shown = {k: v for k, v in data.items() if k not in ("hf_config", "image_processor") and v not in (None, {}, [])}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmbridge", description="Bridge vision encoders and LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a recipe, stage by stage")
+    train.add_argument("recipe", help="YAML recipe")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.lr=1e-4 output_dir=runs/x")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.add_argument("--output-dir", help="shorthand for output_dir=…")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(run=_train)
+
+    generate = commands.add_parser("generate", help="answer a prompt about images with a saved model")
+    generate.add_argument("--model", required=True, help="directory written by save_pretrained / training")
+    generate.add_argument("--image", action="append", help="image path (repeat for several)")
+    generate.add_argument("--prompt", required=True, help="text; <image> marks where images go (prepended if absent)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--do-sample", action="store_true")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    generate.set_defaults(run=_generate)
+
+    info = commands.add_parser("info", help="describe a saved model")
+    info.add_argument("--model", required=True)
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        print(f"mmbridge {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The training loop: stages in order, accelerate for devices/processes, exact resume.
+
+Data order is a pure function of (seed, stage, epoch): micro-batch ``m`` of a stage
+is always the same samples, so resuming needs no iterator state — the loop restarts
+at the saved step, restores weights, optimizer, scheduler and RNG, and produces the
+same losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from mmbridge.config import RunConfig, save_run_config
+from mmbridge.data import DataConfig, MixtureDataset, batch_indices, collate
+from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
+from mmbridge.registry import config_from_dict
+from mmbridge.train import checkpoint as ckpt
+from mmbridge.train.recipe import (StageConfig, apply_stage, autocast, format_table, lr_lambda,
+                                   optimizer_groups, stage_from_dict)
+from mmbridge.utils import seed_everything
+
+logger = logging.getLogger("mmbridge")
+StepCallback = Callable[[dict], None]
+
+
+@dataclass
+class TrainResult:
+    """The trained model, the per-step log, and samples skipped per stage (by reason)."""
+
+    model: MultimodalModel
+    history: list[dict] = field(default_factory=list)
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    output_dir: str = ""
+
+
+class _StageData:
+    """Deterministic micro-batches of one stage: micro-batch ``m`` → (epoch, batch) → collated tensors."""
+
+    def __init__(self, dataset: MixtureDataset, stage: StageConfig, seed: int, pad_token_id: int,
+                 group_by_length: bool) -> None:
+        self.dataset, self.stage, self.seed, self.pad_token_id = dataset, stage, seed, pad_token_id
+        self.group_by_length = group_by_length
+        self._epochs: dict[int, list[list[int]]] = {}
+        self.batches_per_epoch = len(self._batches(0))
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"stage '{stage.name}' has no training samples")
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            self._epochs = {epoch: batch_indices(self.dataset, epoch, self.seed, self.stage.batch_size,
+                                                 self.group_by_length)}
+        return self._epochs[epoch]
+
+    def micro_batch(self, index: int) -> dict | None:
+        epoch, position = divmod(index, self.batches_per_epoch)
+        examples = [self.dataset[i] for i in self._batches(epoch)[position]]
+        examples = [example for example in examples if example is not None]
+        return collate(examples, self.pad_token_id) if examples else None
+
+
+def _accelerator() -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="no")  # bf16 autocast is applied per stage (stages may differ)
+
+
+def train(run: RunConfig, resume: bool = False, progress: bool = True,
+          on_step: StepCallback | None = None, model: MultimodalModel | None = None) -> TrainResult:
+    """Run every stage of ``run``; with ``resume``, continue from the newest checkpoint in ``run.output_dir``."""
+    stages = [stage_from_dict(stage) for stage in run.stages]
+    if not stages:
+        raise ValueError("the recipe has no stages")
+    seed_everything(run.seed)
+    model = model or MultimodalModel.from_config(run.model, processor_settings=run.processor)
+    accelerator = _accelerator()
+    checkpoint_dir = os.path.join(run.output_dir, "checkpoints")
+    state, saved, saved_path = ckpt.TrainState(), None, None
+    if resume:
+        saved_path = ckpt.latest_checkpoint(checkpoint_dir)
+        if saved_path is None:
+            logger.warning("--resume: no checkpoint in %s; starting from scratch", checkpoint_dir)
+        else:
+            saved = ckpt.read_state(saved_path)
+            state = ckpt.TrainState(saved["stage_index"], saved["step"], saved["global_step"], saved["history"])
+            logger.info("resuming from %s (stage %d, step %d)", saved_path, state.stage_index, state.step)
+    os.makedirs(run.output_dir, exist_ok=True)
+    save_run_config(run, os.path.join(run.output_dir, "recipe.yaml"))
+    _rewrite_log(run.output_dir, state.history)
+    result = TrainResult(model, state.history, output_dir=run.output_dir)
+    touched: set[str] = set()
+    for index, stage in enumerate(stages):
+        resuming = saved is not None and index == state.stage_index
+        if resuming and state.step == 0:  # saved at a stage boundary: restore before this stage's LoRA init
+            ckpt.load_trainable(saved_path, model)
+            ckpt.restore_rng(saved_path, saved)
+        rows = apply_stage(model, stage, log=index >= state.stage_index)
+        touched |= {name for name, p in model.named_parameters() if p.requires_grad}
+        if index < state.stage_index:
+            continue
+        if progress:
+            tqdm.write(f"stage {index + 1}/{len(stages)} '{stage.name}'\n{format_table(rows)}")
+        mid_stage = saved if resuming and state.step > 0 else None
+        _run_stage(run, index, stage, model, accelerator, state, touched, mid_stage, saved_path, progress,
+                   on_step, result)
+        state.stage_index, state.step = index + 1, 0
+    if saved is not None and saved["stage_index"] >= len(stages):  # every stage had finished
+        ckpt.load_trainable(saved_path, model)
+    final = os.path.join(run.output_dir, "final")
+    if accelerator.is_main_process:
+        model.save_pretrained(final)
+        logger.info("saved the trained model to %s", final)
+    return result
+
+
+def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel) -> tuple[_StageData, MixtureDataset]:
+    spec = stage.data if stage.data is not None else run.data
+    if spec is None:
+        raise ValueError(f"stage '{stage.name}' has no data and the recipe has no default 'data'")
+    data_config = config_from_dict(DataConfig, dict(spec), where=f"stage '{stage.name}' data")
+    processor = model.processor(max_length=data_config.max_length)
+    dataset = MixtureDataset(data_config, processor)
+    pad_id = model.tokenizer.pad_token_id
+    return _StageData(dataset, stage, run.seed * 1000 + index, pad_id, data_config.group_by_length), dataset
+
+
+def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, accelerator: Any,
+               state: ckpt.TrainState, touched: set[str], saved: dict | None, saved_path: str | None,
+               progress: bool, on_step: StepCallback | None, result: TrainResult) -> None:
+    data, dataset = _stage_data(run, index, stage, model)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro_per_step = stage.grad_accum * world
+    total_steps = stage.steps or math.ceil(stage.epochs * data.batches_per_epoch / micro_per_step)
+    groups, param_names = optimizer_groups(model, stage)
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, stage.warmup_ratio, stage.schedule))
+    start = 0
+    if saved is not None:
+        ckpt.load_trainable(saved_path, model)
+        ckpt.restore_optimizer(saved_path, optimizer, param_names, saved)
+        ckpt.restore_rng(saved_path, saved)
+        scheduler.last_epoch = saved["scheduler_last_epoch"]
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        start = saved["step"]
+    trained_model = accelerator.prepare_model(model) if world > 1 else model
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    _set_modes(model, stage)
+    trainable = [p for group in groups for p in group["params"]]
+    bar = tqdm(total=total_steps, initial=start, desc=stage.name, disable=not progress or not accelerator.is_main_process,
+               dynamic_ncols=True)
+    for step in range(start, total_steps):
+        began = time.perf_counter()
+        loss_sum, samples, tokens = 0.0, 0, 0
+        for accum in range(stage.grad_accum):
+            batch = data.micro_batch((step * stage.grad_accum + accum) * world + rank)
+            if batch is None:
+                continue
+            with autocast(stage.precision, accelerator.device):
+                output = trained_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       pixel_values=batch["pixel_values"], labels=batch["labels"],
+                                       return_logits="none")
+            accelerator.backward(output.loss / stage.grad_accum)
+            loss_sum += float(output.loss.detach())
+            samples += batch["input_ids"].shape[0]
+            tokens += output.num_label_tokens
+        if stage.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step, state.global_step = step + 1, state.global_step + 1
+        record = {"stage": stage.name, "stage_index": index, "step": step + 1, "global_step": state.global_step,
+                  "loss": loss_sum / stage.grad_accum, "lr": scheduler.get_last_lr()[0],
+                  "samples_per_s": samples / max(time.perf_counter() - began, 1e-9), "label_tokens": tokens}
+        result.history.append(record)
+        _append_log(run.output_dir, record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+        bar.update(1)
+        stage_done = step + 1 == total_steps
+        if accelerator.is_main_process and ((stage.save_every and (step + 1) % stage.save_every == 0) or stage_done):
+            saved_state = ckpt.TrainState(index + 1, 0, state.global_step, result.history) if stage_done else \
+                ckpt.TrainState(index, step + 1, state.global_step, result.history)
+            ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched, optimizer,
+                                 param_names, scheduler, saved_state)
+        if on_step is not None:
+            on_step(record)
+    bar.close()
+    model.eval()
+    if dataset.skipped:
+        result.skipped[stage.name] = dict(dataset.skipped)
+        logger.warning("stage '%s' skipped samples: %s", stage.name, dataset.skipped)
+
+
+def _set_modes(model: MultimodalModel, stage: StageConfig) -> None:
+    """Train mode only for keys that train, so frozen encoders keep BatchNorm statistics and no dropout."""
+    for key in MODULE_KEYS:
+        model.get_submodule(key).train(stage.spec(key).mode != "frozen")
+
+
+def _append_log(directory: str, record: dict) -> None:
+    with open(os.path.join(directory, "log.jsonl"), "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _rewrite_log(directory: str, history: list[dict]) -> None:
+    with open(os.path.join(directory, "log.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in history)
