@@ -1,0 +1,51 @@
+"""Batching processed examples: padding on either side, labels padded with IGNORE_INDEX, images concatenated."""
+
+from __future__ import annotations
+
+import torch
+
+from mmbridge.model.multimodal import IGNORE_INDEX
+
+
+def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = "right") -> dict:
+    """Pad a list of processed examples into one batch; ``None`` examples (skipped samples) are dropped.
+
+    Returns ``input_ids``, ``attention_mask`` and (when the examples carry them) ``labels``,
+    all ``[B, L]``; ``pixel_values`` ``[n_total_images, 3, H, W]`` in batch order, or ``None``
+    when no example has an image; and ``ids``. Use ``padding_side="left"`` for generation.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    examples = [example for example in examples if example is not None]
+    with_labels = sum("labels" in example for example in examples)
+    if with_labels not in (0, len(examples)):
+        raise ValueError(f"{with_labels} of {len(examples)} examples have labels; a batch needs all or none")
+    length = max((len(example["input_ids"]) for example in examples), default=0)
+    batch = {
+        "input_ids": _pad([example["input_ids"] for example in examples], length, pad_token_id, padding_side),
+        "attention_mask": _pad([torch.ones(len(example["input_ids"]), dtype=torch.long) for example in examples],
+                               length, 0, padding_side),
+    }
+    if examples and with_labels:
+        batch["labels"] = _pad([example["labels"] for example in examples], length, IGNORE_INDEX, padding_side)
+    batch["pixel_values"] = _concat_images(examples)
+    batch["ids"] = [example["id"] for example in examples]
+    return batch
+
+
+def _pad(rows: list[torch.Tensor], length: int, value: int, padding_side: str) -> torch.Tensor:
+    """Stack 1-D long tensors into ``[B, length]``, filling with ``value`` on ``padding_side``."""
+    padded = torch.full((len(rows), length), value, dtype=torch.long)
+    for index, row in enumerate(rows):
+        if padding_side == "right":
+            padded[index, :len(row)] = row
+        elif len(row):
+            padded[index, -len(row):] = row
+    return padded
+
+
+def _concat_images(examples: list[dict]) -> torch.Tensor | None:
+    """All examples' ``pixel_values`` in batch order, ``[n, 3, H, W]``; ``None`` when there are none."""
+    images = [example["pixel_values"] for example in examples
+              if example.get("pixel_values") is not None and len(example["pixel_values"])]
+    return torch.cat(images) if images else None

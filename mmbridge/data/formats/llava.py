@@ -1,0 +1,135 @@
+"""LLaVA conversation files → :class:`Sample` lists.
+
+The LLaVA format is a JSON list (or JSON Lines, one object per line) of::
+
+    {"id": "000001", "image": "coco/000001.jpg" | ["a.jpg", "b.jpg"],   # optional: text-only allowed
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}]}
+
+Roles ``human``/``user`` become ``user``, ``gpt``/``assistant`` become ``assistant``,
+``system`` stays. A trainable conversation is: an optional leading system turn, then
+user and assistant turns alternating, starting with a user turn and ending with an
+assistant turn (so there is at least one answer to train on, and every chat template
+accepts it). Every error names the file, the sample index and id, and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Sample:
+    """One training conversation with its images (absolute paths, in placeholder order)."""
+
+    id: str
+    conversation: list[dict]
+    images: list[str] = field(default_factory=list)
+    source: str = ""
+
+
+def load_llava_json(path: str, image_root: str | None = None, source: str = "") -> list[Sample]:
+    """Read a LLaVA JSON (or ``.jsonl``) file; image paths are resolved against ``image_root``.
+
+    ``image_root`` defaults to the directory holding the file. Raises ``ValueError`` naming
+    the file, the sample and the field for any malformed entry.
+    """
+    records = _read_records(path)
+    root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return [_parse_record(record, index, path, root, source, stem) for index, record in enumerate(records)]
+
+
+def _read_records(path: str) -> list[Any]:
+    """The file's entries: a JSON list, or one JSON value per non-empty line for ``.jsonl``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: LLaVA data file not found")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if path.endswith(".jsonl"):
+        return [_decode_json(line, path, f"line {number}") for number, line in enumerate(text.splitlines(), 1)
+                if line.strip()]
+    records = _decode_json(text, path, "file")
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of samples, got {type(records).__name__}")
+    return records
+
+
+def _decode_json(text: str, path: str, where: str) -> Any:
+    """``json.loads`` with an error that names the file and the position."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({where}): {error.msg} at line {error.lineno} "
+                         f"column {error.colno}") from None
+
+
+def _parse_record(record: Any, index: int, path: str, root: str, source: str, stem: str) -> Sample:
+    """Validate one entry and turn it into a :class:`Sample`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: sample #{index} must be an object, got {type(record).__name__}")
+    sample_id = str(record["id"]) if record.get("id") is not None else f"{stem}-{index}"
+    where = f"{path}: sample #{index} (id {sample_id!r})"
+    conversation = _parse_conversation(record, where)
+    images = [os.path.join(root, name) for name in _parse_images(record, where)]
+    return Sample(id=sample_id, conversation=conversation, images=images, source=source)
+
+
+def _parse_images(record: dict, where: str) -> list[str]:
+    """The ``image`` field as a list of relative (or absolute) paths; absent means text-only."""
+    image = record.get("image")
+    if image is None:
+        return []
+    names = [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"{where}: field 'image' must be a path or a list of paths, got {image!r}")
+    return names
+
+
+def _parse_conversation(record: dict, where: str) -> list[dict]:
+    """The ``conversations`` field as ``[{"role", "content"}]``, checked for a trainable turn order."""
+    if "conversations" not in record:
+        raise ValueError(f"{where}: missing field 'conversations'")
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise ValueError(f"{where}: field 'conversations' must be a list, got {type(turns).__name__}")
+    if not turns:
+        raise ValueError(f"{where}: field 'conversations' is empty")
+    conversation = [_parse_turn(turn, number, where) for number, turn in enumerate(turns)]
+    check_turn_order(conversation, where)
+    return conversation
+
+
+def _parse_turn(turn: Any, number: int, where: str) -> dict:
+    """One ``{"from", "value"}`` turn → ``{"role", "content"}``."""
+    if not isinstance(turn, dict):
+        raise ValueError(f"{where}: conversations[{number}] must be an object, got {type(turn).__name__}")
+    speaker = turn.get("from")
+    if speaker not in ROLES:
+        raise ValueError(f"{where}: conversations[{number}] field 'from' is {speaker!r}; "
+                         f"expected one of {sorted(ROLES)}")
+    content = turn.get("value")
+    if not isinstance(content, str):
+        raise ValueError(f"{where}: conversations[{number}] field 'value' must be a string, got {content!r}")
+    return {"role": ROLES[speaker], "content": content}
+
+
+def check_turn_order(conversation: list[dict], where: str) -> None:
+    """Optional leading system turn, then user/assistant alternating, ending with an assistant turn."""
+    turns = conversation[1:] if conversation and conversation[0]["role"] == "system" else conversation
+    if not turns:
+        raise ValueError(f"{where}: conversation has no user or assistant turn")
+    for number, turn in enumerate(turns):
+        expected = "user" if number % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            position = number + len(conversation) - len(turns)
+            raise ValueError(f"{where}: conversations[{position}] is a {turn['role']!r} turn where a "
+                             f"{expected!r} turn was expected (turns must alternate user/assistant, "
+                             f"starting with user; system only first)")
+    if turns[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: conversation ends with a user turn; it needs an assistant answer to train on")

@@ -1,0 +1,175 @@
+"""Several LLaVA files in one run: weighted per-epoch sampling, bad-sample skipping, length grouping.
+
+:class:`MixtureDataset` indexes every sample of every source once (``len`` is the
+unweighted total); :meth:`MixtureDataset.epoch_indices` draws one epoch's sample
+order from the source weights, and :func:`batch_indices` cuts it into batches,
+LLaVA-style length-grouped if asked. Both are pure functions of ``(seed, epoch)``, so
+a resumed run replays the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mmbridge.data.formats.llava import Sample, load_llava_json
+from mmbridge.data.processor import Processor, SampleError
+from mmbridge.registry import config_from_dict
+
+MEGABATCH_FACTOR = 50  # LLaVA's length grouping sorts windows of batch_size * 50 samples
+
+
+@dataclass
+class SourceConfig:
+    """One LLaVA JSON file; ``weight`` scales how many of its samples an epoch draws (1 = each once)."""
+
+    path: str
+    image_root: str | None = None
+    weight: float = 1.0
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"source {self.path}: weight must be >= 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    """The data of a run: sources (configs or dicts), length limit, skipping and batching options."""
+
+    sources: list[SourceConfig | dict]
+    max_length: int | None = None  # None: the processor's (recipe ``processor.max_length``, default 2048)
+    skip_bad_samples: bool = False
+    group_by_length: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.sources = [source if isinstance(source, SourceConfig)
+                        else config_from_dict(SourceConfig, dict(source), where=f"data source #{number}")
+                        for number, source in enumerate(self.sources)]
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """All samples of all sources, processed on access.
+
+    With ``skip_bad_samples``, a sample whose images cannot be loaded or that fails
+    processing yields ``None`` and is counted in :attr:`skipped` (by reason) and
+    :attr:`skipped_samples` (``(id, reason)``). With DataLoader workers these counts
+    live in each worker process.
+    """
+
+    def __init__(self, config: DataConfig, processor: Processor) -> None:
+        if not config.sources:
+            raise ValueError("DataConfig.sources is empty: give at least one LLaVA JSON file")
+        self.config = config
+        self.processor = processor
+        self.source_names = _source_names(config.sources)
+        self.samples: list[Sample] = []
+        self.source_ranges: list[range] = []
+        for source, name in zip(config.sources, self.source_names):
+            loaded = load_llava_json(source.path, source.image_root, source=name)
+            self.source_ranges.append(range(len(self.samples), len(self.samples) + len(loaded)))
+            self.samples.extend(loaded)
+        self.skipped: dict[str, int] = Counter()
+        self.skipped_samples: list[tuple[str, str]] = []
+        self._lengths: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict | None:
+        """The processed example with its ``source`` name, or ``None`` for a skipped bad sample."""
+        sample = self.samples[index]
+        try:
+            example = self.processor(sample)
+        except SampleError as error:
+            if not self.config.skip_bad_samples:
+                raise
+            self.skipped[error.reason] += 1
+            self.skipped_samples.append((sample.id, error.reason))
+            return None
+        example["source"] = sample.source
+        return example
+
+    def epoch_indices(self, epoch: int, seed: int) -> list[int]:
+        """One epoch's shuffled sample indices: ``round(weight * size)`` draws from each source.
+
+        Whole multiples of a source repeat all of it; the fractional part is a random
+        subset without replacement. Deterministic in ``(seed, epoch)``.
+        """
+        generator = np.random.default_rng([seed, epoch])
+        chosen = [_weighted_draw(indices, source.weight, generator)
+                  for indices, source in zip(self.source_ranges, self.config.sources)]
+        order = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+        return [int(index) for index in generator.permutation(order)]
+
+    def source_counts(self, indices: list[int]) -> dict[str, int]:
+        """How many of ``indices`` come from each source, by source name."""
+        counts = Counter(self.samples[index].source for index in indices)
+        return {name: counts.get(name, 0) for name in self.source_names}
+
+    def lengths(self) -> list[int]:
+        """Approximate token length of every sample (text tokens + image tokens), images not loaded; cached."""
+        if self._lengths is None:
+            self._lengths = self.processor.estimate_lengths(self.samples)
+        return self._lengths
+
+
+def batch_indices(dataset: MixtureDataset, epoch: int, seed: int, batch_size: int,
+                  group_by_length: bool) -> list[list[int]]:
+    """The batches of one epoch, deterministic in ``(seed, epoch)``.
+
+    With ``group_by_length`` (LLaVA): the epoch order is split into megabatches of
+    ``batch_size * 50``, each sorted by length (longest first) and cut into batches,
+    and the batch order is shuffled.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = dataset.epoch_indices(epoch, seed)
+    if not group_by_length:
+        return _chunks(order, batch_size)
+    lengths = dataset.lengths()
+    batches = []
+    for megabatch in _chunks(order, batch_size * MEGABATCH_FACTOR):
+        by_length = sorted(megabatch, key=lambda index: lengths[index], reverse=True)
+        batches.extend(_chunks(by_length, batch_size))
+    generator = np.random.default_rng([seed, epoch])
+    return [batches[position] for position in generator.permutation(len(batches))]
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    """Consecutive slices of ``size`` (the last may be shorter)."""
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+def _weighted_draw(indices: range, weight: float, generator: np.random.Generator) -> np.ndarray:
+    """``round(weight * len(indices))`` indices: whole repeats, then a random subset for the remainder."""
+    size = len(indices)
+    if size == 0:
+        return np.zeros(0, dtype=np.int64)
+    count = int(round(weight * size))
+    repeats, remainder = divmod(count, size)
+    pool = np.arange(indices.start, indices.stop, dtype=np.int64)
+    subset = np.sort(generator.choice(pool, size=remainder, replace=False))
+    return np.concatenate([np.tile(pool, repeats), subset])
+
+
+def _source_names(sources: list[SourceConfig]) -> list[str]:
+    """Each source's name: the given one, or the file stem (made unique with ``-2``, ``-3``…)."""
+    names: list[str] = []
+    for source in sources:
+        if source.name is not None:
+            if source.name in names:
+                raise ValueError(f"two data sources are named {source.name!r}; names must be unique")
+            names.append(source.name)
+            continue
+        stem = os.path.splitext(os.path.basename(source.path))[0]
+        name, suffix = stem, 2
+        while name in names or any(other.name == name for other in sources):
+            name, suffix = f"{stem}-{suffix}", suffix + 1
+        names.append(name)
+    return names

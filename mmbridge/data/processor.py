@@ -1,0 +1,296 @@
+"""Processor: a :class:`Sample` → ``input_ids``, ``labels`` and ``pixel_values`` for the model.
+
+Steps, in order: check the conversation (not empty, no ``<image>`` in answers, as many
+placeholders as images) → render it with the tokenizer's chat template → find the
+character span of every assistant reply by rendering prefixes of the conversation →
+tokenize with offsets and label exactly the tokens inside those spans (the reply and
+the template's end-of-turn token; system prompt, BOS, user turns, role headers and
+images stay ``IGNORE_INDEX``) → expand each ``<image>`` token to ``tokens_per_image``
+copies of the image token id → truncate from the right, never through an image →
+load and transform the images.
+
+Every failure is a :class:`SampleError` (a ``ValueError``) naming the sample id, with a
+short ``reason`` that datasets use to count skipped samples.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jinja2
+import torch
+from PIL import Image
+
+from mmbridge.data.formats.llava import Sample
+from mmbridge.model.multimodal import IGNORE_INDEX
+
+Span = tuple[int, int]  # [start, end) character offsets in the rendered text
+
+
+class SampleError(ValueError):
+    """A sample that cannot become a training example; ``reason`` is a short key for counting skips."""
+
+    def __init__(self, message: str, sample_id: str, reason: str) -> None:
+        super().__init__(message)
+        self.sample_id = sample_id
+        self.reason = reason
+
+
+class ImageLoadError(SampleError):
+    """An image file of a sample is missing or unreadable; names the file and the sample id."""
+
+    def __init__(self, path: str, sample_id: str, cause: str) -> None:
+        super().__init__(f"sample {sample_id!r}: cannot load image {path}: {cause}", sample_id, "image_load")
+        self.path = path
+
+
+class Processor:
+    """Turns conversations with images into model inputs for one tokenizer, transform and token count."""
+
+    def __init__(self, tokenizer: Any, transform: Any, tokens_per_image: int, image_token: str = "<image>",
+                 image_token_id: int | None = None, max_length: int = 2048,
+                 system_prompt: str | None = None) -> None:
+        if tokens_per_image < 1:
+            raise ValueError(f"tokens_per_image must be at least 1, got {tokens_per_image}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.tokens_per_image = int(tokens_per_image)
+        self.image_token = image_token
+        self.placeholder_id = _single_token_id(tokenizer, image_token)
+        self.image_token_id = self.placeholder_id if image_token_id is None else int(image_token_id)
+        self.max_length = int(max_length)
+        self.system_prompt = system_prompt
+        self._probed_suffix: str | None = None
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id to pad batches with (the tokenizer's pad token, else its eos token)."""
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def settings(self) -> dict:
+        """JSON-able settings that :class:`MultimodalModel` saves and passes back as keyword arguments."""
+        return {"max_length": self.max_length, "system_prompt": self.system_prompt}
+
+    # -- training examples ---------------------------------------------------------------------
+    def __call__(self, sample: Sample, images: list[Image.Image] | None = None) -> dict:
+        """Process one sample; ``images`` (PIL) replace loading ``sample.images`` from disk.
+
+        Returns ``{"id", "input_ids": [L], "labels": [L], "pixel_values": [n_images, 3, H, W]}``.
+        """
+        image_count = len(sample.images) if images is None else len(images)
+        self._check_conversation(sample, image_count)
+        messages = self._with_system_prompt(sample.conversation)
+        text, spans = self._render_with_reply_spans(messages, sample.id)
+        input_ids, labels = self._tokenize(text, spans)
+        input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id)
+        input_ids, labels = self._truncate(input_ids, labels, sample.id)
+        if images is None:
+            images = self.load_images(sample)
+        return {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": self.transform.batch(images)}
+
+    def load_images(self, sample: Sample) -> list[Image.Image]:
+        """Open and fully decode every image of ``sample``; a missing or corrupt file is an :class:`ImageLoadError`."""
+        return [_open_image(path, sample.id) for path in sample.images]
+
+    def estimate_lengths(self, samples: list[Sample]) -> list[int]:
+        """Approximate token counts without rendering templates or opening images (for length grouping).
+
+        Counts the tokens of every turn's text plus ``tokens_per_image - 1`` per placeholder.
+        """
+        texts = ["\n".join(turn["content"] for turn in sample.conversation) for sample in samples]
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        extra = self.tokens_per_image - 1
+        return [len(ids) + extra * text.count(self.image_token) for ids, text in zip(encoded, texts)]
+
+    # -- generation prompts --------------------------------------------------------------------
+    def prompt(self, text: str, num_images: int = 0, history: list[dict] | None = None) -> torch.Tensor:
+        """Token ids ``[L]`` of a generation prompt ending with the assistant header.
+
+        ``num_images`` counts all images of the prompt (history included); placeholders
+        missing from ``text`` are prepended to it, each followed by a newline.
+        """
+        history = list(history or [])
+        present = sum(turn["content"].count(self.image_token) for turn in history) + text.count(self.image_token)
+        if present > num_images:
+            raise ValueError(f"prompt holds {present} {self.image_token} placeholders but {num_images} "
+                             f"image(s) were given")
+        text = f"{self.image_token}\n" * (num_images - present) + text
+        messages = self._with_system_prompt(history + [{"role": "user", "content": text}])
+        rendered = self._render(messages, add_generation_prompt=True)
+        input_ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        input_ids, _ = self._expand_images(input_ids, [IGNORE_INDEX] * len(input_ids), num_images, "prompt")
+        return torch.tensor(input_ids, dtype=torch.long)
+
+    def encode_images(self, images: list) -> torch.Tensor:
+        """PIL images or file paths → ``[n, 3, H, W]``."""
+        loaded = [image if isinstance(image, Image.Image) else _open_image(os.fspath(image), "prompt")
+                  for image in images]
+        return self.transform.batch(loaded)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _check_conversation(self, sample: Sample, image_count: int) -> None:
+        """Reject empty conversations, placeholders in answers, and placeholder/image count mismatches."""
+        if not sample.conversation:
+            raise SampleError(f"sample {sample.id!r}: the conversation is empty", sample.id, "empty")
+        placeholders = 0
+        for number, turn in enumerate(sample.conversation):
+            found = turn["content"].count(self.image_token)
+            if found and turn["role"] == "assistant":
+                raise SampleError(f"sample {sample.id!r}: assistant turn {number} contains {self.image_token}; "
+                                  f"images may only appear in user or system turns", sample.id, "placeholders")
+            placeholders += found
+        if placeholders != image_count:
+            raise SampleError(f"sample {sample.id!r}: the conversation has {placeholders} {self.image_token} "
+                              f"placeholder(s) but {image_count} image(s) were given", sample.id, "placeholders")
+
+    def _with_system_prompt(self, conversation: list[dict]) -> list[dict]:
+        """``[{"role", "content"}]`` messages, led by the configured system prompt unless one is present."""
+        messages = [{"role": turn["role"], "content": turn["content"]} for turn in conversation]
+        if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _render_with_reply_spans(self, messages: list[dict], sample_id: str) -> tuple[str, list[Span]]:
+        """The rendered conversation and the character span of each assistant reply (+ end-of-turn token)."""
+        full = self._render(messages, add_generation_prompt=False)
+        spans, cursor = [], 0
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start, end = self._prefix_span(messages, index, full)
+            if start is None or start < cursor:
+                start, end = self._search_span(full, message["content"], cursor, index, sample_id)
+            while end > start and full[end - 1].isspace():
+                end -= 1  # the newline a template writes after its end-of-turn token is not trained
+            spans.append((start, end))
+            cursor = end
+        return full, spans
+
+    def _prefix_span(self, messages: list[dict], index: int, full: str) -> Span | tuple[None, None]:
+        """Reply ``index`` located by rendering the conversation up to it, when the template is prefix-stable."""
+        try:
+            before = self._render(messages[:index], add_generation_prompt=True)
+            through = self._render(messages[:index + 1], add_generation_prompt=False)
+        except jinja2.TemplateError:
+            return None, None
+        if not (full.startswith(before) and full.startswith(through) and len(before) < len(through)):
+            return None, None
+        return len(before), len(through)
+
+    def _search_span(self, full: str, content: str, cursor: int, index: int, sample_id: str) -> Span:
+        """Fallback for templates whose prefixes differ: find the reply text, then take its end-of-turn marker."""
+        reply = content.strip()
+        start = full.find(reply, cursor)
+        if not reply or start < 0:
+            raise SampleError(f"sample {sample_id!r}: the chat template does not render assistant turn {index} "
+                              f"verbatim, so its labels cannot be placed", sample_id, "template")
+        end = start + len(reply)
+        closing = self._closing_marker(full[end:])
+        eos = self.tokenizer.eos_token
+        if not closing and eos and full.startswith(eos, end):
+            closing = eos
+        return start, end + len(closing)
+
+    def _closing_marker(self, following: str) -> str:
+        """The whole tokens of the template's end-of-turn suffix that ``following`` starts with (no trailing space)."""
+        suffix = self._reply_suffix()
+        shared = len(_common_prefix(suffix, following))
+        offsets = self.tokenizer(suffix, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        whole = max((last for _, last in offsets if last <= shared), default=0)
+        return suffix[:whole].rstrip()
+
+    def _reply_suffix(self) -> str:
+        """The text the template writes right after an assistant reply (its end-of-turn marker), by probing."""
+        if self._probed_suffix is None:
+            probe = "mmbridge-probe-reply"
+            messages = self._with_system_prompt([{"role": "user", "content": "mmbridge-probe-question"},
+                                                 {"role": "assistant", "content": probe}])
+            try:
+                rendered = self._render(messages, add_generation_prompt=False)
+            except jinja2.TemplateError:
+                rendered = ""
+            self._probed_suffix = rendered.split(probe, 1)[1] if probe in rendered else ""
+        return self._probed_suffix
+
+    def _tokenize(self, text: str, spans: list[Span]) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` and labels: the id where a token overlaps a reply span, else IGNORE_INDEX."""
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = list(encoded["input_ids"])
+        labels = []
+        for token_id, (first, last) in zip(input_ids, encoded["offset_mapping"]):
+            inside = any(first < end and max(last, first + 1) > start for start, end in spans)
+            labels.append(token_id if inside else IGNORE_INDEX)
+        return input_ids, labels
+
+    def _expand_images(self, input_ids: list[int], labels: list[int], image_count: int,
+                       sample_id: str) -> tuple[list[int], list[int]]:
+        """Replace each placeholder token with ``tokens_per_image`` image token ids (labels IGNORE_INDEX)."""
+        found = input_ids.count(self.placeholder_id)
+        if found != image_count:
+            raise SampleError(f"sample {sample_id!r}: the rendered text holds {found} {self.image_token} token(s) "
+                              f"but {image_count} image(s) were given (does the system prompt or template "
+                              f"contain {self.image_token}?)", sample_id, "placeholders")
+        expanded_ids, expanded_labels = [], []
+        for token_id, label in zip(input_ids, labels):
+            if token_id == self.placeholder_id:
+                expanded_ids += [self.image_token_id] * self.tokens_per_image
+                expanded_labels += [IGNORE_INDEX] * self.tokens_per_image
+            else:
+                expanded_ids.append(token_id)
+                expanded_labels.append(label)
+        return expanded_ids, expanded_labels
+
+    def _truncate(self, input_ids: list[int], labels: list[int], sample_id: str) -> tuple[list[int], list[int]]:
+        """Cut to ``max_length`` from the right; an image cut or dropped, or no label left, is an error."""
+        if len(input_ids) > self.max_length:
+            kept = input_ids[:self.max_length].count(self.image_token_id)
+            total = input_ids.count(self.image_token_id)
+            if kept != total:
+                raise SampleError(f"sample {sample_id!r} needs {len(input_ids)} tokens ({total} of them image "
+                                  f"tokens) but max_length is {self.max_length}; truncation would cut an image",
+                                  sample_id, "too_long")
+            input_ids, labels = input_ids[:self.max_length], labels[:self.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SampleError(f"sample {sample_id!r}: no assistant token is left to train on within max_length "
+                              f"{self.max_length} (the sample has no answer or it was truncated away)",
+                              sample_id, "no_labels")
+        return input_ids, labels
+
+
+def _single_token_id(tokenizer: Any, token: str) -> int:
+    """The id ``token`` encodes to, which must be exactly one token."""
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer splits {token!r} into {len(ids)} tokens {ids}; add it as one special "
+                         f"token first (tokenizer.add_tokens([{token!r}], special_tokens=True))")
+    return int(ids[0])
+
+
+def _common_prefix(first: str, second: str) -> str:
+    """The longest string both ``first`` and ``second`` start with."""
+    length = 0
+    while length < min(len(first), len(second)) and first[length] == second[length]:
+        length += 1
+    return first[:length]
+
+
+def _open_image(path: str, sample_id: str) -> Image.Image:
+    """Open and decode one image file; the returned image no longer holds the file open."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        cause = "file not found" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {error}"
+        raise ImageLoadError(path, sample_id, cause) from error
