@@ -1,0 +1,279 @@
+"""Decoding for :class:`~mmbridge.model.multimodal.MultimodalModel`: KV cache, sampling, streaming, batching.
+
+:func:`generate` takes LLaVA-style inputs (``input_ids`` with ``<image>`` placeholders
+already expanded, LEFT-padded when batched, ``attention_mask``, ``pixel_values``) and
+returns only the new tokens, ``[B, new]``. Position ids always come from the attention
+mask (``cumsum - 1``, clamped at 0), so a left-padded row decodes exactly as the same
+prompt alone. With the cache, the prompt and images go through the model once (prefill)
+and each step feeds one token per row; without it, every step recomputes the whole
+sequence from visual tokens encoded once, and greedy outputs are identical.
+
+:func:`chat` answers one user turn from text and images through the model's processor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+Streamer = Callable[[torch.Tensor], None]
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings; ``eos_token_id`` and ``pad_token_id`` default to the tokenizer's (and model config's).
+
+    ``top_k = 0`` and ``top_p = 1.0`` disable those filters; ``seed`` seeds a private
+    ``torch.Generator`` so sampling is reproducible without touching the global RNG.
+    """
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    use_cache: bool = True
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on settings that cannot decode."""
+        if self.max_new_tokens < 0 or self.min_new_tokens < 0:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) and min_new_tokens "
+                             f"({self.min_new_tokens}) must be >= 0")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"sampling needs temperature > 0, got {self.temperature} (use do_sample=False for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+# -- settings -------------------------------------------------------------------------------------
+def _as_ids(value: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(item) for item in value]
+
+
+def default_eos_ids(model: nn.Module) -> list[int]:
+    """The tokenizer's EOS id plus any EOS ids of the LLM's config and generation config, deduplicated."""
+    ids = _as_ids(getattr(model.tokenizer, "eos_token_id", None))
+    hf_model = model.llm.model
+    for source in (hf_model.config, getattr(hf_model, "generation_config", None)):
+        ids += _as_ids(getattr(source, "eos_token_id", None))
+    return list(dict.fromkeys(ids))
+
+
+def resolve_config(model: nn.Module, generation_config: GenerationConfig | None = None,
+                   **settings: Any) -> GenerationConfig:
+    """``generation_config`` (or defaults) updated by ``settings``, with EOS and pad ids filled in."""
+    known = {field.name for field in dataclasses.fields(GenerationConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown generation setting(s) {unknown}; known: {sorted(known)}")
+    config = dataclasses.replace(generation_config or GenerationConfig(), **settings)
+    if config.eos_token_id is None:
+        config.eos_token_id = default_eos_ids(model)
+    if config.pad_token_id is None:
+        pad = getattr(model.tokenizer, "pad_token_id", None)
+        eos_ids = _as_ids(config.eos_token_id)
+        config.pad_token_id = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+    config.validate()
+    return config
+
+
+# -- model state ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the block, then restore each one's own ``training`` flag."""
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` mask → position ids ``[B, L]``: real tokens count from 0, left padding sits at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# -- token choice ---------------------------------------------------------------------------------
+def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the ``top_k`` largest logits per row (ties with the k-th kept), ``-inf`` elsewhere; ``[B, V]``."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest most-likely set whose probability reaches ``top_p``; ``[B, V]``.
+
+    The most likely token is always kept.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the better tokens, [B, V]
+    drop_sorted = mass_before >= top_p
+    drop_sorted[:, 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def choose_tokens(logits: torch.Tensor, config: GenerationConfig,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from ``[B, V]`` float logits: argmax, or a sample after temperature/top-k/top-p."""
+    if not config.do_sample:
+        return logits.argmax(-1)  # [B]
+    logits = filter_top_p(filter_top_k(logits / config.temperature, config.top_k), config.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # [B]
+
+
+# -- decoding -------------------------------------------------------------------------------------
+class _Decoder:
+    """One generation run: holds the growing mask, the cache or full sequence, and the visual tokens."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pixel_values: torch.Tensor | None, use_cache: bool) -> None:
+        self.model = model
+        self.use_cache = use_cache
+        self.sequence = input_ids  # [B, L]; grows only without the cache
+        self.attention_mask = attention_mask  # [B, L + steps]
+        self.pixel_values = pixel_values
+        self.image_tokens: torch.Tensor | None = None
+        self.cache: Any = None
+        self.next_position = attention_mask.long().sum(-1, keepdim=True)  # [B, 1]
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompt (images encoded once); returns the last position's logits ``[B, V]``."""
+        if not self.use_cache:
+            if self.pixel_values is not None and self.pixel_values.shape[0] > 0:
+                self.image_tokens = self.model.encode_images(self.pixel_values)  # [n, M, D]
+            return self._full_sequence_logits()
+        output = self.model(self.sequence, self.attention_mask, self.pixel_values,
+                            position_ids=positions_from_mask(self.attention_mask), use_cache=True,
+                            return_logits="last")
+        self.cache = output.cache
+        return output.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens`` ``[B]`` and return the next logits ``[B, V]``."""
+        new_ids = tokens.unsqueeze(-1)  # [B, 1]
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new_ids)], dim=-1)
+        if not self.use_cache:
+            self.sequence = torch.cat([self.sequence, new_ids], dim=-1)
+            return self._full_sequence_logits()
+        output = self.model(new_ids, self.attention_mask, position_ids=self.next_position, cache=self.cache,
+                            use_cache=True, return_logits="last")
+        self.next_position = self.next_position + 1
+        self.cache = output.cache
+        return output.logits[:, -1]
+
+    def _full_sequence_logits(self) -> torch.Tensor:
+        output = self.model(self.sequence, self.attention_mask,
+                            position_ids=positions_from_mask(self.attention_mask), image_tokens=self.image_tokens,
+                            use_cache=False, return_logits="last")
+        return output.logits[:, -1]
+
+
+def _banned_ids(model: nn.Module, vocab_size: int) -> list[int]:
+    """Ids that generated text must never hold: the ``<image>`` placeholder (it has no pixels behind it)."""
+    image_id = getattr(model, "image_token_id", None)
+    return [image_id] if image_id is not None and 0 <= image_id < vocab_size else []
+
+
+def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             pixel_values: torch.Tensor | None = None, streamer: Streamer | None = None,
+             generation_config: GenerationConfig | None = None, **settings: Any) -> torch.LongTensor:
+    """Decode new tokens for LEFT-padded prompts ``[B, L]``; returns ``[B, new]``.
+
+    ``settings`` override fields of ``generation_config``. Rows that emitted EOS continue
+    with ``pad_token_id``; decoding ends when every row has finished or after
+    ``max_new_tokens``. ``streamer(tokens)`` receives each step's ``[B]`` ids.
+    """
+    config = resolve_config(model, generation_config, **settings)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids)
+    with torch.inference_mode(), eval_mode(model):
+        return _decode(model, input_ids, attention_mask, pixel_values, streamer, config)
+
+
+def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            pixel_values: torch.Tensor | None, streamer: Streamer | None,
+            config: GenerationConfig) -> torch.LongTensor:
+    """The decoding loop behind :func:`generate` (already under inference mode and eval mode)."""
+    batch, device = input_ids.shape[0], input_ids.device
+    if config.max_new_tokens == 0:
+        return torch.empty(batch, 0, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
+    pad = torch.tensor(config.pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
+    decoder = _Decoder(model, input_ids, attention_mask, pixel_values, config.use_cache)
+    logits = decoder.prefill()  # [B, V]
+    banned = _banned_ids(model, logits.shape[-1])
+    eos_ids = _eos_tensor(config, logits.shape[-1], device)
+    generated: list[torch.Tensor] = []
+    for step in range(config.max_new_tokens):
+        logits = _mask_logits(logits, banned, eos_ids if step < config.min_new_tokens else None)
+        tokens = torch.where(finished, pad, choose_tokens(logits, config, generator))  # [B]
+        generated.append(tokens)
+        if streamer is not None:
+            streamer(tokens)
+        if eos_ids.numel():
+            finished |= torch.isin(tokens, eos_ids)
+            if bool(finished.all()):  # one host sync per step, not per row
+                break
+        if step + 1 < config.max_new_tokens:
+            logits = decoder.step(tokens)
+    return torch.stack(generated, dim=1)  # [B, new]
+
+
+def _eos_tensor(config: GenerationConfig, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """The EOS ids inside the vocabulary (a config may name others), as a ``[n]`` long tensor."""
+    ids = [token for token in _as_ids(config.eos_token_id) if 0 <= token < vocab_size]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _mask_logits(logits: torch.Tensor, banned: list[int], suppressed_eos: torch.Tensor | None) -> torch.Tensor:
+    """Float32 ``[B, V]`` logits with banned ids (and EOS, before ``min_new_tokens``) set to ``-inf``."""
+    logits = logits.float()
+    if banned:
+        logits[:, banned] = float("-inf")
+    if suppressed_eos is not None and suppressed_eos.numel():
+        logits[:, suppressed_eos] = float("-inf")
+    return logits
+
+
+# -- chat -----------------------------------------------------------------------------------------
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def chat(model: nn.Module, prompt: str, images: list, **settings: Any) -> str:
+    """Answer one user turn (``<image>`` placeholders added by the processor if missing); returns the text.
+
+    ``images`` are PIL images or paths; ``settings`` are :class:`GenerationConfig` fields.
+    """
+    processor = model.processor()
+    device = _model_device(model)
+    input_ids = processor.prompt(prompt, num_images=len(images)).to(device).unsqueeze(0)  # [1, L]
+    pixel_values = processor.encode_images(images).to(device) if images else None  # [n, 3, H, W]
+    config = resolve_config(model, settings.pop("generation_config", None), **settings)
+    new_tokens = generate(model, input_ids, pixel_values=pixel_values, generation_config=config)[0]  # [new]
+    stops = torch.isin(new_tokens, torch.tensor(_as_ids(config.eos_token_id), dtype=torch.long, device=device))
+    if bool(stops.any()):
+        new_tokens = new_tokens[: int(stops.nonzero()[0, 0])]
+    return model.tokenizer.decode(new_tokens.tolist(), skip_special_tokens=True).strip()
