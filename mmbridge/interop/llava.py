@@ -1,0 +1,272 @@
+"""Import from and export to transformers' ``LlavaForConditionalGeneration``.
+
+:func:`from_hf_llava` turns an HF LLaVA (an instance, or a ``save_pretrained`` directory)
+into a :class:`~mmbridge.model.multimodal.MultimodalModel` with the same weights and the
+same logits: vision = :class:`~mmbridge.model.vision.hf.HFVisionEncoder` around the vision
+tower, bridge = a depth-2 ``mlp`` (the layout of ``LlavaMultiModalProjector``), llm = the
+text model as an HF ``*ForCausalLM``. :func:`to_hf_llava` goes the other way, folding LoRA
+adapters into the base weights so the export is a plain LLaVA.
+
+Feature selection (transformers' ``"default"`` drops the first token of every tower, even
+SigLIP's, which has no CLS token):
+
+* import: HF ``"default"`` → ``select="default"`` on CLS towers (CLIP, ViT), ``"drop_first"``
+  on SigLIP; HF ``"full"`` → ``"full"``;
+* export: ``"drop_first"``, and ``"default"`` on a CLS tower → HF ``"default"``; ``"full"``,
+  and ``"default"`` on SigLIP (all patches kept) → HF ``"full"``.
+
+Weights move through one name map (``vision.model.`` ↔ ``model.vision_tower.``,
+``bridge.`` ↔ ``model.multi_modal_projector.``, ``llm.model.<base>.`` ↔
+``model.language_model.``, ``llm.model.lm_head.`` ↔ ``lm_head.``) and are loaded
+strictly: a tensor without a counterpart on either side is a ``ValueError`` naming it.
+
+Tokenizer: an mmbridge model always carries one. :func:`from_hf_llava` takes the
+``tokenizer`` argument, else the tokenizer saved in the directory; with neither it
+raises a ``ValueError``. The image token id is pinned from the HF config, never added
+to the tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedModel
+
+from mmbridge.model.bridges.mlp import MLPBridge
+from mmbridge.model.llm.base import LanguageModel
+from mmbridge.model.llm.hf import load_tokenizer
+from mmbridge.model.lora import merged_state_dict
+from mmbridge.model.multimodal import ModelConfig, MultimodalModel
+from mmbridge.model.vision.hf import _FAMILIES, HFVisionEncoder
+
+__all__ = ["from_hf_llava", "to_hf_llava"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+# -- import ------------------------------------------------------------------------------------
+def from_hf_llava(model_or_dir: LlavaForConditionalGeneration | str | os.PathLike,
+                  tokenizer: Any = None) -> MultimodalModel:
+    """Build a :class:`MultimodalModel` with the weights (and logits) of an HF LLaVA.
+
+    ``model_or_dir``: a ``LlavaForConditionalGeneration`` or a directory written by its
+    ``save_pretrained``; from a directory the tokenizer and the image-processor settings
+    (``preprocessor_config.json``, or the ``image_processor`` entry of ``processor_config.json``)
+    are read from it too. ``tokenizer`` overrides the directory's; one of the two is required.
+    Returns the model in eval mode.
+    """
+    hf_model, directory = _open_hf_llava(model_or_dir)
+    tokenizer = tokenizer if tokenizer is not None else _directory_tokenizer(directory)
+    if tokenizer is None:
+        where = f"directory {directory} holds none" if directory else "a model instance carries none"
+        raise ValueError(f"from_hf_llava needs a tokenizer: pass tokenizer=... ({where})")
+    config = _import_config(hf_model, tokenizer, _directory_image_processor(directory))
+    model = MultimodalModel.from_config(config, tokenizer=tokenizer)
+    _match_dtypes(model, hf_model)
+    pairs = _prefix_pairs(model.llm)
+    _load_exactly(model, _rename(hf_model.state_dict(), pairs, source=1), "mmbridge model")
+    model.llm.model.generation_config = copy.deepcopy(hf_model.generation_config)
+    model.eval()
+    return model
+
+
+def _open_hf_llava(model_or_dir: Any) -> tuple[LlavaForConditionalGeneration, str | None]:
+    """The HF model and, when it was loaded from one, its directory."""
+    if isinstance(model_or_dir, LlavaForConditionalGeneration):
+        return model_or_dir, None
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        directory = os.fspath(model_or_dir)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"from_hf_llava: {directory} is not a directory")
+        return LlavaForConditionalGeneration.from_pretrained(directory), directory
+    raise TypeError(f"from_hf_llava takes a LlavaForConditionalGeneration or a directory, "
+                    f"got {type(model_or_dir).__name__}")
+
+
+def _directory_tokenizer(directory: str | None) -> Any:
+    """The tokenizer saved in ``directory``, or None when there is none."""
+    if directory is None or not any(os.path.isfile(os.path.join(directory, name)) for name in _TOKENIZER_FILES):
+        return None
+    return load_tokenizer(directory)
+
+
+def _directory_image_processor(directory: str | None) -> dict | None:
+    """HF image-processor settings saved in ``directory``, or None."""
+    if directory is None:
+        return None
+    path = os.path.join(directory, "preprocessor_config.json")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            return json.load(handle)
+    path = os.path.join(directory, "processor_config.json")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            settings = json.load(handle).get("image_processor")
+        return settings if isinstance(settings, dict) else None
+    return None
+
+
+def _import_config(hf_model: LlavaForConditionalGeneration, tokenizer: Any,
+                   image_processor: dict | None) -> ModelConfig:
+    """The mmbridge config matching an HF LLaVA's architecture (random weights until loaded)."""
+    config = hf_model.config
+    vision_type = config.vision_config.model_type
+    text_dtype = next(hf_model.model.language_model.parameters()).dtype
+    if text_dtype not in _DTYPE_NAMES:
+        raise ValueError(f"from_hf_llava: unsupported language-model dtype {text_dtype}; "
+                         f"supported: {sorted(_DTYPE_NAMES.values())}")
+    if config.image_token_id >= config.text_config.vocab_size:
+        raise ValueError(f"image_token_id {config.image_token_id} is outside the text vocabulary "
+                         f"({config.text_config.vocab_size} ids)")
+    vision = {"type": "hf", "hf_config": config.vision_config.to_dict(),
+              "feature_layer": copy.deepcopy(config.vision_feature_layer),
+              "select": _import_select(config.vision_feature_select_strategy, vision_type),
+              "image_processor": image_processor}
+    llm = {"type": "hf", "hf_config": config.text_config.to_dict(), "dtype": _DTYPE_NAMES[text_dtype]}
+    bridge = {"type": "mlp", "depth": 2, "activation": config.projector_hidden_act,
+              "hidden_dim": config.text_config.hidden_size, "bias": bool(config.multimodal_projector_bias)}
+    return ModelConfig(vision=vision, llm=llm, bridge=bridge, image_token=_image_token(tokenizer, config.image_token_id),
+                       image_token_id=int(config.image_token_id))
+
+
+def _import_select(strategy: str, vision_type: str) -> str:
+    """mmbridge ``select`` reproducing transformers' strategy on this tower exactly."""
+    if strategy == "full":
+        return "full"
+    if strategy != "default":
+        raise ValueError(f"unknown vision_feature_select_strategy {strategy!r}; transformers knows 'default', 'full'")
+    has_cls = _FAMILIES.get(vision_type, (True,))[0]  # the same table HFVisionEncoder reads
+    return "default" if has_cls else "drop_first"
+
+
+def _image_token(tokenizer: Any, image_token_id: int) -> str:
+    """The tokenizer's string for the image id when it has one (``<image>`` otherwise)."""
+    if image_token_id < len(tokenizer):
+        token = tokenizer.convert_ids_to_tokens(image_token_id)
+        if isinstance(token, str):
+            return token
+    return "<image>"
+
+
+def _match_dtypes(model: MultimodalModel, hf_model: LlavaForConditionalGeneration) -> None:
+    """Give the vision encoder and bridge the storage dtypes of HF's tower and projector."""
+    model.vision.to(next(hf_model.model.vision_tower.parameters()).dtype)
+    model.bridge.to(next(hf_model.model.multi_modal_projector.parameters()).dtype)
+
+
+# -- export ------------------------------------------------------------------------------------
+def to_hf_llava(model: MultimodalModel) -> LlavaForConditionalGeneration:
+    """Export a LLaVA-shaped :class:`MultimodalModel` as a plain ``LlavaForConditionalGeneration``.
+
+    Requires an :class:`HFVisionEncoder`, an ``mlp`` bridge of depth 2 whose hidden width is
+    the LLM width, and an HF causal LM; LoRA adapters are merged into the weights. The
+    result has identical weights and logits and is in eval mode.
+    """
+    _check_exportable(model)
+    config = _export_config(model)
+    hf_model = LlavaForConditionalGeneration(config)
+    hf_model.model.vision_tower.to(next(model.vision.parameters()).dtype)
+    hf_model.model.multi_modal_projector.to(next(model.bridge.parameters()).dtype)
+    text_dtype = next(model.llm.parameters()).dtype
+    hf_model.model.language_model.to(text_dtype)
+    hf_model.lm_head.to(text_dtype)
+    pairs = _prefix_pairs(model.llm)
+    _load_exactly(hf_model, _rename(merged_state_dict(model), pairs, source=0), "LlavaForConditionalGeneration")
+    hf_model.generation_config = copy.deepcopy(model.llm.model.generation_config)
+    hf_model.eval()
+    return hf_model
+
+
+def _check_exportable(model: MultimodalModel) -> None:
+    """Raise ``ValueError`` unless the model has exactly LLaVA's structure."""
+    if not isinstance(model.vision, HFVisionEncoder):
+        raise ValueError(f"to_hf_llava needs an HF vision tower (HFVisionEncoder), got {type(model.vision).__name__}")
+    if not isinstance(model.bridge, MLPBridge):
+        raise ValueError(f"to_hf_llava needs an 'mlp' bridge of depth 2 (LLaVA's projector), "
+                         f"got {type(model.bridge).__name__}")
+    if model.bridge.depth != 2:
+        raise ValueError(f"to_hf_llava: LLaVA's projector has exactly 2 linear layers, "
+                         f"this mlp bridge has depth {model.bridge.depth}")
+    hidden, width = model.llm.hidden_size, model.bridge.linear_1.out_features
+    if width != hidden:
+        raise ValueError(f"to_hf_llava: LLaVA's projector hidden width is the LLM width {hidden}, "
+                         f"this mlp bridge has hidden_dim {width}")
+    if not isinstance(model.llm, LanguageModel) or not isinstance(model.llm.model, PreTrainedModel):
+        raise ValueError(f"to_hf_llava needs an HF causal LM, got {type(model.llm).__name__}")
+
+
+def _export_config(model: MultimodalModel) -> LlavaConfig:
+    """The ``LlavaConfig`` describing ``model`` (checked by :func:`_check_exportable`)."""
+    vision: HFVisionEncoder = model.vision
+    text_config = copy.deepcopy(model.llm.model.config)
+    return LlavaConfig(
+        vision_config=copy.deepcopy(vision.model.config), text_config=text_config,
+        image_token_id=model.image_token_id, image_seq_length=model.tokens_per_image,
+        projector_hidden_act=_bridge_activation(model.config.bridge),
+        vision_feature_select_strategy=_export_strategy(vision),
+        vision_feature_layer=copy.deepcopy(vision.feature_layer),
+        multimodal_projector_bias=model.bridge.linear_1.bias is not None,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
+
+
+def _export_strategy(vision: HFVisionEncoder) -> str:
+    """HF's ``"default"`` when the encoder drops the first token, else ``"full"`` (same token set)."""
+    drops_first = vision.select == "drop_first" or (vision.select == "default" and vision.has_cls)
+    return "default" if drops_first else "full"
+
+
+def _bridge_activation(spec: Any) -> str:
+    """The activation name recorded in the bridge spec (dict or config dataclass)."""
+    activation = spec.get("activation") if isinstance(spec, dict) else getattr(spec, "activation", None)
+    if not isinstance(activation, str):
+        raise ValueError(f"to_hf_llava: the bridge spec {spec!r} records no activation name")
+    return activation
+
+
+# -- weights -----------------------------------------------------------------------------------
+def _prefix_pairs(llm: LanguageModel) -> list[tuple[str, str]]:
+    """``(mmbridge prefix, HF LLaVA prefix)`` for each part; the text body's prefix comes from the LM class."""
+    causal_lm = llm.model
+    output_embeddings = causal_lm.get_output_embeddings()
+    head = next((name for name, module in causal_lm.named_modules() if module is output_embeddings), None)
+    if output_embeddings is None or head is None:
+        raise ValueError(f"{type(causal_lm).__name__} has no LM head module; LLaVA needs one (lm_head)")
+    return [("vision.model.", "model.vision_tower."),
+            ("bridge.", "model.multi_modal_projector."),
+            (f"llm.model.{causal_lm.base_model_prefix}.", "model.language_model."),
+            (f"llm.model.{head}.", "lm_head.")]
+
+
+def _rename(state: dict[str, torch.Tensor], pairs: list[tuple[str, str]], source: int) -> dict[str, torch.Tensor]:
+    """Rename ``state`` from side ``source`` (0 = mmbridge, 1 = HF) of ``pairs`` to the other side."""
+    renamed, unmapped = {}, []
+    for name, tensor in state.items():
+        pair = next((pair for pair in pairs if name.startswith(pair[source])), None)
+        if pair is None:
+            unmapped.append(name)
+            continue
+        renamed[pair[1 - source] + name[len(pair[source]):]] = tensor
+    if unmapped:
+        raise ValueError(f"{len(unmapped)} tensor(s) have no LLaVA counterpart: {unmapped[:10]}")
+    return renamed
+
+
+def _load_exactly(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy ``state`` into ``module``; every tensor on both sides must be matched, with equal shapes."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"weights do not line up with the {what}: no source for {missing[:10]} "
+                         f"({len(missing)}), no destination for {unexpected[:10]} ({len(unexpected)})")
+    wrong = [f"{name}: {tuple(state[name].shape)} vs {tuple(tensor.shape)}"
+             for name, tensor in expected.items() if state[name].shape != tensor.shape]
+    if wrong:
+        raise ValueError(f"tensor shapes differ from the {what}: {wrong[:10]}")
+    module.load_state_dict(state, strict=True)
