@@ -9,6 +9,7 @@ into the run directory as ``recipe.yaml`` so every run can be reproduced.
 from __future__ import annotations
 
 import copy
+import re
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,22 @@ from typing import Any
 import yaml
 
 from mmbridge.registry import config_from_dict
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``2e-4`` (no dot) as a string; recipes mean a float, as YAML 1.2 does."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML with :class:`_RecipeLoader` (so ``1e-4`` is a float)."""
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 @dataclass
@@ -51,7 +68,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in override:
             raise ValueError(f"override {override!r} must look like key.path=value")
         path, raw = override.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        value = parse_yaml(raw) if raw else ""
         keys = path.split(".")
         node: Any = data
         for depth, key in enumerate(keys[:-1]):
@@ -88,7 +105,7 @@ def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe, apply overrides, and validate the top-level fields."""
     try:
         with open(path) as handle:
-            data = yaml.safe_load(handle) or {}
+            data = parse_yaml(handle.read()) or {}
     except FileNotFoundError:
         raise FileNotFoundError(f"recipe {path} does not exist") from None
     except yaml.YAMLError as error:

@@ -114,7 +114,7 @@ def write_shape_dataset(directory: str, count: int, seed: int = 0, size: int = 3
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         name = f"{index:04d}.png"
         shape_image(colour, shape, size, seed=seed * 100003 + index).save(os.path.join(images, name))
-        samples.append({"id": f"shape-{index}", "image": name, "conversations": [
+        samples.append({"id": f"shape-{index}", "image": f"images/{name}", "conversations": [
             {"from": "human", "value": "<image>\nWhat colour is the shape?"},
             {"from": "gpt", "value": f"It is {colour}."},
             {"from": "human", "value": "Which shape is it?"},

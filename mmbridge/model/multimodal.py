@@ -104,7 +104,7 @@ class MultimodalModel(nn.Module):
         for adapter in config.adapters:
             spec = {k: v for k, v in adapter.items() if k != "key"}
             inject_lora(model.get_submodule(adapter["key"]), LoraSpec(**spec))
-        return model
+        return model.eval()
 
     @property
     def tokenizer(self) -> Any:

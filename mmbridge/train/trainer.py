@@ -126,9 +126,10 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: Multimoda
     if spec is None:
         raise ValueError(f"stage '{stage.name}' has no data and the recipe has no default 'data'")
     data_config = config_from_dict(DataConfig, dict(spec), where=f"stage '{stage.name}' data")
-    processor = model.processor(max_length=data_config.max_length)
+    overrides = {"max_length": data_config.max_length} if data_config.max_length else {}
+    processor = model.processor(**overrides)
     dataset = MixtureDataset(data_config, processor)
-    pad_id = model.tokenizer.pad_token_id
+    pad_id = processor.pad_token_id
     return _StageData(dataset, stage, run.seed * 1000 + index, pad_id, data_config.group_by_length), dataset
 
 

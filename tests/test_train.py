@@ -1,0 +1,187 @@
+"""Staged training: exact trainable sets, loss falls over two stages, resume exactness, recipes and CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from mmbridge.cli import main
+from mmbridge.config import RunConfig, apply_overrides, load_run_config
+from mmbridge.model.multimodal import MultimodalModel
+from mmbridge.testing import tiny_model_config, write_shape_dataset
+from mmbridge.train import StageConfig, apply_stage, train
+from mmbridge.train.checkpoint import latest_checkpoint
+from mmbridge.train.recipe import optimizer_groups
+
+ALIGN = {"name": "align", "train": {"bridge": "full"}, "lr": 1e-2, "batch_size": 4, "precision": "fp32"}
+INSTRUCT = {"name": "instruct", "lr": 3e-3, "batch_size": 4, "precision": "fp32",
+            "train": {"bridge": "full", "llm": {"mode": "lora", "r": 4, "lr": 1e-2}}}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return write_shape_dataset(str(tmp_path_factory.mktemp("shapes")), 16, seed=1)
+
+
+def _run(tokenizer_dir: str, data_json: str, output: str, stages: list[dict], seed: int = 0) -> RunConfig:
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1
+    model = tiny_model_config(tokenizer_dir, vocab)
+    # a wider init makes the frozen random LLM sensitive to its inputs, so a bridge-only stage can lower the loss
+    model["llm"]["hf_config"]["initializer_range"] = 0.2
+    return RunConfig(model=model, stages=stages, output_dir=output, seed=seed,
+                     data={"sources": [{"path": data_json}], "max_length": 128})
+
+
+def _names(model: MultimodalModel) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def test_apply_stage_sets_exact_trainable_parameters(make_model):
+    model = make_model()
+    bridge = {name for name, _ in model.named_parameters() if name.startswith("bridge.")}
+    rows = apply_stage(model, StageConfig(**ALIGN))
+    assert _names(model) == bridge
+    assert {row["key"]: row["mode"] for row in rows} == {"vision": "frozen", "bridge": "full", "llm": "frozen"}
+    assert rows[1]["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n in bridge)
+
+    apply_stage(model, StageConfig(**INSTRUCT))
+    lora = {name for name, _ in model.named_parameters() if "lora_" in name}
+    assert lora and all(name.startswith("llm.") for name in lora)
+    assert _names(model) == bridge | lora
+    assert model.config.adapters[0]["key"] == "llm" and model.config.adapters[0]["r"] == 4
+
+    apply_stage(model, StageConfig(name="top", train={"vision": {"mode": "partial", "layers": 1}}))
+    last_layer = {n for n, _ in model.named_parameters() if n.startswith("vision.model.encoder.layers.1.")}
+    assert _names(model) == last_layer
+
+
+def test_per_key_learning_rates(make_model):
+    model = make_model()
+    stage = StageConfig(**INSTRUCT)
+    apply_stage(model, stage)
+    groups, names = optimizer_groups(model, stage)
+    assert [(group["key"], group["lr"]) for group in groups] == [("bridge", 3e-3), ("llm", 1e-2)]
+    assert len(names) == sum(len(group["params"]) for group in groups)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"train": {"projector": "full"}}, r"unknown module key\(s\) \['projector'\]"),
+    ({"train": {"bridge": "half"}}, "tuning mode must be one of"),
+    ({"train": {"llm": {"mode": "partial"}}}, "needs 'layers'"),
+    ({"precision": "fp8"}, "precision must be 'bf16' or 'fp32'"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+])
+def test_stage_config_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        StageConfig(**{**ALIGN, **bad})
+
+
+def test_stage_that_trains_nothing_is_an_error(make_model):
+    model = make_model()
+    stage = StageConfig(name="idle", train={})
+    apply_stage(model, stage)
+    with pytest.raises(ValueError, match="stage 'idle' trains nothing"):
+        optimizer_groups(model, stage)
+
+
+def test_two_stage_run_loss_falls_and_saves(tokenizer_dir, dataset, tmp_path):
+    stages = [{**ALIGN, "steps": 16}, {**INSTRUCT, "steps": 12}]
+    result = train(_run(tokenizer_dir, dataset, str(tmp_path / "run"), stages), progress=False)
+    for name, factor in (("align", 0.95), ("instruct", 0.8)):
+        losses = [record["loss"] for record in result.history if record["stage"] == name]
+        assert sum(losses[-3:]) / 3 < factor * sum(losses[:3]) / 3, (name, losses)
+    final = tmp_path / "run" / "final"
+    reloaded = MultimodalModel.from_pretrained(str(final))
+    assert reloaded.config.adapters and reloaded.config.adapters[0]["key"] == "llm"
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [record["loss"] for record in logged] == [record["loss"] for record in result.history]
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["stages"][1]["name"] == "instruct"
+
+
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_at", [3, 4])  # mid-stage 2 (stage 1 has 2 steps) and at the stage boundary...
+def test_resumed_run_matches_uninterrupted(tokenizer_dir, dataset, tmp_path, kill_at):
+    stages = [{**ALIGN, "steps": 2, "save_every": 1, "precision": "bf16"},
+              {**INSTRUCT, "steps": 4, "save_every": 1, "grad_accum": 2}]
+    reference = train(_run(tokenizer_dir, dataset, str(tmp_path / "a"), stages), progress=False)
+
+    def kill(record):
+        if record["global_step"] == kill_at:
+            raise _Kill()
+
+    with pytest.raises(_Kill):
+        train(_run(tokenizer_dir, dataset, str(tmp_path / "b"), stages), progress=False, on_step=kill)
+    assert latest_checkpoint(str(tmp_path / "b" / "checkpoints")).endswith(f"{kill_at:08d}")
+    resumed = train(_run(tokenizer_dir, dataset, str(tmp_path / "b"), stages), resume=True, progress=False)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in reference.history]
+    assert len(resumed.history) == 6
+    expected = reference.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_resume_after_last_stage_finishes_loads_weights(tokenizer_dir, dataset, tmp_path):
+    stages = [{**ALIGN, "steps": 2}]
+    first = train(_run(tokenizer_dir, dataset, str(tmp_path / "r"), stages), progress=False)
+    again = train(_run(tokenizer_dir, dataset, str(tmp_path / "r"), stages), resume=True, progress=False)
+    assert len(again.history) == 2
+    assert torch.equal(again.model.bridge.linear_1.weight, first.model.bridge.linear_1.weight)
+
+
+def test_skip_bad_samples_counts_them(tokenizer_dir, dataset, tmp_path):
+    samples = json.loads(open(dataset).read())
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    samples[0]["image"] = str(tmp_path / "broken.png")
+    samples[1]["image"] = str(tmp_path / "missing.png")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps(samples))
+    run = _run(tokenizer_dir, str(bad_json), str(tmp_path / "s"), [{**ALIGN, "steps": 4, "batch_size": 4}])
+    run.data["sources"][0]["image_root"] = os.path.dirname(dataset)
+    with pytest.raises(ValueError, match="broken.png|missing.png"):
+        train(run, progress=False)
+    run.data["skip_bad_samples"] = True
+    result = train(run, progress=False)
+    assert sum(result.skipped["align"].values()) == 2
+
+
+def test_overrides_and_recipe_errors(tmp_path):
+    data = {"model": {"llm": {"type": "hf"}}, "stages": [{"name": "a", "lr": 0.1}], "seed": 1}
+    changed = apply_overrides(data, ["stages.0.lr=2e-4", "model.llm.path=/x", "seed=7", "output_dir=runs/z"])
+    assert changed["stages"][0]["lr"] == 2e-4 and changed["model"]["llm"]["path"] == "/x" and changed["seed"] == 7
+    assert data["seed"] == 1  # the input is not modified
+    with pytest.raises(ValueError, match="not an index into a list of 1"):
+        apply_overrides(data, ["stages.3.lr=1"])
+    with pytest.raises(ValueError, match="must look like key.path=value"):
+        apply_overrides(data, ["seed"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**data, "epoch": 3}))
+    with pytest.raises(ValueError, match=r"r.yaml: unknown field\(s\) \['epoch'\]"):
+        load_run_config(str(recipe))
+    with pytest.raises(FileNotFoundError, match="nope.yaml does not exist"):
+        load_run_config(str(tmp_path / "nope.yaml"))
+
+
+def test_cli_train_info_generate(tokenizer_dir, dataset, tmp_path, capsys):
+    run = _run(tokenizer_dir, dataset, str(tmp_path / "cli"), [{**ALIGN, "steps": 2}])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(run.to_dict()))
+    assert main(["train", str(recipe), "stages.0.steps=3", "--no-progress"]) == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+    model_dir = str(tmp_path / "cli" / "final")
+    assert main(["info", "--model", model_dir]) == 0
+    info = capsys.readouterr().out
+    assert "visual tokens per image: 16" in info and "bridge" in info and "mlp" in info
+    image = os.path.join(os.path.dirname(dataset), "images", "0000.png")
+    assert main(["generate", "--model", model_dir, "--image", image, "--prompt", "What colour?",
+                 "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml does not exist" in capsys.readouterr().err
