@@ -56,7 +56,7 @@ def _info(args: argparse.Namespace) -> int:
 def info_text(model) -> str:
     """Components, parameters per key (trainable/frozen) and visual tokens per image."""
     config = model.export_config()
-    counts = model.parameter_counts()
+    counts = model.parameters_at_save or model.parameter_counts()
     lines = [
         f"vision : {type(model.vision).__name__} ({_describe(config.vision)}), "
         f"{model.vision.num_tokens()} features × {model.vision.feature_dim}, input {model.vision.transform.output_size}",
@@ -67,6 +67,8 @@ def info_text(model) -> str:
     ]
     if config.adapters:
         lines.append("adapters: " + ", ".join(f"LoRA r={a['r']} on {a['key']}" for a in config.adapters))
+    when = "when saved (end of the last stage)" if model.parameters_at_save else "now"
+    lines.append(f"parameters, trainable/frozen {when}:")
     lines.append(f"{'key':<8}{'trainable':>14}{'frozen':>14}")
     for key in MODULE_KEYS:
         lines.append(f"{key:<8}{counts[key]['trainable']:>14,}{counts[key]['frozen']:>14,}")

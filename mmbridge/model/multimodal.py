@@ -80,6 +80,7 @@ class MultimodalModel(nn.Module):
         self.llm = llm
         self.config = config
         self.processor_settings = dict(processor_settings or {})
+        self.parameters_at_save: dict | None = None  # trainable/frozen counts per key when it was saved
         if config.image_token_id is None:
             config.image_token_id = llm.add_tokens([config.image_token])[0]
         self.image_token_id = int(config.image_token_id)
@@ -231,7 +232,8 @@ class MultimodalModel(nn.Module):
         self.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
         atomic_write_json(os.path.join(directory, PROCESSOR_FILE), self.processor_settings)
         atomic_write_json(os.path.join(directory, CONFIG_FILE),
-                          {"format": "mmbridge", "version": 1, "model": self.export_config().to_dict()})
+                          {"format": "mmbridge", "version": 1, "model": self.export_config().to_dict(),
+                           "parameters_at_save": self.parameter_counts()})
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "MultimodalModel":
@@ -255,4 +257,5 @@ class MultimodalModel(nn.Module):
             raise ValueError(f"{directory}/{WEIGHTS_FILE} does not match the config: "
                              f"missing {sorted(missing)[:5]}…, unexpected {sorted(unexpected)[:5]}…")
         model.eval()
+        model.parameters_at_save = saved.get("parameters_at_save")
         return model
