@@ -15,13 +15,12 @@ channel axis. ``select``:
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModel, PretrainedConfig
+from transformers.image_processing_base import ImageProcessingMixin
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from mmbridge.model.vision.base import VISION_ENCODERS, VisionEncoder
 from mmbridge.model.vision.transform import ImageTransform
@@ -54,11 +53,24 @@ def _vision_sub_config(config: PretrainedConfig) -> PretrainedConfig:
     return getattr(config, "vision_config", None) or config
 
 
+def _saved_image_processor(path: str) -> dict | None:
+    """The image-processor settings saved with a checkpoint, or None when it has none.
+
+    Reads ``preprocessor_config.json`` or, as transformers 5 processors write it, the
+    ``image_processor`` section of ``processor_config.json``; works for hub ids too.
+    """
+    try:
+        settings, _ = ImageProcessingMixin.get_image_processor_dict(path)
+    except OSError:
+        return None
+    return settings or None
+
+
 def _load_transform(cfg: HFVisionConfig, vision_config: PretrainedConfig) -> ImageTransform:
+    """``cfg.image_processor`` if given, else the checkpoint's saved processor, over the family's defaults."""
     settings = cfg.image_processor
-    if settings is None and cfg.path and os.path.isfile(os.path.join(cfg.path, "preprocessor_config.json")):
-        with open(os.path.join(cfg.path, "preprocessor_config.json")) as handle:
-            settings = json.load(handle)
+    if settings is None and cfg.path:
+        settings = _saved_image_processor(cfg.path)
     if settings is not None and "resize" in settings and "size" in settings and "image_mean" not in settings:
         return ImageTransform.from_dict(settings)  # already an exported ImageTransform
     _, mean, std = _FAMILIES.get(vision_config.model_type, (True, (0.5,) * 3, (0.5,) * 3))
@@ -77,6 +89,8 @@ class HFVisionEncoder(VisionEncoder):
             raise ValueError(f"vision select must be one of {SELECT_STRATEGIES}, got {select!r}")
         self.model = model
         self.feature_layer = list(feature_layer) if isinstance(feature_layer, (list, tuple)) else int(feature_layer)
+        if not self._layers():
+            raise ValueError("vision feature_layer must be an index or a non-empty list of indices")
         self.select = select
         self.transform = transform
         config = model.config
@@ -112,10 +126,26 @@ class HFVisionEncoder(VisionEncoder):
                               select=self.select, image_processor=self.transform.to_dict())
 
 
-def _vision_model_from_config(config: PretrainedConfig) -> torch.nn.Module:
-    if config.model_type == "vit":
-        return AutoModel.from_config(config, add_pooling_layer=False)
-    return AutoModel.from_config(config)
+def _model_kwargs(config: PretrainedConfig) -> dict:
+    """Constructor options: ViT's pooler is never used for features, so it is not built."""
+    return {"add_pooling_layer": False} if config.model_type == "vit" else {}
+
+
+def _load_pretrained(path: str, config: PretrainedConfig) -> torch.nn.Module:
+    """Load the vision tower of ``path`` in float32; a full CLIP/SigLIP checkpoint gives its vision part.
+
+    Every tower weight must be in the checkpoint: a missing one (e.g. a LLaVA directory whose keys
+    carry another prefix) is a ``ValueError``, never a silently random tower.
+    """
+    model_cls = MODEL_MAPPING[type(config)]
+    model, info = model_cls.from_pretrained(path, config=config, dtype=torch.float32, output_loading_info=True,
+                                            **_model_kwargs(config))
+    mismatched = [key if isinstance(key, str) else key[0] for key in info["mismatched_keys"]]  # (name, shapes)
+    missing = sorted(info["missing_keys"]) + sorted(mismatched)
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weight(s) of the {config.model_type} "
+                         f"vision tower, e.g. {missing[:3]}")
+    return model
 
 
 @VISION_ENCODERS.register("hf", HFVisionConfig)
@@ -123,17 +153,16 @@ def build_hf_vision(cfg: HFVisionConfig) -> HFVisionEncoder:
     """Build an HF tower from ``cfg.path`` (pretrained weights) or ``cfg.hf_config`` (random init)."""
     if cfg.path:
         config = _vision_sub_config(AutoConfig.from_pretrained(cfg.path))
-        model_cls = type(_vision_model_from_config(config))
-        extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
-        model = model_cls.from_pretrained(cfg.path, config=config, **extra)
+        model = _load_pretrained(cfg.path, config)
     elif cfg.hf_config:
         data = dict(cfg.hf_config)
         model_type = data.pop("model_type", None)
         if model_type is None:
             raise ValueError("vision hf_config needs a 'model_type' (e.g. clip_vision_model, siglip_vision_model, vit)")
         config = _vision_sub_config(AutoConfig.for_model(model_type, **data))
-        model = _vision_model_from_config(config)
+        model = AutoModel.from_config(config, **_model_kwargs(config))
     else:
         raise ValueError("vision encoder 'hf' needs 'path' (directory or hub id) or 'hf_config'")
-    model.eval()
-    return HFVisionEncoder(model, cfg.feature_layer, cfg.select, _load_transform(cfg, config))
+    encoder = HFVisionEncoder(model, cfg.feature_layer, cfg.select, _load_transform(cfg, config))
+    encoder.eval()  # the wrapper too, so its ``training`` flag agrees with the tower's
+    return encoder

@@ -99,14 +99,14 @@ class ImageTransform:
         rescale = settings.get("rescale_factor", 1 / 255) if settings.get("do_rescale", True) else 1.0
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         if settings.get("do_normalize", True):
-            mean = tuple(settings.get("image_mean", (0.5, 0.5, 0.5)))
-            std = tuple(settings.get("image_std", (0.5, 0.5, 0.5)))
+            mean = _per_channel(settings.get("image_mean", 0.5))
+            std = _per_channel(settings.get("image_std", 0.5))
         return cls(size=hw, resize=resize, crop=crop, resample=resample, rescale=rescale,
                    mean=mean, std=std, pad_to_square=pad_to_square)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Transform one image; returns ``[3, H, W]`` float32."""
-        image = image.convert("RGB")  # drops alpha, expands greyscale and palettes
+        image = _to_rgb(image)
         if self.pad_to_square:
             image = _pad_to_square(image, tuple(int(m * 255) for m in self.mean))
         if self.resize == "shortest_edge":
@@ -128,6 +128,21 @@ class ImageTransform:
         return torch.stack([self(image) for image in images])
 
 
+def _per_channel(value: float | list[float] | tuple[float, ...]) -> tuple[float, float, float]:
+    """An RGB triple from a per-channel list or one value for all channels (HF configs allow both)."""
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB view of any PIL mode; transparency is composited onto white, as HF's ``convert_to_rgb`` does."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")  # greyscale, 1-bit, palette and CMYK expand to three channels
+
+
 def _shortest_edge_size(size: tuple[int, int], short: int) -> tuple[int, int]:
     """(width, height) with the short side scaled to ``short``, as HF's ``get_resize_output_image_size``."""
     width, height = size
@@ -137,12 +152,16 @@ def _shortest_edge_size(size: tuple[int, int], short: int) -> tuple[int, int]:
 
 
 def _center_crop(array: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
-    """Center-crop ``[H, W, C]`` to ``crop`` = (height, width), zero-padding if the image is smaller."""
+    """Center-crop ``[H, W, C]`` to ``crop`` = (height, width), zero-padding if the image is smaller.
+
+    Offsets follow HF's ``center_crop``: the crop starts at ``(size - crop) // 2`` and a too-small
+    image is placed ``ceil((crop - size) / 2)`` from the top-left of the zero canvas.
+    """
     crop_h, crop_w = crop
     height, width = array.shape[:2]
     if height < crop_h or width < crop_w:
         padded = np.zeros((max(height, crop_h), max(width, crop_w), array.shape[2]), array.dtype)
-        top, left = (padded.shape[0] - height) // 2, (padded.shape[1] - width) // 2
+        top, left = -(-(padded.shape[0] - height) // 2), -(-(padded.shape[1] - width) // 2)  # ceil
         padded[top:top + height, left:left + width] = array
         array, (height, width) = padded, padded.shape[:2]
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
