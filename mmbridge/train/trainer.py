@@ -102,12 +102,12 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
         if resuming and state.step == 0:  # saved at a stage boundary: restore before this stage's LoRA init
             ckpt.load_trainable(saved_path, model)
             ckpt.restore_rng(saved_path, saved)
-        rows = apply_stage(model, stage, log=index >= state.stage_index)
+        rows = apply_stage(model, stage, log=False)
         touched |= {name for name, p in model.named_parameters() if p.requires_grad}
         if index < state.stage_index:
             continue
-        if progress:
-            tqdm.write(f"stage {index + 1}/{len(stages)} '{stage.name}'\n{format_table(rows)}")
+        table = f"stage {index + 1}/{len(stages)} '{stage.name}'\n{format_table(rows)}"
+        tqdm.write(table) if progress else logger.info(table)
         mid_stage = saved if resuming and state.step > 0 else None
         _run_stage(run, index, stage, model, accelerator, state, touched, mid_stage, saved_path, progress,
                    on_step, result)

@@ -1,0 +1,36 @@
+"""Every recipe in configs/ parses: top-level fields, component specs, stages and data sections."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from mmbridge.config import load_run_config
+from mmbridge.data import DataConfig
+from mmbridge.model.bridges import BRIDGES
+from mmbridge.model.llm import LLMS
+from mmbridge.model.vision import VISION_ENCODERS
+from mmbridge.registry import config_from_dict
+from mmbridge.train.recipe import stage_from_dict
+
+RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+
+
+def test_there_are_recipes():
+    assert {os.path.basename(path) for path in RECIPES} >= {"llava.yaml", "llava15.yaml", "smollm2_efficientnet.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_recipe_parses(path):
+    run = load_run_config(path)
+    VISION_ENCODERS.make_config(run.model["vision"])
+    BRIDGES.make_config(run.model["bridge"])
+    LLMS.make_config(run.model["llm"])
+    assert run.stages
+    for stage in map(stage_from_dict, run.stages):
+        data = stage.data if stage.data is not None else run.data
+        assert data is not None, f"{path}: stage {stage.name} has no data"
+        config_from_dict(DataConfig, dict(data))
+        assert isinstance(stage.lr, float)
