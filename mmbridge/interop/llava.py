@@ -42,7 +42,7 @@ from mmbridge.model.llm.base import LanguageModel
 from mmbridge.model.llm.hf import load_tokenizer
 from mmbridge.model.lora import merged_state_dict
 from mmbridge.model.multimodal import ModelConfig, MultimodalModel
-from mmbridge.model.vision.hf import _FAMILIES, HFVisionEncoder
+from mmbridge.model.vision.hf import HFVisionEncoder, tower_has_cls
 
 __all__ = ["from_hf_llava", "to_hf_llava"]
 
@@ -141,7 +141,7 @@ def _import_select(strategy: str, vision_type: str) -> str:
         return "full"
     if strategy != "default":
         raise ValueError(f"unknown vision_feature_select_strategy {strategy!r}; transformers knows 'default', 'full'")
-    has_cls = _FAMILIES.get(vision_type, (True,))[0]  # the same table HFVisionEncoder reads
+    has_cls = tower_has_cls(vision_type)
     return "default" if has_cls else "drop_first"
 
 

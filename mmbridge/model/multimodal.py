@@ -162,18 +162,21 @@ class MultimodalModel(nn.Module):
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
                 image_tokens: torch.Tensor | None = None, return_logits: str = "all",
-                **_: Any) -> MultimodalOutput:
+                context: dict[str, Any] | None = None, **_: Any) -> MultimodalOutput:
         """LLaVA-compatible forward.
 
         ``return_logits``: ``"all"`` (``[B, L, V]``, as transformers), ``"last"`` (``[B, 1, V]``,
         for decoding) or ``"none"`` (training: only the loss). ``image_tokens`` may replace
         ``pixel_values`` with bridge outputs computed elsewhere (feature caches, decoding).
+        ``context`` is per-call data for modules inside the LLM (fusion bridges); they read it,
+        together with ``image_mask`` (``[B, L]``, True at visual tokens), from ``llm.context``.
         """
         if return_logits not in ("all", "last", "none"):
             raise ValueError(f"return_logits must be 'all', 'last' or 'none', got {return_logits!r}")
         embeds = self.embed(input_ids, pixel_values, image_tokens)
+        call_context = {"image_mask": input_ids == self.image_token_id, **(context or {})}
         hidden, cache = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                 cache=cache, use_cache=use_cache)
+                                 cache=cache, use_cache=use_cache, context=call_context)
         output = MultimodalOutput(cache=cache)
         if labels is not None:
             output.loss, output.num_label_tokens = self.label_loss(hidden, labels)

@@ -9,6 +9,7 @@ placeholder to exactly that many positions. Builders receive the encoder width
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -19,15 +20,16 @@ from mmbridge.registry import Registry
 BRIDGES: Registry["Bridge"] = Registry("bridge")
 
 
-class Bridge(nn.Module):
+class Bridge(nn.Module, abc.ABC):
     """Base class for bridges; ``forward`` may take extra per-call context as keyword arguments."""
 
+    @abc.abstractmethod
     def num_tokens(self, num_features: int) -> int:
         """Visual tokens produced per image from ``num_features`` encoder tokens."""
-        raise NotImplementedError(f"{type(self).__name__} must define num_tokens()")
 
+    @abc.abstractmethod
     def forward(self, features: torch.Tensor, **context: Any) -> torch.Tensor:  # [B, N, D_v] -> [B, M, D]
-        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+        """Map encoder features ``[B, N, D_v]`` to visual tokens ``[B, M, D_llm]``."""
 
 
 def build_bridge(spec: Any, in_dim: int, out_dim: int) -> Bridge:

@@ -9,6 +9,7 @@ original checkpoint directory.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -20,22 +21,23 @@ from mmbridge.registry import Registry
 VISION_ENCODERS: Registry["VisionEncoder"] = Registry("vision encoder")
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(nn.Module, abc.ABC):
     """Base class: subclasses set ``feature_dim`` and ``transform`` and implement ``forward``."""
 
     feature_dim: int
     transform: ImageTransform
 
+    @abc.abstractmethod
     def num_tokens(self) -> int:
         """Tokens per image for the transform's output size."""
-        raise NotImplementedError(f"{type(self).__name__} must define num_tokens()")
 
+    @abc.abstractmethod
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
-        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+        """Encode ``pixel_values`` into features ``[B, N, D_v]``."""
 
+    @abc.abstractmethod
     def export_config(self) -> Any:
         """A config that rebuilds this encoder's architecture (weights come from the checkpoint)."""
-        raise NotImplementedError(f"{type(self).__name__} must define export_config()")
 
 
 def build_vision(spec: Any) -> VisionEncoder:

@@ -48,6 +48,11 @@ class HFVisionConfig:
     pad_to_square: bool = False
 
 
+def tower_has_cls(model_type: str) -> bool:
+    """Whether a tower of this ``model_type`` prepends a CLS token (CLIP, ViT) or not (SigLIP)."""
+    return _FAMILIES.get(model_type, (True,))[0]
+
+
 def _vision_sub_config(config: PretrainedConfig) -> PretrainedConfig:
     """The vision part of a full CLIP/SigLIP config, or the config itself."""
     return getattr(config, "vision_config", None) or config
@@ -98,7 +103,7 @@ class HFVisionEncoder(VisionEncoder):
         for layer in self._layers():
             if not -num_states <= layer < num_states:
                 raise ValueError(f"vision feature_layer {layer} is out of range for a tower with {num_states} hidden states")
-        self.has_cls = _FAMILIES.get(config.model_type, (True,))[0]
+        self.has_cls = tower_has_cls(config.model_type)
         self.feature_dim = config.hidden_size * len(self._layers())
 
     def _layers(self) -> list[int]:

@@ -1,0 +1,49 @@
+"""The LLM adapter: hooks for fusion bridges (layer replacement, per-call context) and the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from conftest import image_prompt
+from mmbridge.model.llm import build_llm
+
+
+class _Recorder(nn.Module):
+    """Wraps a decoder layer and records the per-call context it sees."""
+
+    def __init__(self, layer: nn.Module, owner) -> None:
+        super().__init__()
+        self.layer, self.owner, self.seen = layer, [owner], []
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.seen.append(self.owner[0].context)
+        return self.layer(hidden_states, *args, **kwargs)
+
+
+def test_replaced_layer_sees_per_call_visual_context(make_model):
+    model = make_model()
+    ids = image_prompt(model, [5, 6, 7])
+    pixels = torch.randn(1, 3, 16, 16)
+    expected = model(ids, pixel_values=pixels).logits
+    original = model.llm.decoder_layers()[1]
+    recorder = _Recorder(original, model.llm)
+    assert model.llm.replace_layer(1, recorder) is original
+    logits = model(ids, pixel_values=pixels, context={"frame_index": 3}).logits
+    assert torch.equal(logits, expected)  # a pass-through wrapper changes nothing
+    (seen,) = recorder.seen
+    assert torch.equal(seen["image_mask"], ids == model.image_token_id) and seen["frame_index"] == 3
+    assert model.llm.context is None  # the context lives only for the call
+
+
+def test_bundled_smollm2_loads_offline_with_its_chat_template():
+    llm = build_llm({"type": "smollm2"})
+    assert type(llm.model).__name__ == "LlamaForCausalLM" and llm.hidden_size == 576
+    text = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi<|im_end|>" in text
+    ids = llm.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden, _ = llm(llm.embed_tokens(ids))
+        next_id = int(llm.logits(hidden[:, -1]).argmax())
+    assert llm.tokenizer.decode([next_id]).strip() == "Paris"  # real pretrained weights, not random
