@@ -147,23 +147,22 @@ class _Decoder:
     """One generation run: holds the growing mask, the cache or full sequence, and the visual tokens."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 pixel_values: torch.Tensor | None, use_cache: bool) -> None:
+                 pixel_values: torch.Tensor | None, use_cache: bool, bridge_inputs: dict[str, Any]) -> None:
         self.model = model
         self.use_cache = use_cache
         self.sequence = input_ids  # [B, L]; grows only without the cache
         self.attention_mask = attention_mask  # [B, L + steps]
-        self.pixel_values = pixel_values
         self.image_tokens: torch.Tensor | None = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:  # encoded once, whatever the mode
+            self.image_tokens = model.encode_images(pixel_values, **bridge_inputs)  # [n, M, D]
         self.cache: Any = None
         self.next_position = attention_mask.long().sum(-1, keepdim=True)  # [B, 1]
 
     def prefill(self) -> torch.Tensor:
-        """Run the prompt (images encoded once); returns the last position's logits ``[B, V]``."""
+        """Run the prompt; returns the last position's logits ``[B, V]``."""
         if not self.use_cache:
-            if self.pixel_values is not None and self.pixel_values.shape[0] > 0:
-                self.image_tokens = self.model.encode_images(self.pixel_values)  # [n, M, D]
             return self._full_sequence_logits()
-        output = self.model(self.sequence, self.attention_mask, self.pixel_values,
+        output = self.model(self.sequence, self.attention_mask, image_tokens=self.image_tokens,
                             position_ids=positions_from_mask(self.attention_mask), use_cache=True,
                             return_logits="last")
         self.cache = output.cache
@@ -200,19 +199,21 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              generation_config: GenerationConfig | None = None, **settings: Any) -> torch.LongTensor:
     """Decode new tokens for LEFT-padded prompts ``[B, L]``; returns ``[B, new]``.
 
-    ``settings`` override fields of ``generation_config``. Rows that emitted EOS continue
+    ``settings`` override fields of ``generation_config``; ``bridge_*`` settings are per-image
+    bridge inputs (e.g. instruction ids), passed as in training. Rows that emitted EOS continue
     with ``pad_token_id``; decoding ends when every row has finished or after
     ``max_new_tokens``. ``streamer(tokens)`` receives each step's ``[B]`` ids.
     """
+    bridge_inputs = {key: settings.pop(key) for key in list(settings) if key.startswith("bridge_")}
     config = resolve_config(model, generation_config, **settings)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids)
     with torch.inference_mode(), eval_mode(model):
-        return _decode(model, input_ids, attention_mask, pixel_values, streamer, config)
+        return _decode(model, input_ids, attention_mask, pixel_values, streamer, config, bridge_inputs)
 
 
 def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             pixel_values: torch.Tensor | None, streamer: Streamer | None,
-            config: GenerationConfig) -> torch.LongTensor:
+            config: GenerationConfig, bridge_inputs: dict[str, Any]) -> torch.LongTensor:
     """The decoding loop behind :func:`generate` (already under inference mode and eval mode)."""
     batch, device = input_ids.shape[0], input_ids.device
     if config.max_new_tokens == 0:
@@ -220,7 +221,7 @@ def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
     pad = torch.tensor(config.pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
-    decoder = _Decoder(model, input_ids, attention_mask, pixel_values, config.use_cache)
+    decoder = _Decoder(model, input_ids, attention_mask, pixel_values, config.use_cache, bridge_inputs)
     logits = decoder.prefill()  # [B, V]
     banned = _banned_ids(model, logits.shape[-1])
     eos_ids = _eos_tensor(config, logits.shape[-1], device)

@@ -277,3 +277,13 @@ def test_collate_rejects_mixed_labels_and_bad_side():
 def test_unknown_source_field_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"data source #0.*'root'.*image_root"):
         DataConfig(sources=[{"path": "x.json", "root": "/images"}])
+
+
+def test_collate_pads_and_concatenates_per_image_bridge_inputs():
+    from mmbridge.data import collate
+
+    first = {"id": "a", "input_ids": torch.tensor([1, 2]), "bridge_text_ids": torch.tensor([[7, 8, 9]])}
+    second = {"id": "b", "input_ids": torch.tensor([1]), "bridge_text_ids": torch.tensor([[5], [6]])}
+    third = {"id": "c", "input_ids": torch.tensor([3])}
+    batch = collate([first, second, third], pad_token_id=0)
+    assert batch["bridge_text_ids"].tolist() == [[7, 8, 9], [5, 0, 0], [6, 0, 0]]

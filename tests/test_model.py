@@ -119,3 +119,21 @@ def test_registry_errors_list_known_keys_and_fields():
     registry = Registry("thing")
     with pytest.raises(TypeError, match="must be a dataclass"):
         registry.register("x", dict)
+
+
+def test_bridge_inputs_reach_the_bridge_and_unknown_arguments_fail(make_model):
+    model = make_model()
+    seen = {}
+    original = model.bridge.forward
+
+    def recording_forward(features, **context):
+        seen.update(context)
+        return original(features)
+
+    model.bridge.forward = recording_forward
+    ids = image_prompt(model, TEXT)
+    text_ids = torch.tensor([[3, 4, 5]])
+    model(ids, pixel_values=torch.randn(1, 3, 16, 16), bridge_text_ids=text_ids)
+    assert torch.equal(seen["text_ids"], text_ids)
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['image_sizes'\]"):
+        model(ids, pixel_values=torch.randn(1, 3, 16, 16), image_sizes=[(16, 16)])

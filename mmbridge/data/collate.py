@@ -29,8 +29,19 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
     if examples and with_labels:
         batch["labels"] = _pad([example["labels"] for example in examples], length, IGNORE_INDEX, padding_side)
     batch["pixel_values"] = _concat_images(examples)
+    for key in sorted({key for example in examples for key in example if key.startswith("bridge_")}):
+        batch[key] = _concat_per_image([example.get(key) for example in examples])
     batch["ids"] = [example["id"] for example in examples]
     return batch
+
+
+def _concat_per_image(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Per-image bridge inputs ``[n_i, T_i]`` → ``[sum n_i, max T]``, right-padded with 0, in batch order."""
+    rows = [row for row in rows if row is not None and len(row)]
+    if not rows:
+        return None
+    width = max(row.shape[1] for row in rows)
+    return torch.cat([torch.nn.functional.pad(row, (0, width - row.shape[1])) for row in rows])
 
 
 def _pad(rows: list[torch.Tensor], length: int, value: int, padding_side: str) -> torch.Tensor:

@@ -141,13 +141,13 @@ class MultimodalModel(nn.Module):
         return self.bridge(features, **context)  # [n, M, D]
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+              image_tokens: torch.Tensor | None = None, bridge_inputs: dict[str, Any] | None = None) -> torch.Tensor:
         """Token embeddings with the visual tokens written at the ``<image>`` positions, ``[B, L, D]``."""
         image_mask = input_ids == self.image_token_id  # [B, L]
         embeds = self.llm.embed_tokens(input_ids.masked_fill(image_mask, 0))
         slots = int(image_mask.sum())
         if image_tokens is None and pixel_values is not None and pixel_values.shape[0] > 0:
-            image_tokens = self.encode_images(pixel_values)
+            image_tokens = self.encode_images(pixel_values, **(bridge_inputs or {}))
         if image_tokens is None:
             if slots:
                 raise ValueError(f"input_ids hold {slots} <image> token positions but no pixel_values were given")
@@ -162,7 +162,7 @@ class MultimodalModel(nn.Module):
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
                 image_tokens: torch.Tensor | None = None, return_logits: str = "all",
-                context: dict[str, Any] | None = None, **_: Any) -> MultimodalOutput:
+                context: dict[str, Any] | None = None, **bridge_inputs: Any) -> MultimodalOutput:
         """LLaVA-compatible forward.
 
         ``return_logits``: ``"all"`` (``[B, L, V]``, as transformers), ``"last"`` (``[B, 1, V]``,
@@ -170,10 +170,17 @@ class MultimodalModel(nn.Module):
         ``pixel_values`` with bridge outputs computed elsewhere (feature caches, decoding).
         ``context`` is per-call data for modules inside the LLM (fusion bridges); they read it,
         together with ``image_mask`` (``[B, L]``, True at visual tokens), from ``llm.context``.
+        Keyword inputs named ``bridge_<name>`` (per-image tensors a batch carries, e.g. the
+        instruction ids of an instruction-aware bridge) reach the bridge as ``<name>=``.
         """
+        unknown = sorted(key for key in bridge_inputs if not key.startswith("bridge_"))
+        if unknown:
+            raise TypeError(f"MultimodalModel.forward got unexpected argument(s) {unknown}; "
+                            f"per-image bridge inputs must be named bridge_<name>")
         if return_logits not in ("all", "last", "none"):
             raise ValueError(f"return_logits must be 'all', 'last' or 'none', got {return_logits!r}")
-        embeds = self.embed(input_ids, pixel_values, image_tokens)
+        embeds = self.embed(input_ids, pixel_values, image_tokens,
+                            {key[len("bridge_"):]: value for key, value in bridge_inputs.items()})
         call_context = {"image_mask": input_ids == self.image_token_id, **(context or {})}
         hidden, cache = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=cache, use_cache=use_cache, context=call_context)

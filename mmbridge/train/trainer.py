@@ -165,8 +165,7 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
             if batch is None:
                 continue
             with autocast(stage.precision, accelerator.device):
-                output = trained_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       pixel_values=batch["pixel_values"], labels=batch["labels"],
+                output = trained_model(**{key: value for key, value in batch.items() if key != "ids"},
                                        return_logits="none")
             accelerator.backward(output.loss / stage.grad_accum)
             loss_sum += float(output.loss.detach())
