@@ -1,0 +1,1 @@
+"""Evaluation: response-format prompts, metrics, the harness, result tables."""
