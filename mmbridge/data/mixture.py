@@ -25,16 +25,31 @@ MEGABATCH_FACTOR = 50  # LLaVA's length grouping sorts windows of batch_size * 5
 
 @dataclass
 class SourceConfig:
-    """One LLaVA JSON file; ``weight`` scales how many of its samples an epoch draws (1 = each once)."""
+    """One LLaVA JSON file; ``weight`` scales how many of its samples an epoch draws (1 = each once).
 
-    path: str
+    Instead of ``path``, ``miniworld: {task, split, n, seed}`` streams a MiniWorld task: its
+    samples are generated in memory and their images drawn when loaded.
+    """
+
+    path: str | None = None
     image_root: str | None = None
     weight: float = 1.0
     name: str | None = None
+    miniworld: dict | None = None
 
     def __post_init__(self) -> None:
+        if (self.path is None) == (self.miniworld is None):
+            raise ValueError(f"a data source needs exactly one of 'path' (a LLaVA JSON file) or 'miniworld' "
+                             f"({{task, split, n, seed}}); got path={self.path!r}, miniworld={self.miniworld!r}")
         if self.weight < 0:
-            raise ValueError(f"source {self.path}: weight must be >= 0, got {self.weight}")
+            raise ValueError(f"source {self.path or self.stem}: weight must be >= 0, got {self.weight}")
+
+    @property
+    def stem(self) -> str:
+        """The default name: the file stem, or ``miniworld-TASK-SPLIT``."""
+        if self.miniworld is not None:
+            return f"miniworld-{self.miniworld.get('task')}-{self.miniworld.get('split')}"
+        return os.path.splitext(os.path.basename(self.path))[0]
 
 
 @dataclass
@@ -71,7 +86,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.samples: list[Sample] = []
         self.source_ranges: list[range] = []
         for source, name in zip(config.sources, self.source_names):
-            loaded = load_llava_json(source.path, source.image_root, source=name)
+            loaded = _load_source(source, name)
             self.source_ranges.append(range(len(self.samples), len(self.samples) + len(loaded)))
             self.samples.extend(loaded)
         self.skipped: dict[str, int] = Counter()
@@ -141,6 +156,15 @@ def batch_indices(dataset: MixtureDataset, epoch: int, seed: int, batch_size: in
     return [batches[position] for position in generator.permutation(len(batches))]
 
 
+def _load_source(source: SourceConfig, name: str) -> list[Sample]:
+    """A source's samples: read from its LLaVA file, or generated from its MiniWorld spec."""
+    if source.miniworld is not None:
+        from mmbridge.worlds.miniworld.stream import load_samples  # imported here: the world imports this package
+
+        return load_samples(source.miniworld, source=name)
+    return load_llava_json(source.path, source.image_root, source=name)
+
+
 def _chunks(items: list[int], size: int) -> list[list[int]]:
     """Consecutive slices of ``size`` (the last may be shorter)."""
     return [items[start:start + size] for start in range(0, len(items), size)]
@@ -167,7 +191,7 @@ def _source_names(sources: list[SourceConfig]) -> list[str]:
                 raise ValueError(f"two data sources are named {source.name!r}; names must be unique")
             names.append(source.name)
             continue
-        stem = os.path.splitext(os.path.basename(source.path))[0]
+        stem = source.stem
         name, suffix = stem, 2
         while name in names or any(other.name == name for other in sources):
             name, suffix = f"{stem}-{suffix}", suffix + 1

@@ -26,6 +26,7 @@ from mmbridge.data.formats.llava import Sample
 from mmbridge.model.multimodal import IGNORE_INDEX
 
 Span = tuple[int, int]  # [start, end) character offsets in the rendered text
+BRIDGE_TEXT_MAX_LENGTH = 128  # instruction tokens per image for a bridge tokenizer (InstructBLIP's max_txt_len)
 
 
 class SampleError(ValueError):
@@ -50,7 +51,7 @@ class Processor:
 
     def __init__(self, tokenizer: Any, transform: Any, tokens_per_image: int, image_token: str = "<image>",
                  image_token_id: int | None = None, max_length: int = 2048,
-                 system_prompt: str | None = None) -> None:
+                 system_prompt: str | None = None, bridge_tokenizer: Any = None) -> None:
         if tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be at least 1, got {tokens_per_image}")
         if max_length < 1:
@@ -63,6 +64,7 @@ class Processor:
         self.image_token_id = self.placeholder_id if image_token_id is None else int(image_token_id)
         self.max_length = int(max_length)
         self.system_prompt = system_prompt
+        self.bridge_tokenizer = bridge_tokenizer  # set: examples carry bridge_text_ids/bridge_text_mask per image
         self._probed_suffix: str | None = None
 
     @property
@@ -79,7 +81,8 @@ class Processor:
     def __call__(self, sample: Sample, images: list[Image.Image] | None = None) -> dict:
         """Process one sample; ``images`` (PIL) replace loading ``sample.images`` from disk.
 
-        Returns ``{"id", "input_ids": [L], "labels": [L], "pixel_values": [n_images, 3, H, W]}``.
+        Returns ``{"id", "input_ids": [L], "labels": [L], "pixel_values": [n_images, 3, H, W]}``, plus
+        ``bridge_text_ids``/``bridge_text_mask`` ``[n_images, T]`` with a ``bridge_tokenizer``.
         """
         image_count = len(sample.images) if images is None else len(images)
         self._check_conversation(sample, image_count)
@@ -91,10 +94,20 @@ class Processor:
         if images is None:
             images = self.load_images(sample)
         return {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": self.transform.batch(images)}
+                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": self.transform.batch(images),
+                **self.bridge_text_inputs(messages)}
 
     def load_images(self, sample: Sample) -> list[Image.Image]:
-        """Open and fully decode every image of ``sample``; a missing or corrupt file is an :class:`ImageLoadError`."""
+        """Open and fully decode every image of ``sample``; a missing or corrupt file is an :class:`ImageLoadError`.
+
+        A sample with an ``image_loader`` (streamed data) gets its images from it instead.
+        """
+        if sample.image_loader is not None:
+            images = list(sample.image_loader())
+            if len(images) != len(sample.images):
+                raise SampleError(f"sample {sample.id!r}: image_loader returned {len(images)} image(s) but the "
+                                  f"sample names {len(sample.images)}", sample.id, "image_load")
+            return images
         return [_open_image(path, sample.id) for path in sample.images]
 
     def estimate_lengths(self, samples: list[Sample]) -> list[int]:
@@ -116,17 +129,41 @@ class Processor:
         ``num_images`` counts all images of the prompt (history included); placeholders
         missing from ``text`` are prepended to it, each followed by a newline.
         """
+        messages = self._prompt_messages(text, num_images, history)
+        rendered = self._render(messages, add_generation_prompt=True)
+        input_ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        input_ids, _ = self._expand_images(input_ids, [IGNORE_INDEX] * len(input_ids), num_images, "prompt")
+        return torch.tensor(input_ids, dtype=torch.long)
+
+    def prompt_bridge_inputs(self, text: str, num_images: int = 0,
+                             history: list[dict] | None = None) -> dict[str, torch.Tensor]:
+        """The ``bridge_text_ids``/``bridge_text_mask`` of the prompt :meth:`prompt` builds (empty without them)."""
+        return self.bridge_text_inputs(self._prompt_messages(text, num_images, history))
+
+    def _prompt_messages(self, text: str, num_images: int, history: list[dict] | None) -> list[dict]:
+        """History plus the user turn, with missing placeholders prepended to ``text``."""
         history = list(history or [])
         present = sum(turn["content"].count(self.image_token) for turn in history) + text.count(self.image_token)
         if present > num_images:
             raise ValueError(f"prompt holds {present} {self.image_token} placeholders but {num_images} "
                              f"image(s) were given")
         text = f"{self.image_token}\n" * (num_images - present) + text
-        messages = self._with_system_prompt(history + [{"role": "user", "content": text}])
-        rendered = self._render(messages, add_generation_prompt=True)
-        input_ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        input_ids, _ = self._expand_images(input_ids, [IGNORE_INDEX] * len(input_ids), num_images, "prompt")
-        return torch.tensor(input_ids, dtype=torch.long)
+        return self._with_system_prompt(history + [{"role": "user", "content": text}])
+
+    def bridge_text_inputs(self, messages: list[dict]) -> dict[str, torch.Tensor]:
+        """Per image, the turn holding it without placeholders, tokenized by the bridge tokenizer.
+
+        Returns ``{"bridge_text_ids", "bridge_text_mask"}`` ``[n_images, T]`` (format instructions
+        kept, at most :data:`BRIDGE_TEXT_MAX_LENGTH` tokens), or ``{}`` without a bridge tokenizer
+        or images.
+        """
+        texts = [turn["content"].replace(self.image_token, "").strip()
+                 for turn in messages for _ in range(turn["content"].count(self.image_token))]
+        if self.bridge_tokenizer is None or not texts:
+            return {}
+        encoded = self.bridge_tokenizer(texts, padding=True, truncation=True, max_length=BRIDGE_TEXT_MAX_LENGTH,
+                                        return_tensors="pt")
+        return {"bridge_text_ids": encoded["input_ids"].long(), "bridge_text_mask": encoded["attention_mask"].long()}
 
     def encode_images(self, images: list) -> torch.Tensor:
         """PIL images or file paths → ``[n, 3, H, W]``."""

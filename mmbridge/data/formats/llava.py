@@ -18,19 +18,27 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
 class Sample:
-    """One training conversation with its images (absolute paths, in placeholder order)."""
+    """One training conversation with its images (absolute paths, in placeholder order).
+
+    ``image_loader``, when set, returns the images in memory instead of opening ``images``
+    (streamed synthetic data); ``images`` then only names them. It is never serialised.
+    """
 
     id: str
     conversation: list[dict]
     images: list[str] = field(default_factory=list)
     source: str = ""
+    image_loader: Callable[[], list[Image.Image]] | None = field(default=None, repr=False, compare=False)
 
 
 def load_llava_json(path: str, image_root: str | None = None, source: str = "") -> list[Sample]:

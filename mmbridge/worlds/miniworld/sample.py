@@ -1,0 +1,97 @@
+"""Samples: an episode turned into a LLaVA-format record with evaluation fields, plus its rendered images.
+
+``make_sample(task, split, index, seed)`` is random access and deterministic. The
+record is a LLaVA conversation (``id``, ``image``, ``conversations``) plus ``task``,
+``split``, ``index``, ``seed``, ``question``, ``format``, ``answer``, ``answers``, the
+format-specific ``choices``/``box``/``references``/``pope``, and ``scene``, the full
+symbolic description. Multi-turn conversations have format ``"free"``, ``question`` and
+``answer`` ``None``, and their per-turn questions under ``turns``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from PIL import Image
+
+from mmbridge.eval.prompts import format_prompt
+from mmbridge.worlds.miniworld.render import render_image
+from mmbridge.worlds.miniworld.splits import World, sample_generator
+from mmbridge.worlds.miniworld.task import Episode
+from mmbridge.worlds.miniworld.tasks import get_task
+
+IMAGE_TOKEN = "<image>"
+IMAGE_DIRECTORY = "images"
+
+
+def sample_id(task: str, split: str, index: int) -> str:
+    """``"attribute-test-000012"``."""
+    return f"{task}-{split}-{index:06d}"
+
+
+def make_episode(task: str, split: str, index: int, seed: int = 0) -> Episode:
+    """The episode (drawables and questions) of one sample, without rendering."""
+    world = World(sample_generator(task, split, index, seed), split, index)
+    return get_task(task).episode(world)
+
+
+def image_names(identifier: str, episode: Episode) -> list[str]:
+    """Relative PNG paths: ``images/ID.png``, or ``images/ID-1.png``… (images), ``images/ID-f00.png``… (frames)."""
+    if episode.layout == "single":
+        return [f"{IMAGE_DIRECTORY}/{identifier}.png"]
+    if episode.layout == "video":
+        return [f"{IMAGE_DIRECTORY}/{identifier}-f{frame:02d}.png" for frame in range(len(episode.images))]
+    return [f"{IMAGE_DIRECTORY}/{identifier}-{position}.png" for position in range(1, len(episode.images) + 1)]
+
+
+def image_prefix(episode: Episode) -> str:
+    """The placeholders that open the first user turn, one ``<image>`` per image, in order."""
+    if episode.layout == "single":
+        return f"{IMAGE_TOKEN}\n"
+    if episode.layout == "video":
+        return IMAGE_TOKEN * len(episode.images) + "\n"
+    return "".join(f"Image {position}: {IMAGE_TOKEN}\n" for position in range(1, len(episode.images) + 1))
+
+
+def episode_record(task: str, split: str, index: int, seed: int, episode: Episode) -> dict:
+    """The LLaVA-format record with evaluation fields for ``episode``."""
+    identifier = sample_id(task, split, index)
+    names = image_names(identifier, episode)
+    conversations = []
+    for position, question in enumerate(episode.questions):
+        prompt = format_prompt(question.text, question.format, question.choices)
+        conversations.append({"from": "human", "value": (image_prefix(episode) if position == 0 else "") + prompt})
+        conversations.append({"from": "gpt", "value": question.answer})
+    record = {"id": identifier, "image": names[0] if episode.layout == "single" else names,
+              "conversations": conversations, "task": task, "split": split, "index": index, "seed": seed}
+    if episode.is_conversation:
+        record.update({"question": None, "format": "free", "answer": None, "answers": [],
+                       "turns": [question.fields() for question in episode.questions]})
+    else:
+        record.update(episode.questions[0].fields())
+    record["scene"] = episode.scene()
+    return record
+
+
+def make_record(task: str, split: str, index: int, seed: int = 0) -> dict:
+    """The sample's record only (no image is drawn)."""
+    return episode_record(task, split, index, seed, make_episode(task, split, index, seed))
+
+
+def render_images(task: str, split: str, index: int, seed: int = 0) -> list[Image.Image]:
+    """The sample's images only, in placeholder order (what streamed samples load)."""
+    return [render_image(drawable) for drawable in make_episode(task, split, index, seed).images]
+
+
+def make_sample(task: str, split: str, index: int, seed: int = 0) -> tuple[dict, list[Image.Image]]:
+    """Sample ``index`` of ``task`` on ``split``: its record and its images. Deterministic in all four arguments."""
+    episode = make_episode(task, split, index, seed)
+    return (episode_record(task, split, index, seed, episode),
+            [render_image(drawable) for drawable in episode.images])
+
+
+def iter_samples(task: str, split: str, n: int, seed: int = 0) -> Iterator[tuple[dict, list[Image.Image]]]:
+    """Samples ``0 … n-1`` of ``task`` on ``split``."""
+    get_task(task)
+    for index in range(n):
+        yield make_sample(task, split, index, seed)

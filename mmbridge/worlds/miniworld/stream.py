@@ -1,0 +1,49 @@
+"""Streaming: MiniWorld samples as in-memory :class:`~mmbridge.data.Sample` objects, images drawn on access.
+
+A data source ``{"miniworld": {"task": ..., "split": ..., "n": ..., "seed": ...}}`` builds
+the conversations up front (cheap) and gives each sample an ``image_loader`` that
+renders its images when the processor asks for them, so training needs no files.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from mmbridge.data.formats.llava import ROLES, Sample
+from mmbridge.worlds.miniworld.sample import make_record, render_images
+from mmbridge.worlds.miniworld.splits import check_split
+from mmbridge.worlds.miniworld.tasks import get_task
+
+REQUIRED_KEYS = ("task", "split", "n")
+OPTIONAL_KEYS = ("seed",)
+
+
+def load_samples(spec: dict, source: str = "") -> list[Sample]:
+    """The samples of a ``miniworld`` source spec ``{task, split, n, seed=0}``, images rendered lazily."""
+    task, split, count, seed = _parse_spec(spec)
+    samples = []
+    for index in range(count):
+        record = make_record(task, split, index, seed)
+        names = [record["image"]] if isinstance(record["image"], str) else record["image"]
+        conversation = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
+        samples.append(Sample(id=record["id"], conversation=conversation,
+                              images=[f"miniworld://{seed}/{name}" for name in names], source=source,
+                              image_loader=functools.partial(render_images, task, split, index, seed)))
+    return samples
+
+
+def _parse_spec(spec: dict) -> tuple[str, str, int, int]:
+    """Validate a source spec; errors name the missing or unknown keys."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"a miniworld source must be a mapping {{task, split, n, seed}}, got {spec!r}")
+    missing = [key for key in REQUIRED_KEYS if key not in spec]
+    unknown = sorted(set(spec) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if missing or unknown:
+        raise ValueError(f"miniworld source {spec}: missing {missing}, unknown {unknown}; "
+                         f"keys are {list(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+    get_task(spec["task"])
+    check_split(spec["split"])
+    count, seed = int(spec["n"]), int(spec.get("seed", 0))
+    if count < 1:
+        raise ValueError(f"miniworld source {spec}: n must be at least 1")
+    return spec["task"], spec["split"], count, seed

@@ -1,0 +1,325 @@
+"""MiniWorld: determinism, splits, held-out pairs, answers checked against the drawn pixels, writing, CLI, streaming."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from mmbridge.cli import main
+from mmbridge.data import DataConfig, MixtureDataset, Processor, Sample, SampleError, load_llava_json
+from mmbridge.eval.prompts import FORMATS, LETTERS
+from mmbridge.model.vision import ImageTransform
+from mmbridge.testing import shape_image, tiny_tokenizer
+from mmbridge.worlds.miniworld import (COLOURS, HELD_OUT_PAIRS, SEEN_PAIRS, SPLITS, TASKS, make_record,
+                                       make_sample, write_task)
+from mmbridge.worlds.miniworld.geometry import pixel_box
+from mmbridge.worlds.miniworld.vocabulary import POPULARITY
+
+COLOUR_TOLERANCE = 40  # an object pixel is within this RGB distance of its palette colour (jitter is <= 10 per channel)
+MIN_COMPONENT = 12  # pixels; smaller same-colour specks would be anti-aliasing, not objects
+
+
+# -- pixel helpers ---------------------------------------------------------------------------------
+def colour_mask(pixels: np.ndarray, colour: str) -> np.ndarray:
+    """Pixels within COLOUR_TOLERANCE of ``colour``'s palette value. ``pixels``: [H, W, 3] uint8."""
+    distance = np.linalg.norm(pixels.astype(np.int32) - np.array(COLOURS[colour]), axis=-1)
+    return distance < COLOUR_TOLERANCE
+
+
+def components(mask: np.ndarray) -> list[tuple[int, list[int]]]:
+    """4-connected components of ``mask`` as (pixel count, [x0, y0, x1, y1]), by union-find over row runs."""
+    parent: list[int] = []
+    runs: list[tuple[int, int, int]] = []  # (row, first column, last column)
+
+    def find(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    previous: list[int] = []
+    for row in range(mask.shape[0]):
+        padded = np.concatenate([[0], mask[row].astype(np.int8), [0]])
+        changes = np.flatnonzero(np.diff(padded))
+        current = []
+        for start, stop in zip(changes[::2], changes[1::2]):
+            node = len(runs)
+            runs.append((row, int(start), int(stop) - 1))
+            parent.append(node)
+            for other in previous:
+                if runs[other][1] <= stop - 1 and runs[other][2] >= start:
+                    parent[find(other)] = find(node)
+            current.append(node)
+        previous = current
+    grouped: dict[int, list[tuple[int, int, int]]] = {}
+    for node, run in enumerate(runs):
+        grouped.setdefault(find(node), []).append(run)
+    result = []
+    for members in grouped.values():
+        size = sum(last - first + 1 for _, first, last in members)
+        box = [min(m[1] for m in members), min(m[0] for m in members), max(m[2] for m in members),
+               max(m[0] for m in members)]
+        result.append((size, box))
+    return [item for item in result if item[0] >= MIN_COMPONENT]
+
+
+def nearest_colour(pixel: np.ndarray) -> str:
+    return min(COLOURS, key=lambda name: np.linalg.norm(pixel.astype(np.int32) - np.array(COLOURS[name])))
+
+
+def scene_pairs(value) -> list[tuple[str, str]]:
+    """Every (colour, shape) named anywhere in a scene description (objects, video tracks, image lists)."""
+    if isinstance(value, dict):
+        own = [(value["colour"], value["shape"])] if "colour" in value and "shape" in value else []
+        return own + [pair for item in value.values() for pair in scene_pairs(item)]
+    if isinstance(value, list):
+        return [pair for item in value for pair in scene_pairs(item)]
+    return []
+
+
+# -- determinism and splits ------------------------------------------------------------------------
+@pytest.mark.parametrize("task", ["attribute", "video", "chart", "text_reading", "multi_image"])
+def test_same_arguments_give_identical_samples_and_pixels(task):
+    record, images = make_sample(task, "train", 7, seed=3)
+    again, images_again = make_sample(task, "train", 7, seed=3)
+    assert json.dumps(record, sort_keys=True) == json.dumps(again, sort_keys=True)
+    assert len(images) == len(images_again)
+    assert all(np.array_equal(np.asarray(first), np.asarray(second)) for first, second in zip(images, images_again))
+    other, _ = make_sample(task, "train", 8, seed=3)
+    reseeded, _ = make_sample(task, "train", 7, seed=4)
+    assert other["scene"] != record["scene"] and reseeded["scene"] != record["scene"]
+    assert make_record(task, "train", 7, seed=3) == record  # the record alone needs no rendering
+
+
+def test_splits_hold_different_scenes():
+    scenes = {split: {json.dumps(make_record("attribute", split, index)["scene"], sort_keys=True)
+                      for index in range(40)} for split in SPLITS}
+    for first in SPLITS:
+        for second in SPLITS:
+            if first < second:
+                assert not scenes[first] & scenes[second], (first, second)
+
+
+def test_held_out_pairs_never_occur_outside_the_compositional_split():
+    phrases = [f"{colour} {shape}" for colour, shape in HELD_OUT_PAIRS]
+    for task in TASKS:
+        for split in ("train", "val", "test"):
+            for index in range(12):
+                record = make_record(task, split, index)
+                assert not set(scene_pairs(record["scene"])) & set(HELD_OUT_PAIRS), (task, split, index)
+                text = " ".join(turn["value"] for turn in record["conversations"])
+                assert not any(phrase in text for phrase in phrases), (task, split, index, text)
+
+
+def test_compositional_questions_ask_about_a_held_out_pair():
+    for index in range(40):
+        record = make_record("attribute", "compositional", index)
+        focus = record["scene"]["objects"][0]
+        assert (focus["colour"], focus["shape"]) in HELD_OUT_PAIRS
+        assert record["answer"] in (focus["colour"], focus["shape"], focus["size"])
+    for task in [name for name, task in TASKS.items() if task.compositional]:
+        for index in range(6):
+            record = make_record(task, "compositional", index)
+            assert set(scene_pairs(record["scene"])) & set(HELD_OUT_PAIRS), (task, index)
+
+
+@pytest.mark.parametrize("task", ["text_reading", "chart"])
+def test_tasks_without_colour_shape_objects_have_no_compositional_split(task):
+    with pytest.raises(ValueError, match="no compositional split"):
+        make_record(task, "compositional", 0)
+
+
+def test_unknown_task_or_split_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known: caption"):
+        make_record("colour", "train", 0)
+    with pytest.raises(ValueError, match="compositional"):
+        make_record("attribute", "training", 0)
+
+
+# -- every task: well-formed records ---------------------------------------------------------------
+@pytest.mark.parametrize("task", list(TASKS))
+def test_records_are_well_formed(task):
+    for split in ("train", "test"):
+        for index in range(4):
+            record, images = make_sample(task, split, index)
+            assert record["id"] == f"{task}-{split}-{index:06d}" and record["task"] == task
+            assert record["format"] in FORMATS
+            names = [record["image"]] if isinstance(record["image"], str) else record["image"]
+            assert len(names) == len(images) >= 1
+            human = [turn["value"] for turn in record["conversations"][::2]]
+            answers = [turn["value"] for turn in record["conversations"][1::2]]
+            assert sum(text.count("<image>") for text in human) == len(images)
+            assert human[0].count("<image>") == len(images) and "<image>" not in "".join(answers)
+            if record["format"] == "free":
+                assert len(record["turns"]) == len(answers) >= 2 and record["answer"] is None
+            else:
+                assert record["answer"] == answers[0] and record["answer"] in record["answers"]
+                assert record["question"] in human[0] and "<image>" not in record["question"]
+            json.dumps(record)
+
+
+# -- answers match the pixels ----------------------------------------------------------------------
+def test_object_counts_and_colours_match_the_pixels():
+    for task, split, index in [(task, split, index) for task in ("counting", "attribute")
+                               for split in ("train", "compositional") for index in range(8)]:
+        record, (image,) = make_sample(task, split, index)
+        pixels = np.asarray(image)
+        objects = record["scene"]["objects"]
+        expected = Counter(item["colour"] for item in objects)
+        for colour in COLOURS:
+            assert len(components(colour_mask(pixels, colour))) == expected.get(colour, 0), (task, split, index, colour)
+        for item in objects:
+            assert nearest_colour(pixels[item["y"], item["x"]]) == item["colour"]
+        if task == "counting" and record["question"].startswith(("How many objects", "Count the objects")):
+            assert int(record["answer"]) == sum(len(components(colour_mask(pixels, c))) for c in COLOURS)
+
+
+def test_colour_answers_match_the_pixel_at_the_object_centre():
+    checked = 0
+    for index in range(60):
+        record, (image,) = make_sample("attribute", "train", index)
+        if record["answer"] in COLOURS:
+            focus = record["scene"]["objects"][0]
+            assert nearest_colour(np.asarray(image)[focus["y"], focus["x"]]) == record["answer"]
+            checked += 1
+    assert checked >= 10
+
+
+def test_grounding_box_contains_the_object_pixels():
+    for index in range(12):
+        record, (image,) = make_sample("grounding", "train", index)
+        focus = record["scene"]["objects"][0]
+        width, height = image.size
+        blobs = [box for _, box in components(colour_mask(np.asarray(image), focus["colour"]))
+                 if box[0] <= focus["x"] <= box[2] and box[1] <= focus["y"] <= box[3]]
+        assert len(blobs) == 1
+        x0, y0, x1, y1 = pixel_box(record["box"], width, height)
+        blob = blobs[0]
+        assert x0 - 0.5 <= blob[0] and y0 - 0.5 <= blob[1] and blob[2] + 1 <= x1 + 0.5 and blob[3] + 1 <= y1 + 0.5
+        assert (x1 - x0) <= (blob[2] - blob[0] + 1) + 0.02 * width  # tight, not just containing
+
+
+def test_small_objects_are_at_most_three_percent_of_a_large_canvas():
+    for index in range(10):
+        record, (image,) = make_sample("small_objects", "train", index)
+        scene = record["scene"]
+        assert min(scene["width"], scene["height"]) >= 896 and image.size == (scene["width"], scene["height"])
+        for item in scene["objects"]:
+            box = item["box"]
+            assert max(box[2] - box[0] + 1, box[3] - box[1] + 1) <= 0.03 * scene["width"]
+
+
+def test_video_frames_show_the_moving_objects():
+    for index in range(6):
+        record, frames = make_sample("video", "train", index)
+        scene = record["scene"]
+        assert 8 <= len(frames) == scene["frames"] <= 16
+        for track in scene["tracks"]:
+            visible = [(frame, position) for frame, position in enumerate(track["positions"]) if position]
+            for frame, (x, y) in visible:
+                assert nearest_colour(np.asarray(frames[frame])[y, x]) == track["colour"]
+            (first_x, first_y), (last_x, last_y) = visible[0][1], visible[-1][1]
+            moved = {"left": first_x > last_x, "right": last_x > first_x, "up": first_y > last_y,
+                     "down": last_y > first_y}
+            assert moved[track["direction"]]
+
+
+def test_text_reading_answers_are_the_drawn_texts():
+    for index in range(20):
+        record = make_record("text_reading", "train", index)
+        texts = [item["text"] for item in record["scene"]["texts"]]
+        assert all(word in texts for word in record["answer"].split())
+
+
+# -- POPE and multiple choice ----------------------------------------------------------------------
+def test_pope_is_balanced_with_every_negative_type():
+    records = [make_record("existence", "train", index) for index in range(60)]
+    assert Counter(record["answer"] for record in records) == {"yes": 30, "no": 30}
+    assert {record["pope"] for record in records if record["answer"] == "no"} == {"random", "popular", "adversarial"}
+    for record in records:
+        present = {(item["colour"], item["shape"]) for item in record["scene"]["objects"]}
+        asked = tuple(record["question"].split(" in the image")[0].split()[-2:])  # "Is there a red circle …"
+        assert (asked in present) == (record["answer"] == "yes")
+        if record["answer"] == "no" and record["pope"] == "adversarial":
+            assert any(asked[0] == colour or asked[1] == shape for colour, shape in present)
+        if record["answer"] == "no" and record["pope"] == "popular":
+            absent = sorted((pair for pair in SEEN_PAIRS if pair not in present), key=POPULARITY.get, reverse=True)
+            assert asked in absent[:3]
+
+
+def test_multiple_choice_letter_indexes_the_correct_choice():
+    for index in range(30):
+        record = make_record("multiple_choice", "train", index)
+        letter = record["answer"]
+        assert record["conversations"][1]["value"] == letter
+        correct = record["choices"][LETTERS.index(letter)]
+        assert record["answers"] == [letter, correct]
+        assert len(set(record["choices"])) == len(record["choices"]) >= 2
+        focus = record["scene"]["objects"][0]
+        if record["question"].startswith(("What colour", "What is the colour", "What color")):
+            assert correct == focus["colour"]
+        if record["question"].startswith("Which of these objects"):
+            assert correct == f"{focus['colour']} {focus['shape']}"
+
+
+# -- files, CLI and streaming ----------------------------------------------------------------------
+def test_write_task_writes_a_loadable_llava_json(tmp_path):
+    path = write_task("multi_image", "val", 4, str(tmp_path), progress=False)
+    assert path == os.path.join(str(tmp_path), "multi_image-val.json")
+    samples = load_llava_json(path)
+    assert len(samples) == 4
+    for sample in samples:
+        assert len(sample.images) >= 2 and all(os.path.isfile(image) for image in sample.images)
+    with open(path) as handle:
+        assert json.load(handle)[0]["scene"]["images"]
+
+
+def test_cli_writes_a_miniworld_split(tmp_path, capsys):
+    out = tmp_path / "attribute"
+    assert main(["data", "miniworld", "--task", "attribute", "--split", "train", "--n", "5", "--out", str(out),
+                 "--no-progress"]) == 0
+    samples = load_llava_json(str(out / "attribute-train.json"))
+    assert len(samples) == 5 and all(os.path.isfile(sample.images[0]) for sample in samples)
+    assert "attribute-train.json" in capsys.readouterr().out
+    assert main(["data", "miniworld", "--task", "nope", "--split", "train", "--n", "1", "--out", str(out)]) == 2
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory) -> Processor:
+    tokenizer = tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    return Processor(tokenizer, ImageTransform(size=(16, 16)), 4, max_length=1024)
+
+
+def test_streamed_source_trains_without_files(processor):
+    config = DataConfig(sources=[{"miniworld": {"task": "attribute", "split": "train", "n": 8}},
+                                 {"miniworld": {"task": "video", "split": "train", "n": 2, "seed": 1}}])
+    dataset = MixtureDataset(config, processor)
+    assert len(dataset) == 10 and dataset.source_names == ["miniworld-attribute-train", "miniworld-video-train"]
+    example = dataset[0]
+    assert example["pixel_values"].shape == (1, 3, 16, 16) and example["source"] == "miniworld-attribute-train"
+    assert (example["labels"] != -100).any()
+    video = dataset[8]
+    frames = make_record("video", "train", 0, seed=1)["scene"]["frames"]
+    assert video["pixel_values"].shape == (frames, 3, 16, 16)
+    assert len(dataset.lengths()) == 10
+
+
+def test_streamed_source_spec_is_checked():
+    with pytest.raises(ValueError, match="missing"):
+        MixtureDataset(DataConfig(sources=[{"miniworld": {"task": "attribute", "n": 8}}]), processor=None)
+    with pytest.raises(ValueError, match="exactly one of"):
+        DataConfig(sources=[{"path": "a.json", "miniworld": {"task": "attribute", "split": "train", "n": 1}}])
+
+
+def test_image_loader_must_return_one_image_per_named_image(processor):
+    sample = Sample("s", [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A."}],
+                    images=["memory://0"], image_loader=lambda: [shape_image("red", "circle")] * 2)
+    with pytest.raises(SampleError, match="image_loader returned 2"):
+        processor(sample)
+    sample.image_loader = lambda: [shape_image("red", "circle")]
+    assert processor(sample)["pixel_values"].shape == (1, 3, 16, 16)
