@@ -3,6 +3,9 @@
     mmbridge train RECIPE.yaml [key.path=value ...] [--resume]
     mmbridge generate --model DIR --image PATH --prompt TEXT [--max-new-tokens N] [--do-sample ...]
     mmbridge info --model DIR
+    mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S]
+    mmbridge eval --model DIR --suite miniworld [--tasks T ...] [--n N] [--out FILE] [--blind | --with-blind]
+    mmbridge eval --compare A.json B.json ...
 """
 
 from __future__ import annotations
@@ -50,6 +53,37 @@ def _info(args: argparse.Namespace) -> int:
 
     model = MultimodalModel.from_pretrained(args.model)
     print(info_text(model))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import os
+
+    from mmbridge.eval.harness import compare_table, results_table, run_suite, save_results
+
+    if args.compare:
+        print(compare_table(args.compare))
+        return 0
+    if not args.model:
+        raise ValueError("--model DIR is required (or --compare A.json B.json ...)")
+    from mmbridge.model.multimodal import MultimodalModel
+
+    model = MultimodalModel.from_pretrained(args.model)
+    results = run_suite(model, args.suite, args.tasks, n=args.n, seed=args.seed, blind=args.blind,
+                        with_blind=args.with_blind, batch_size=args.batch_size, progress=not args.no_progress,
+                        model_dir=args.model)
+    out = args.out or os.path.join(args.model, f"eval-{args.suite}{'-blind' if args.blind else ''}.json")
+    save_results(out, results)
+    print(results_table(results))
+    print(f"results written to {out}")
+    return 0
+
+
+def _data_miniworld(args: argparse.Namespace) -> int:
+    from mmbridge.worlds.miniworld import write_task
+
+    path = write_task(args.task, args.split, args.n, args.out, seed=args.seed, progress=not args.no_progress)
+    print(f"wrote {args.n} {args.task}/{args.split} samples to {path}")
     return 0
 
 
@@ -109,6 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a saved model")
     info.add_argument("--model", required=True)
     info.set_defaults(run=_info)
+
+    data = commands.add_parser("data", help="generate datasets")
+    generators = data.add_subparsers(dest="generator", required=True)
+    miniworld = generators.add_parser("miniworld", help="write a MiniWorld task split as LLaVA JSON + PNGs")
+    miniworld.add_argument("--task", required=True, help="task name, e.g. caption, attribute, counting, video")
+    miniworld.add_argument("--split", required=True, help="train, val, test or compositional")
+    miniworld.add_argument("--n", type=int, required=True, help="number of samples")
+    miniworld.add_argument("--out", required=True, help="output directory (JSON + images/)")
+    miniworld.add_argument("--seed", type=int, default=0, help="seed of the sample generator")
+    miniworld.add_argument("--no-progress", action="store_true", help="no progress bar")
+    miniworld.set_defaults(run=_data_miniworld)
+
+    evaluate = commands.add_parser("eval", help="evaluate a saved model on a suite, or compare results files")
+    evaluate.add_argument("--model", help="directory written by save_pretrained / training")
+    evaluate.add_argument("--suite", default="miniworld", help="registered suite (default: miniworld)")
+    evaluate.add_argument("--tasks", nargs="+", help="task names (default: all of the suite)")
+    evaluate.add_argument("--n", type=int, default=100, help="samples per task")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the suite's sample generator")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--out", help="results JSON (default: DIR/eval-SUITE.json)")
+    baseline = evaluate.add_mutually_exclusive_group()
+    baseline.add_argument("--blind", action="store_true", help="only the blind baseline (no image)")
+    baseline.add_argument("--with-blind", action="store_true", help="also run the blind baseline, side by side")
+    evaluate.add_argument("--compare", nargs="+", metavar="RESULTS", help="print results files side by side")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.set_defaults(run=_eval)
     return parser
 
 

@@ -1,0 +1,343 @@
+"""The evaluation harness: batched greedy answers, likelihood ranking, suites, results files and tables.
+
+:func:`evaluate` scores one task's ``(sample dict, PIL images)`` pairs, so samples may come
+from files (:func:`load_samples`) or straight from a generator. :func:`run_suite` runs a
+suite's tasks and returns the results document::
+
+    {"model": dir, "model_hash": sha256, "data_hash": sha256, "suite": name,
+     "settings": {...}, "tasks": {key: {metric: float, ..., "n": int, "prompt_example": str, ...}},
+     "blind_tasks": {...} (with_blind only), "created": ISO time}
+
+Metric values are the float entries of a task's dict. The *blind* baseline asks the same
+model the same prompts with the image placeholders removed and no pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from mmbridge.data.collate import collate
+from mmbridge.eval import tasks
+from mmbridge.eval.prompts import LETTERS
+from mmbridge.eval.tasks import Pair, Suite, TaskSpec
+from mmbridge.generate import eval_mode, resolve_config
+from mmbridge.utils import atomic_write_json
+
+
+@dataclass
+class Prompt:
+    """One user turn to answer and the images its placeholders stand for."""
+
+    text: str
+    images: list[Image.Image]
+
+
+# -- model calls ----------------------------------------------------------------------------------
+def _device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _encode_prompt(processor: Any, prompt: Prompt, index: int) -> dict:
+    """A processed generation example: prompt ids ``[L]`` and pixel values ``[n, 3, H, W]`` (or None)."""
+    pixel_values = processor.encode_images(prompt.images) if prompt.images else None
+    return {"id": str(index), "input_ids": processor.prompt(prompt.text, num_images=len(prompt.images)),
+            "pixel_values": pixel_values}
+
+
+def generate_answers(model: nn.Module, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 8,
+                     progress: tqdm | None = None) -> list[str]:
+    """Greedy answers to ``prompts``, in batches of LEFT-padded prompts; decoded up to EOS and stripped."""
+    processor, device = model.processor(), _device(model)
+    config = resolve_config(model, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = config.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        batch = collate([_encode_prompt(processor, prompt, start + offset) for offset, prompt in enumerate(chunk)],
+                        processor.pad_token_id, padding_side="left")
+        pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+        new_tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                    pixel_values=pixel_values, generation_config=config)  # [B, new]
+        answers += [_decode(model.tokenizer, row.cpu(), eos_ids) for row in new_tokens]
+        if progress is not None:
+            progress.update(len(chunk))
+    return answers
+
+
+def _decode(tokenizer: Any, tokens: torch.Tensor, eos_ids: torch.Tensor) -> str:
+    """Text of ``tokens`` ``[new]`` before the first EOS, special tokens skipped, stripped."""
+    stops = torch.isin(tokens, eos_ids)
+    if bool(stops.any()):
+        tokens = tokens[: int(stops.nonzero()[0, 0])]
+    return tokenizer.decode(tokens.tolist(), skip_special_tokens=True).strip()
+
+
+def continuation_log_likelihoods(model: nn.Module, prompt: Prompt, continuations: list[str]) -> list[float]:
+    """Summed log-probability of each continuation as the assistant's reply to ``prompt`` (one batched forward)."""
+    processor, device = model.processor(), _device(model)
+    prompt_ids = processor.prompt(prompt.text, num_images=len(prompt.images))  # [P]
+    targets = [torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+               for text in continuations]
+    rows = [{"id": str(index), "input_ids": torch.cat([prompt_ids, target])} for index, target in enumerate(targets)]
+    batch = collate(rows, processor.pad_token_id, padding_side="right")
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # [N, L]
+    with torch.inference_mode(), eval_mode(model):
+        image_tokens = None
+        if prompt.images:
+            image_tokens = model.encode_images(processor.encode_images(prompt.images).to(device))  # [n, M, D]
+            image_tokens = image_tokens.repeat(len(rows), 1, 1)  # [N * n, M, D]
+        logits = model(input_ids, attention_mask, image_tokens=image_tokens, return_logits="all").logits
+    log_probs = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    start = len(prompt_ids) - 1  # log_probs[:, t] scores the token at position t + 1
+    return [float(log_probs[row, start:start + len(target)].sum()) for row, target in enumerate(targets)]
+
+
+# -- one task -------------------------------------------------------------------------------------
+def _prompt(text: str, images: list[Image.Image], blind: bool, image_token: str) -> Prompt:
+    """The prompt as sent: the model's placeholder token, or no placeholders and no images when blind."""
+    if blind:
+        return Prompt(tasks.blind_text(text), [])
+    return Prompt(text.replace(tasks.SAMPLE_IMAGE_TOKEN, image_token), list(images))
+
+
+def _evaluate_generated(model: nn.Module, pairs: list[Pair], answer_format: str, spec: TaskSpec, blind: bool,
+                        batch_size: int, progress: tqdm) -> tuple[dict[str, float], list[dict], str]:
+    """Metrics, per-sample records and a prompt example for a format scored on generated answers."""
+    image_token = model.config.image_token
+    prompts = [_prompt(tasks.user_text(sample), images, blind, image_token) for sample, images in pairs]
+    progress.total += len(prompts)
+    answers = generate_answers(model, prompts, spec.new_tokens(answer_format), batch_size, progress)
+    samples = [sample for sample, _ in pairs]
+    scorer = tasks.SCORERS[tasks.format_settings(answer_format).metric]
+    records = [{"id": sample.get("id"), "prediction": answer, "gold": sample.get("answer")}
+               for sample, answer in zip(samples, answers)]
+    return scorer(samples, answers), records, prompts[0].text
+
+
+def _evaluate_multiple_choice(model: nn.Module, pairs: list[Pair], spec: TaskSpec, blind: bool,
+                              batch_size: int, progress: tqdm) -> tuple[dict[str, float], list[dict], str]:
+    """Letter answers for every asked rotation, optional likelihood ranking, and their metrics."""
+    image_token = model.config.image_token
+    asked = [(index, shift) for index, (sample, _) in enumerate(pairs)
+             for shift in range(len(sample["choices"]) if spec.circular else 1)]
+    prompts = [_prompt(tasks.rotated_prompt(pairs[index][0], shift)[0], pairs[index][1], blind, image_token)
+               for index, shift in asked]
+    progress.total += len(prompts) + (len(pairs) if spec.likelihood else 0)
+    answers = generate_answers(model, prompts, spec.new_tokens("mc"), batch_size, progress)
+    per_sample: list[list[str]] = [[] for _ in pairs]
+    for (index, _), answer in zip(asked, answers):
+        per_sample[index].append(answer)
+    ranked = _rank_options(model, pairs, spec, blind, progress) if spec.likelihood else None
+    samples = [sample for sample, _ in pairs]
+    records = [{"id": sample.get("id"), "prediction": rotations[0], "gold": sample.get("answer"),
+                "rotations": rotations} for sample, rotations in zip(samples, per_sample)]
+    for record, letter in zip(records, ranked or []):
+        record["likelihood_choice"] = letter
+    return tasks.score_multiple_choice(samples, per_sample, ranked), records, prompts[0].text
+
+
+def _rank_options(model: nn.Module, pairs: list[Pair], spec: TaskSpec, blind: bool, progress: tqdm) -> list[str]:
+    """The letter of the most likely option per sample (ties go to the first)."""
+    letters = []
+    for sample, images in pairs:
+        text, continuations = tasks.likelihood_prompt(sample, spec.likelihood_target)
+        scores = continuation_log_likelihoods(model, _prompt(text, images, blind, model.config.image_token),
+                                              continuations)
+        letters.append(LETTERS[max(range(len(scores)), key=scores.__getitem__)])
+        progress.update(1)
+    return letters
+
+
+def _group_by_format(pairs: list[Pair]) -> dict[str, list[Pair]]:
+    groups: dict[str, list[Pair]] = {}
+    for sample, images in pairs:
+        tasks.format_settings(sample["format"])  # an unknown format fails before any generation
+        groups.setdefault(sample["format"], []).append((sample, images))
+    return groups
+
+
+def evaluate(model: nn.Module, pairs: list[Pair], spec: TaskSpec | None = None, blind: bool = False,
+             batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """Score one task: ``{metric: float, ..., "n", "prompt_example", "max_new_tokens", "data_hash", "predictions"}``.
+
+    Samples are grouped by answer format; with several formats, metric names get a
+    ``format/`` prefix. ``blind`` removes the image placeholders and passes no pixels.
+    """
+    if not pairs:
+        raise ValueError("evaluate needs at least one sample")
+    spec = spec or TaskSpec(str(pairs[0][0].get("task", "task")))
+    groups = _group_by_format(pairs)
+    entry: dict[str, Any] = {}
+    examples, budgets, records = {}, {}, []
+    with tqdm(total=0, desc=spec.key + (" (blind)" if blind else ""), disable=not progress, unit="prompt") as bar:
+        for answer_format, group in groups.items():
+            if answer_format == "mc":
+                scores, group_records, example = _evaluate_multiple_choice(model, group, spec, blind, batch_size, bar)
+            else:
+                scores, group_records, example = _evaluate_generated(model, group, answer_format, spec, blind,
+                                                                     batch_size, bar)
+            prefix = f"{answer_format}/" if len(groups) > 1 else ""
+            entry.update({prefix + name: float(value) for name, value in scores.items()})
+            examples[answer_format], budgets[answer_format] = example, spec.new_tokens(answer_format)
+            records += group_records
+    entry.update({"n": len(pairs), "prompt_example": next(iter(examples.values())) if len(examples) == 1 else examples,
+                  "max_new_tokens": budgets, "data_hash": samples_hash(pairs), "predictions": records})
+    if spec.likelihood and "mc" in groups:
+        text, _ = tasks.likelihood_prompt(groups["mc"][0][0], spec.likelihood_target)
+        entry["likelihood_target"] = spec.likelihood_target
+        entry["likelihood_prompt_example"] = tasks.blind_text(text) if blind else text
+    return entry
+
+
+# -- files and hashes -----------------------------------------------------------------------------
+def load_samples(path: str) -> list[Pair]:
+    """Read a LLaVA-format eval JSON and open its images (paths relative to the file's directory)."""
+    with open(path, encoding="utf-8") as handle:
+        samples = json.load(handle)
+    root = os.path.dirname(os.path.abspath(path))
+    pairs = []
+    for sample in samples:
+        names = sample.get("image") or []
+        names = [names] if isinstance(names, str) else names
+        pairs.append((sample, [_open_image(os.path.join(root, name)) for name in names]))
+    return pairs
+
+
+def _open_image(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def samples_hash(pairs: list[Pair]) -> str:
+    """SHA-256 over every sample dict (canonical JSON) and its images' mode, size and pixels."""
+    digest = hashlib.sha256()
+    for sample, images in pairs:
+        digest.update(json.dumps(sample, sort_keys=True, default=str).encode())
+        for image in images:
+            digest.update(f"{image.mode}{image.size}".encode())
+            digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def weights_hash(directory: str) -> str:
+    """SHA-256 over the ``*.safetensors`` files of a model directory (names and bytes, sorted by name)."""
+    names = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
+    if not names:
+        raise FileNotFoundError(f"{directory} holds no .safetensors weights to hash")
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode())
+        with open(os.path.join(directory, name), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def state_hash(model: nn.Module) -> str:
+    """SHA-256 over the model's state dict (names, dtypes, shapes and bytes), for models not on disk."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# -- suites ---------------------------------------------------------------------------------------
+def run_suite(model: nn.Module, suite: Suite | str, task_names: list[str] | None = None, n: int = 100,
+              seed: int = 0, blind: bool = False, with_blind: bool = False, batch_size: int = 8,
+              progress: bool = True, model_dir: str | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` on a suite's tasks (all, or those named); returns the results document.
+
+    ``blind`` evaluates only the blind baseline; ``with_blind`` adds it as ``blind_tasks``.
+    The model hash is over ``model_dir``'s safetensors when given, else over the state dict.
+    """
+    suite = tasks.get_suite(suite) if isinstance(suite, str) else suite
+    specs = suite.select(task_names)
+    data = {spec.key: suite.load(spec.task, spec.split, n, seed) for spec in specs}
+    results: dict[str, Any] = {
+        "model": model_dir, "model_hash": weights_hash(model_dir) if model_dir else state_hash(model),
+        "data_hash": samples_hash([pair for pairs in data.values() for pair in pairs]), "suite": suite.name,
+        "settings": {"n": n, "seed": seed, "blind": blind, "with_blind": with_blind, "batch_size": batch_size,
+                     "generation": {"do_sample": False, "max_new_tokens": {
+                         name: settings.max_new_tokens for name, settings in tasks.FORMAT_SETTINGS.items()}},
+                     "processor": dict(getattr(model, "processor_settings", {})),
+                     "tasks": [asdict(spec) for spec in specs]},
+        "tasks": {spec.key: evaluate(model, data[spec.key], spec, blind, batch_size, progress) for spec in specs},
+    }
+    if with_blind and not blind:
+        results["blind_tasks"] = {spec.key: evaluate(model, data[spec.key], spec, True, batch_size, progress)
+                                  for spec in specs}
+    results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return results
+
+
+def save_results(path: str, results: dict[str, Any]) -> None:
+    """Write a results document as JSON (atomically)."""
+    atomic_write_json(path, results)
+
+
+def load_results(path: str) -> dict[str, Any]:
+    """Read a results document written by :func:`save_results`."""
+    with open(path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    if not isinstance(results, dict) or "tasks" not in results:
+        raise ValueError(f"{path}: not an mmbridge eval results file (no 'tasks')")
+    return results
+
+
+# -- tables ---------------------------------------------------------------------------------------
+def task_metrics(entry: dict[str, Any]) -> dict[str, float | int]:
+    """A task entry's sample count and metrics (its float values), in order."""
+    return {"n": entry["n"], **{name: value for name, value in entry.items() if isinstance(value, float)}}
+
+
+def _cell(value: float | int | None) -> str:
+    if value is None:
+        return "–"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+
+def metric_table(columns: list[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown ``| task | metric | <column>… |`` over several ``(label, tasks dict)`` columns."""
+    rows: dict[tuple[str, str], list[float | int | None]] = {}
+    for position, (_, task_entries) in enumerate(columns):
+        for task, entry in task_entries.items():
+            for metric, value in task_metrics(entry).items():
+                rows.setdefault((task, metric), [None] * len(columns))[position] = value
+    lines = ["| task | metric | " + " | ".join(label for label, _ in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+    lines += [f"| {task} | {metric} | " + " | ".join(_cell(value) for value in values) + " |"
+              for (task, metric), values in rows.items()]
+    return "\n".join(lines)
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The results as markdown: one ``value`` column, or ``image`` and ``blind`` side by side."""
+    if "blind_tasks" in results:
+        return metric_table([("image", results["tasks"]), ("blind", results["blind_tasks"])])
+    return metric_table([("blind" if results["settings"].get("blind") else "value", results["tasks"])])
+
+
+def compare_table(paths: list[str]) -> str:
+    """Results files side by side, one column per file (and one per blind run a file holds)."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    labels = stems if len(set(stems)) == len(stems) else list(paths)
+    columns = []
+    for label, path in zip(labels, paths):
+        results = load_results(path)
+        columns.append((label + (" (blind)" if results.get("settings", {}).get("blind") else ""), results["tasks"]))
+        if "blind_tasks" in results:
+            columns.append((f"{label} (blind)", results["blind_tasks"]))
+    return metric_table(columns)
