@@ -137,3 +137,11 @@ def test_bridge_inputs_reach_the_bridge_and_unknown_arguments_fail(make_model):
     assert torch.equal(seen["text_ids"], text_ids)
     with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['image_sizes'\]"):
         model(ids, pixel_values=torch.randn(1, 3, 16, 16), image_sizes=[(16, 16)])
+
+
+def test_llm_storage_dtype_survives_save_and_reload(make_model, tmp_path):
+    model = make_model(llm={"dtype": "bfloat16"})
+    assert next(model.llm.parameters()).dtype == torch.bfloat16
+    model.save_pretrained(str(tmp_path / "bf16"))
+    reloaded = MultimodalModel.from_pretrained(str(tmp_path / "bf16"))
+    assert next(reloaded.llm.parameters()).dtype == torch.bfloat16

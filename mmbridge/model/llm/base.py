@@ -119,7 +119,8 @@ class LanguageModel(nn.Module):
         """A config that rebuilds this LLM's architecture without the original checkpoint."""
         from mmbridge.model.llm.hf import HFLLMConfig
 
-        return HFLLMConfig(hf_config=self.model.config.to_dict(), tokenizer=None)
+        dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        return HFLLMConfig(hf_config=self.model.config.to_dict(), tokenizer=None, dtype=dtype)
 
 
 def build_llm(spec: Any) -> LanguageModel:
