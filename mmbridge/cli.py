@@ -1,6 +1,7 @@
 """The ``mmbridge`` command: thin sub-commands that parse arguments and call the library.
 
     mmbridge train RECIPE.yaml [key.path=value ...] [--resume]
+    mmbridge pretrain-qformer RECIPE.yaml [key.path=value ...]   (BLIP-2 stage 1: ITC + ITM + ITG, no LLM)
     mmbridge generate --model DIR --image PATH --prompt TEXT [--max-new-tokens N] [--do-sample ...]
     mmbridge info --model DIR
     mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S]
@@ -30,6 +31,21 @@ def _train(args: argparse.Namespace) -> int:
         print(f"done: {len(result.history)} steps, final loss {last['loss']:.4f}; model saved to {run.output_dir}/final")
     for stage, counts in result.skipped.items():
         print(f"stage '{stage}' skipped samples: {counts}")
+    return 0
+
+
+def _pretrain_qformer(args: argparse.Namespace) -> int:
+    from mmbridge.config import load_run_config
+    from mmbridge.train.qformer_pretrain import pretrain
+
+    run = load_run_config(args.recipe, args.overrides)
+    if args.output_dir:
+        run.output_dir = args.output_dir
+    result = pretrain(run, progress=not args.no_progress)
+    last = result.history[-1] if result.history else None
+    if last:
+        print(f"done: {len(result.history)} steps, final loss {last['loss']:.4f} (itc {last['itc']:.4f}, "
+              f"itm {last['itm']:.4f}, itg {last['itg']:.4f}); Q-Former saved to {run.output_dir}/final")
     return 0
 
 
@@ -127,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="shorthand for output_dir=…")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(run=_train)
+
+    stage1 = commands.add_parser("pretrain-qformer", help="BLIP-2 stage 1 for a Q-Former bridge (no LLM)")
+    stage1.add_argument("recipe", help="YAML recipe (model.vision + a qformer-family model.bridge)")
+    stage1.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.steps=10")
+    stage1.add_argument("--output-dir", help="shorthand for output_dir=…")
+    stage1.add_argument("--no-progress", action="store_true", help="no progress bars")
+    stage1.set_defaults(run=_pretrain_qformer)
 
     generate = commands.add_parser("generate", help="answer a prompt about images with a saved model")
     generate.add_argument("--model", required=True, help="directory written by save_pretrained / training")

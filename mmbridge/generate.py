@@ -204,7 +204,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     with ``pad_token_id``; decoding ends when every row has finished or after
     ``max_new_tokens``. ``streamer(tokens)`` receives each step's ``[B]`` ids.
     """
-    bridge_inputs = {key: settings.pop(key) for key in list(settings) if key.startswith("bridge_")}
+    bridge_inputs = {key[len("bridge_"):]: settings.pop(key) for key in list(settings) if key.startswith("bridge_")}
     config = resolve_config(model, generation_config, **settings)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids)
     with torch.inference_mode(), eval_mode(model):
@@ -263,17 +263,22 @@ def _model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def chat(model: nn.Module, prompt: str, images: list, **settings: Any) -> str:
+def chat(model: nn.Module, prompt: str, images: list, history: list[dict] | None = None, **settings: Any) -> str:
     """Answer one user turn (``<image>`` placeholders added by the processor if missing); returns the text.
 
-    ``images`` are PIL images or paths; ``settings`` are :class:`GenerationConfig` fields.
+    ``images`` are PIL images or paths — all images of the conversation, those placed by earlier
+    turns first; ``history`` holds the earlier ``{"role", "content"}`` turns. ``settings`` are
+    :class:`GenerationConfig` fields.
     """
     processor = model.processor()
     device = _model_device(model)
-    input_ids = processor.prompt(prompt, num_images=len(images)).to(device).unsqueeze(0)  # [1, L]
+    input_ids = processor.prompt(prompt, num_images=len(images), history=history).to(device).unsqueeze(0)  # [1, L]
     pixel_values = processor.encode_images(images).to(device) if images else None  # [n, 3, H, W]
+    bridge_inputs = {key: value.to(device)
+                     for key, value in processor.prompt_bridge_inputs(prompt, len(images), history).items()}
     config = resolve_config(model, settings.pop("generation_config", None), **settings)
-    new_tokens = generate(model, input_ids, pixel_values=pixel_values, generation_config=config)[0]  # [new]
+    new_tokens = generate(model, input_ids, pixel_values=pixel_values, generation_config=config,
+                          **bridge_inputs)[0]  # [new]
     stops = torch.isin(new_tokens, torch.tensor(_as_ids(config.eos_token_id), dtype=torch.long, device=device))
     if bool(stops.any()):
         new_tokens = new_tokens[: int(stops.nonzero()[0, 0])]

@@ -31,6 +31,9 @@ from mmbridge.utils import atomic_write_json, atomic_path
 MODULE_KEYS = ("vision", "bridge", "llm")
 IGNORE_INDEX = -100
 CONFIG_FILE, WEIGHTS_FILE, PROCESSOR_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "processor.json", "tokenizer"
+BRIDGE_TOKENIZER_DIR = "bridge_tokenizer"  # the bridge's own text tokenizer (instruction-aware bridges)
+# transformers' names for per-image bridge inputs (InstructBLIP's Q-Former text) → mmbridge's bridge_<name>
+INPUT_ALIASES = {"qformer_input_ids": "bridge_text_ids", "qformer_attention_mask": "bridge_text_mask"}
 
 
 @dataclass
@@ -122,7 +125,7 @@ class MultimodalModel(nn.Module):
 
         settings = {**self.processor_settings, **overrides}
         return Processor(self.tokenizer, self.vision.transform, self.tokens_per_image, self.config.image_token,
-                         self.image_token_id, **settings)
+                         self.image_token_id, bridge_tokenizer=getattr(self.bridge, "tokenizer", None), **settings)
 
     def add_lora(self, key: str, spec: LoraSpec) -> None:
         """Inject LoRA into module ``key`` and record it in the config (used by stages with ``lora``)."""
@@ -171,8 +174,11 @@ class MultimodalModel(nn.Module):
         ``context`` is per-call data for modules inside the LLM (fusion bridges); they read it,
         together with ``image_mask`` (``[B, L]``, True at visual tokens), from ``llm.context``.
         Keyword inputs named ``bridge_<name>`` (per-image tensors a batch carries, e.g. the
-        instruction ids of an instruction-aware bridge) reach the bridge as ``<name>=``.
+        instruction ids of an instruction-aware bridge) reach the bridge as ``<name>=``;
+        transformers' ``qformer_input_ids``/``qformer_attention_mask`` are aliases of
+        ``bridge_text_ids``/``bridge_text_mask``.
         """
+        bridge_inputs = {INPUT_ALIASES.get(key, key): value for key, value in bridge_inputs.items()}
         unknown = sorted(key for key in bridge_inputs if not key.startswith("bridge_"))
         if unknown:
             raise TypeError(f"MultimodalModel.forward got unexpected argument(s) {unknown}; "
@@ -212,11 +218,16 @@ class MultimodalModel(nn.Module):
 
         return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **settings)
 
-    def chat(self, prompt: str, images: list | None = None, **settings: Any) -> str:
-        """Answer one user turn: PIL images (or paths) and text with ``<image>`` placeholders (added if missing)."""
+    def chat(self, prompt: str, images: list | None = None, history: list[dict] | None = None,
+             **settings: Any) -> str:
+        """Answer one user turn: PIL images (or paths) and text with ``<image>`` placeholders (added if missing).
+
+        ``history`` holds earlier ``{"role", "content"}`` turns; ``images`` then are all the
+        conversation's images, in order.
+        """
         from mmbridge.generate import chat
 
-        return chat(self, prompt, images or [], **settings)
+        return chat(self, prompt, images or [], history=history, **settings)
 
     # -- reporting -----------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, dict[str, int]]:
@@ -230,9 +241,10 @@ class MultimodalModel(nn.Module):
     # -- save / load ---------------------------------------------------------------------------
     def export_config(self) -> ModelConfig:
         """A config that rebuilds this exact architecture offline (weights come from the safetensors)."""
-        return ModelConfig(vision=self.vision.export_config(), llm=self.llm.export_config(),
-                           bridge=self.config.bridge, image_token=self.config.image_token,
-                           image_token_id=self.image_token_id, adapters=list(self.config.adapters))
+        bridge = self.bridge.export_config() if hasattr(self.bridge, "export_config") else self.config.bridge
+        return ModelConfig(vision=self.vision.export_config(), llm=self.llm.export_config(), bridge=bridge,
+                           image_token=self.config.image_token, image_token_id=self.image_token_id,
+                           adapters=list(self.config.adapters))
 
     def save_pretrained(self, directory: str) -> None:
         """Write config, safetensors weights, tokenizer and processor settings; each file atomically."""
@@ -240,6 +252,8 @@ class MultimodalModel(nn.Module):
         with atomic_path(os.path.join(directory, WEIGHTS_FILE)) as temporary:
             save_model(self, temporary)
         self.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
+        if getattr(self.bridge, "tokenizer", None) is not None:
+            self.bridge.tokenizer.save_pretrained(os.path.join(directory, BRIDGE_TOKENIZER_DIR))
         atomic_write_json(os.path.join(directory, PROCESSOR_FILE), self.processor_settings)
         atomic_write_json(os.path.join(directory, CONFIG_FILE),
                           {"format": "mmbridge", "version": 1, "model": self.export_config().to_dict(),
@@ -266,6 +280,10 @@ class MultimodalModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{directory}/{WEIGHTS_FILE} does not match the config: "
                              f"missing {sorted(missing)[:5]}…, unexpected {sorted(unexpected)[:5]}…")
+        if os.path.isdir(os.path.join(directory, BRIDGE_TOKENIZER_DIR)):
+            from transformers import AutoTokenizer
+
+            model.bridge.tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, BRIDGE_TOKENIZER_DIR))
         model.eval()
         model.parameters_at_save = saved.get("parameters_at_save")
         return model

@@ -1,0 +1,361 @@
+"""Q-Former family bridges (qformer, instruct_qformer, llama_vid) and BLIP-2 stage-1 pretraining.
+
+Tiny random parts: the conftest CLIP tower (16 tokens of width 32 after dropping CLS), a tiny
+Llama, and a tiny BERT (hidden 32, 2 layers) with a WordPiece tokenizer written here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from mmbridge.config import RunConfig
+from mmbridge.data import Processor, Sample, collate
+from mmbridge.model.bridges import BRIDGES
+from mmbridge.model.bridges.llama_vid import context_attention, pool_tokens
+from mmbridge.model.bridges.qformer import QFORMER_WEIGHTS, QFormerBridgeConfig, build_qformer, resolve_config
+from mmbridge.model.multimodal import MultimodalModel
+from mmbridge.testing import shape_image, tiny_vision_config, write_shape_dataset
+from mmbridge.train import StageConfig, apply_stage
+from mmbridge.train.qformer_pretrain import (build_pretrain_model, itc_loss, itc_similarities, itg_attention_mask,
+                                             itm_attention_mask, mine_hard_negatives, pretrain, same_caption)
+
+WORDS = ("what colour is the shape it which a describe picture there one in middle red green blue yellow circle "
+         "square answer using single word or phrase").split()
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", ".", "?", ",", *WORDS]
+TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "num_queries": 4,
+        "vocab_size": len(VOCAB), "max_position_embeddings": 64}
+BRIDGE_TYPES = ("qformer", "instruct_qformer", "llama_vid")
+TEXT = [5, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> str:
+    """A tiny BERT checkpoint (safetensors) with its WordPiece tokenizer."""
+    directory = str(tmp_path_factory.mktemp("bert"))
+    BertTokenizer(vocab={word: index for index, word in enumerate(VOCAB)}).save_pretrained(directory)
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
+    return directory
+
+
+def _spec(kind: str, bert_dir: str, **extra) -> dict:
+    text = {"tokenizer": bert_dir} if kind != "qformer" else {}
+    return {"type": kind, **TINY, **text, **extra}
+
+
+def _inputs(model: MultimodalModel, images: int = 1) -> dict:
+    """``[1, L]`` ids with ``images`` runs of visual tokens, pixels and (for text bridges) instruction ids."""
+    run = [model.image_token_id] * model.tokens_per_image
+    ids = torch.tensor([TEXT + run * images + TEXT])
+    pixels = torch.randn(images, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "pixel_values": pixels}
+    if getattr(model.bridge, "tokenizer", None) is not None:
+        encoded = model.bridge.tokenizer(["what colour is the shape ?"] * images, return_tensors="pt")
+        inputs.update(bridge_text_ids=encoded["input_ids"], bridge_text_mask=encoded["attention_mask"])
+    return inputs
+
+
+def _trainable(model: torch.nn.Module) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+# -- shapes and structure ----------------------------------------------------------------------
+@pytest.mark.parametrize("kind,extra,tokens", [("qformer", {}, 4), ("instruct_qformer", {}, 4),
+                                               ("llama_vid", {}, 2), ("llama_vid", {"content_tokens": 4}, 5)])
+def test_output_shapes_and_token_counts(bert_dir, kind, extra, tokens):
+    bridge = BRIDGES.build(_spec(kind, bert_dir, **extra), 24, 40)
+    features = torch.randn(3, 49, 24)  # a 7x7 grid
+    text = torch.randint(6, len(VOCAB), (3, 5))
+    output = bridge(features, text_ids=text, text_mask=torch.ones_like(text))
+    assert output.shape == (3, tokens, 40)
+    assert bridge.num_tokens(49) == bridge.num_tokens(9) == tokens
+
+
+def test_cross_attention_every_frequency_layers():
+    bridge = BRIDGES.build({"type": "qformer", **{**TINY, "num_layers": 5}, "cross_attention_frequency": 2}, 24, 40)
+    assert [layer.cross_attention is not None for layer in bridge.qformer.layers] == [True, False, True, False, True]
+    assert all(layer.cross_attention.key.in_features == 24 for layer in bridge.qformer.layers[::2])
+    assert bridge.qformer.embeddings.word_embeddings is None and bridge.qformer.layers[0].text_ffn is None
+
+
+@pytest.mark.parametrize("kind", ["instruct_qformer", "llama_vid"])
+def test_instruction_bridges_need_text(bert_dir, kind):
+    bridge = BRIDGES.build(_spec(kind, bert_dir), 24, 40)
+    with pytest.raises(ValueError, match="bridge_text_ids"):
+        bridge(torch.randn(2, 9, 24))
+    with pytest.raises(ValueError, match="for 1 image"):
+        bridge(torch.randn(2, 9, 24), text_ids=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_instruction_changes_the_queries(bert_dir):
+    bridge = BRIDGES.build(_spec("instruct_qformer", bert_dir), 24, 40).eval()
+    features = torch.randn(1, 9, 24)
+    first = bridge(features, text_ids=torch.tensor([[2, 9, 10, 3]]))
+    second = bridge(features, text_ids=torch.tensor([[2, 20, 21, 3]]))
+    assert (first - second).abs().max() > 1e-4
+    padded = bridge(features, text_ids=torch.tensor([[2, 9, 10, 3, 0, 0]]),
+                    text_mask=torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    torch.testing.assert_close(padded, first, atol=1e-5, rtol=0)  # padding is invisible
+
+
+def test_llama_vid_context_and_content_tokens():
+    queries, features = torch.randn(2, 3, 8), torch.randn(2, 16, 8)
+    weights = (queries @ features.transpose(1, 2) / 8 ** 0.5).softmax(-1)  # [B, Q, N]
+    expected = torch.stack([sum(weights[b, q] @ features[b] for q in range(3)) / 3 for b in range(2)])
+    torch.testing.assert_close(context_attention(queries, features), expected)
+    grid = pool_tokens(features, 4)  # 4x4 grid → 2x2 cells
+    cell = features[0].view(4, 4, 8)[:2, :2].reshape(4, 8).mean(0)
+    torch.testing.assert_close(grid[0, 0], cell)
+    torch.testing.assert_close(pool_tokens(features, 1)[:, 0], features.mean(1))
+    assert pool_tokens(features, 3).shape == (2, 3, 8)  # not square: 1-D pooling
+
+
+# -- initialisation from BERT / stage 1 --------------------------------------------------------
+def test_text_path_equals_bert_and_ffns_start_equal(bert_dir):
+    config = resolve_config(QFormerBridgeConfig(init_from=bert_dir, num_queries=4))
+    assert (config.hidden_size, config.num_layers, config.vocab_size) == (32, 2, len(VOCAB))
+    qformer = build_qformer(config, 24, text_input=True).eval()
+    bert = BertModel.from_pretrained(bert_dir).eval()
+    ids = torch.tensor([[2, 9, 10, 11, 3, 0], [2, 15, 3, 0, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        ours = qformer(text_ids=ids, text_mask=mask, use_queries=False)
+        theirs = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()], atol=1e-5, rtol=0)
+    layer = qformer.layers[1]
+    assert torch.equal(layer.query_ffn.up.weight, layer.text_ffn.up.weight)
+    assert torch.equal(layer.self_attention.query.weight, bert.encoder.layer[1].attention.self.query.weight)
+
+
+def test_bundled_minilm_initialises_the_qformer():
+    bridge = BRIDGES.build({"type": "qformer", "init_from": "minilm", "num_queries": 8}, 24, 40)
+    spec = bridge.export_config()
+    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.init_from) == (384, 6, 12, None)
+    assert bridge(torch.randn(1, 9, 24)).shape == (1, 8, 40)
+
+
+# -- inside MultimodalModel --------------------------------------------------------------------
+@pytest.mark.parametrize("kind", BRIDGE_TYPES)
+def test_gradients_reach_exactly_the_bridge(make_model, bert_dir, kind):
+    model = make_model(bridge=_spec(kind, bert_dir))
+    apply_stage(model, StageConfig(name="align", train={"bridge": "full"}), log=False)
+    bridge_names = {name for name, _ in model.named_parameters() if name.startswith("bridge.")}
+    assert _trainable(model) == bridge_names
+    inputs = _inputs(model)
+    output = model(**inputs, labels=inputs["input_ids"])
+    output.loss.backward()
+    with_grad = {name for name, parameter in model.named_parameters()
+                 if parameter.grad is not None and parameter.grad.abs().sum() > 0}
+    # the last layer's text outputs are discarded (only queries leave the bridge), so its text FFN gets
+    # no gradient; transformers' InstructBLIP holds the same unused weights, kept for exact interop
+    unused = {name for name in bridge_names if name.startswith("bridge.qformer.layers.1.text_ffn.")}
+    assert with_grad == bridge_names - unused
+
+
+@pytest.mark.parametrize("kind", BRIDGE_TYPES)
+def test_trainable_sets_per_stage(make_model, bert_dir, kind):
+    model = make_model(bridge=_spec(kind, bert_dir))
+    bridge = {name for name, _ in model.named_parameters() if name.startswith("bridge.")}
+    apply_stage(model, StageConfig(name="align", train={"bridge": "full"}), log=False)
+    assert _trainable(model) == bridge
+    apply_stage(model, StageConfig(name="instruct", train={"bridge": "full", "llm": {"mode": "lora", "r": 2}}),
+                log=False)
+    lora = {name for name, _ in model.named_parameters() if "lora_" in name}
+    assert lora and _trainable(model) == bridge | lora
+    apply_stage(model, StageConfig(name="top", train={"bridge": {"mode": "partial", "layers": 1}}), log=False)
+    assert _trainable(model) == {name for name in bridge if name.startswith("bridge.qformer.layers.1.")}
+
+
+@pytest.mark.parametrize("kind", BRIDGE_TYPES)
+def test_generation_with_and_without_cache_agree(make_model, bert_dir, kind):
+    model = make_model(bridge=_spec(kind, bert_dir))
+    inputs = _inputs(model, images=2)
+    ids, extra = inputs.pop("input_ids"), {k: v for k, v in inputs.items() if k.startswith("bridge_")}
+    cached = model.generate(ids, pixel_values=inputs["pixel_values"], max_new_tokens=6, use_cache=True, **extra)
+    uncached = model.generate(ids, pixel_values=inputs["pixel_values"], max_new_tokens=6, use_cache=False, **extra)
+    assert cached.shape == (1, 6) and torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("kind", BRIDGE_TYPES)
+def test_save_load_identical_logits_and_bridge_tokenizer(make_model, bert_dir, tmp_path, kind):
+    model = make_model(bridge=_spec(kind, bert_dir))
+    inputs = _inputs(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["model"]["bridge"]
+    assert saved["type"] == kind and saved["tokenizer"] is None and saved["hidden_size"] == 32
+    reloaded = MultimodalModel.from_pretrained(str(tmp_path / "saved"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, expected)
+    has_tokenizer = kind != "qformer"
+    assert (tmp_path / "saved" / "bridge_tokenizer").is_dir() == has_tokenizer
+    if has_tokenizer:
+        assert reloaded.bridge.tokenizer.get_vocab() == model.bridge.tokenizer.get_vocab()
+        assert reloaded.processor().bridge_tokenizer is reloaded.bridge.tokenizer
+
+
+# -- processor, collate, chat, training ------------------------------------------------------------
+def test_processor_writes_the_user_turn_per_image(make_model, bert_dir):
+    model = make_model(bridge=_spec("instruct_qformer", bert_dir))
+    processor = model.processor()
+    sample = Sample("s", [{"role": "user", "content": "<image>\nWhat colour is the shape?"},
+                          {"role": "assistant", "content": "It is red."},
+                          {"role": "user", "content": "Which shape? <image> Answer using a single word or phrase."},
+                          {"role": "assistant", "content": "A circle."}])
+    example = processor(sample, images=[shape_image("red", "circle", 16), shape_image("blue", "square", 16)])
+    tokenizer = model.bridge.tokenizer
+    expected = tokenizer(["What colour is the shape?", "Which shape?  Answer using a single word or phrase."],
+                         padding=True, return_tensors="pt")
+    assert torch.equal(example["bridge_text_ids"], expected["input_ids"])
+    assert torch.equal(example["bridge_text_mask"], expected["attention_mask"])
+    batch = collate([example, processor(Sample("t", sample.conversation[:2]), images=[shape_image("red", "circle")])],
+                    processor.pad_token_id)
+    assert batch["bridge_text_ids"].shape[0] == 3 == batch["pixel_values"].shape[0]
+    prompt = processor.prompt_bridge_inputs("What colour is the shape?", num_images=1)
+    alone = tokenizer(["What colour is the shape?"], return_tensors="pt")["input_ids"]
+    assert torch.equal(prompt["bridge_text_ids"], alone)
+    assert Processor(processor.tokenizer, processor.transform, 4).prompt_bridge_inputs("x", 1) == {}
+
+
+def test_chat_passes_the_instruction_to_the_bridge(make_model, bert_dir):
+    model = make_model(bridge=_spec("llama_vid", bert_dir))
+    seen = []
+    original = model.bridge.forward
+    model.bridge.forward = lambda features, **context: seen.append(context) or original(features, **context)
+    model.chat("What colour is the shape?", [shape_image("red", "circle", 16)], max_new_tokens=2)
+    expected = model.bridge.tokenizer(["What colour is the shape?"], return_tensors="pt")["input_ids"]
+    assert torch.equal(seen[0]["text_ids"], expected)
+
+
+def test_training_run_with_an_instruction_bridge(tokenizer_dir, bert_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from mmbridge.testing import tiny_model_config
+    from mmbridge.train import train
+
+    data = write_shape_dataset(str(tmp_path / "data"), 8, seed=2, size=16)
+    model = tiny_model_config(tokenizer_dir, len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1,
+                              bridge=_spec("instruct_qformer", bert_dir))
+    stage = {"name": "align", "train": {"bridge": "full"}, "steps": 2, "batch_size": 4, "precision": "fp32"}
+    run = RunConfig(model=model, stages=[stage], output_dir=str(tmp_path / "run"),
+                    data={"sources": [{"path": data}], "max_length": 128})
+    result = train(run, progress=False)
+    assert len(result.history) == 2
+    reloaded = MultimodalModel.from_pretrained(str(tmp_path / "run" / "final"))
+    assert reloaded.bridge.tokenizer is not None
+
+
+# -- stage 1: masks and losses -------------------------------------------------------------------
+def test_itg_mask_pattern_is_exact():
+    mask = itg_attention_mask(2, torch.tensor([[1, 1, 1, 0]]))
+    expected = torch.tensor([  # columns: q0 q1 t0 t1 t2 pad
+        [1, 1, 0, 0, 0, 0],  # q0: queries only
+        [1, 1, 0, 0, 0, 0],  # q1
+        [1, 1, 1, 0, 0, 0],  # t0: queries + itself
+        [1, 1, 1, 1, 0, 0],  # t1
+        [1, 1, 1, 1, 1, 0],  # t2
+        [1, 1, 1, 1, 1, 0],  # pad row: never a key
+    ], dtype=torch.bool)
+    assert torch.equal(mask[0], expected)
+    assert torch.equal(itm_attention_mask(2, torch.tensor([[1, 1, 0]]))[0], torch.tensor([1, 1, 1, 1, 0]).bool())
+
+
+def test_itc_is_symmetric_with_max_over_queries():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(3, 4, 8, generator=generator), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    image_to_text, text_to_image = itc_similarities(image, text, torch.tensor(0.1))
+    for i in range(3):
+        for t in range(3):
+            assert torch.isclose(image_to_text[i, t], max(image[i, q] @ text[t] for q in range(4)) / 0.1)
+    assert torch.equal(text_to_image, image_to_text.t())
+    positives = torch.eye(3, dtype=torch.bool)
+    loss = itc_loss(image_to_text, text_to_image, positives)
+    targets = torch.arange(3)
+    expected = (torch.nn.functional.cross_entropy(image_to_text, targets, label_smoothing=0.1)
+                + torch.nn.functional.cross_entropy(text_to_image, targets, label_smoothing=0.1)) / 2
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(itc_loss(text_to_image, image_to_text, positives), loss)
+
+
+def test_hard_negative_is_the_most_similar_non_matching():
+    similarity = torch.tensor([[9.0, 5.0, 7.0, 1.0],
+                               [2.0, 9.0, 1.0, 3.0],
+                               [8.0, 6.0, 9.0, 8.5],
+                               [0.0, 4.0, 3.0, 9.0]])
+    positives = torch.eye(4, dtype=torch.bool)
+    assert mine_hard_negatives(similarity, positives, greedy=True).tolist() == [2, 3, 3, 1]
+    positives[0, 2] = positives[2, 0] = True  # rows 0 and 2 share a caption: each is not the other's negative
+    assert mine_hard_negatives(similarity, positives, greedy=True).tolist() == [1, 3, 3, 1]
+    drawn = mine_hard_negatives(similarity, positives, generator=torch.Generator().manual_seed(0))
+    assert not positives[torch.arange(4), drawn].any()
+    ids = torch.tensor([[2, 9, 3], [2, 9, 3], [2, 10, 3]])
+    assert same_caption(ids, torch.ones_like(ids)).tolist() == [[True, True, False], [True, True, False],
+                                                                [False, False, True]]
+
+
+# -- stage 1: the loop and the hand-over to stage 2 --------------------------------------------------
+def _stage1_run(bert_dir: str, data: str, output: str, steps: int) -> RunConfig:
+    vision = {"type": "hf", "hf_config": tiny_vision_config(), "feature_layer": -1}
+    bridge = {"type": "qformer", "init_from": bert_dir, "num_queries": 4}
+    stage = {"name": "stage1", "train": {"bridge": "full"}, "lr": 4e-3, "steps": steps, "batch_size": 8,
+             "precision": "fp32", "warmup_ratio": 0.0, "schedule": "constant"}
+    return RunConfig(model={"vision": vision, "bridge": bridge, "llm": {"type": "smollm2"}}, stages=[stage],
+                     data={"sources": [{"path": data}]}, output_dir=output, seed=0)
+
+
+def test_stage1_gradients_reach_every_bridge_parameter(bert_dir, tmp_path):
+    data = write_shape_dataset(str(tmp_path / "data"), 8, seed=3, size=16)
+    model = build_pretrain_model(_stage1_run(bert_dir, data, str(tmp_path / "run"), 1).model)
+    apply_stage(model, StageConfig(name="stage1", train={"bridge": "full"}), log=False)
+    bridge = {name for name, _ in model.named_parameters() if name.startswith("bridge.")}
+    assert _trainable(model) == bridge
+    text = model.tokenizer(["it is red .", "it is blue .", "a circle ."], padding=True, return_tensors="pt")
+    output = model(torch.randn(3, 3, 16, 16), text["input_ids"], text["attention_mask"], greedy_negatives=True)
+    output.loss.backward()
+    assert {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0} == bridge
+    assert all(torch.isfinite(value) for value in (output.itc, output.itm, output.itg))
+
+
+def test_stage1_loss_falls_and_stage2_loads_it(bert_dir, tmp_path, make_model):
+    data = write_shape_dataset(str(tmp_path / "data"), 16, seed=4, size=16)
+    run = _stage1_run(bert_dir, data, str(tmp_path / "stage1"), 14)
+    result = pretrain(run, progress=False)
+    losses = [record["loss"] for record in result.history]
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    final = tmp_path / "stage1" / "final"
+    assert (final / QFORMER_WEIGHTS).is_file() and (final / "tokenizer").is_dir()
+    model = make_model(bridge={"type": "qformer", "init_from": str(final)})
+    stage1 = result.model.bridge.qformer.state_dict()
+    for name, tensor in model.bridge.qformer.state_dict().items():
+        assert torch.equal(tensor, stage1[name]), name
+    assert not any("text_ffn" in name for name in model.bridge.state_dict())  # BLIP-2 stage 2 drops the text side
+    instruct = make_model(bridge={"type": "instruct_qformer", "init_from": str(final)})
+    assert torch.equal(instruct.bridge.qformer.embeddings.word_embeddings.weight,
+                       stage1["embeddings.word_embeddings.weight"])
+    assert instruct.bridge.tokenizer is not None and os.path.isfile(tmp_path / "stage1" / "log.jsonl")
+
+
+def test_cli_pretrain_qformer(bert_dir, tmp_path, capsys):
+    import yaml
+
+    from mmbridge.cli import main
+
+    data = write_shape_dataset(str(tmp_path / "data"), 8, seed=5, size=16)
+    recipe = tmp_path / "stage1.yaml"
+    recipe.write_text(yaml.safe_dump(_stage1_run(bert_dir, data, str(tmp_path / "cli"), 1).to_dict()))
+    assert main(["pretrain-qformer", str(recipe), "stages.0.steps=2", "--no-progress"]) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "final" / QFORMER_WEIGHTS).is_file()
+    bad = {**yaml.safe_load(recipe.read_text()), "model": {"vision": {"type": "hf"}, "bridge": {"type": "mlp"}}}
+    recipe.write_text(yaml.safe_dump(bad))
+    assert main(["pretrain-qformer", str(recipe), "--no-progress"]) == 2
+    assert "qformer-family bridge" in capsys.readouterr().err
