@@ -323,3 +323,25 @@ def test_image_loader_must_return_one_image_per_named_image(processor):
         processor(sample)
     sample.image_loader = lambda: [shape_image("red", "circle")]
     assert processor(sample)["pixel_values"].shape == (1, 3, 16, 16)
+
+
+def test_attribute_drill_answers_come_from_the_scene():
+    for index in range(40):
+        record = make_record("attribute_drill", "train", index)
+        objects = record["scene"]["objects"]
+        colours, shapes = {o["colour"] for o in objects}, {o["shape"] for o in objects}
+        pairs = {(o["colour"], o["shape"]) for o in objects}
+        turns = record["conversations"]
+        assert record["format"] == "free" and turns[0]["value"].startswith("<image>\n")
+        existence = []
+        for question, answer in zip(turns[0::2], turns[1::2]):
+            text, reply = question["value"], answer["value"]
+            if text.split("\n")[-2 if "\n" in text else -1].startswith("Is there"):
+                words = text.split("Is there ")[1].split(" in the image")[0].split()[-2:]
+                assert (reply == "yes") == (tuple(words) in pairs), (text, reply, pairs)
+                existence.append(reply)
+            elif "colo" in text.split("\n")[-2]:
+                assert reply in colours
+            else:
+                assert reply in shapes
+        assert existence.count("yes") == 1 and existence.count("no") <= 1

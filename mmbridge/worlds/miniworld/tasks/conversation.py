@@ -1,5 +1,10 @@
-"""Multi-turn instruction conversations about one scene, mixing captions, attributes, counts, existence,
-spatial relations and grounding (format "free": every turn has its own answer)."""
+"""Multi-turn instruction conversations about one scene (format "free": every turn has its own answer).
+
+``conversation`` mixes captions, attributes, counts, existence, spatial relations and grounding;
+``attribute_drill`` asks the colour or shape of every object plus two balanced existence
+questions — several supervised answers per image, the cheapest way to teach a bridge to bind
+attributes to objects when each image costs a long visual prefix.
+"""
 
 from __future__ import annotations
 
@@ -46,4 +51,25 @@ def turn_question(world: World, scene: Scene, kind: str) -> Question | None:
     return describe_region_question(world, scene, focus)
 
 
-TASKS = [Task("conversation", "multi-turn conversations mixing the single-image tasks", build_conversation)]
+def build_attribute_drill(world: World) -> Episode | None:
+    """Colour or shape of each of 1–4 objects, then one present and one absent object (order shuffled)."""
+    scene = focus_scene(world, 1, 4)
+    questions = []
+    for target in scene.objects:
+        ask = colour_question if world.chance(0.5) else shape_question
+        question = ask(world, scene, target) or (shape_question if ask is colour_question else colour_question)(
+            world, scene, target)
+        if question is not None:
+            questions.append(question)
+    present = {item.pair for item in scene.objects}
+    absent = negative_pair(world, present, world.choice(("random", "popular", "adversarial")))
+    existence = [existence_question(scene, world.choice(sorted(present)))]
+    if absent is not None:
+        existence.append(existence_question(scene, absent))
+    questions += world.sample(existence, len(existence))
+    return Episode([scene], questions) if len(questions) >= 2 else None
+
+
+TASKS = [Task("conversation", "multi-turn conversations mixing the single-image tasks", build_conversation),
+         Task("attribute_drill", "colour/shape of every object and balanced existence, multi-turn",
+              build_attribute_drill)]
