@@ -1,0 +1,25 @@
+"""The demo's report: headline table and target lines computed from a results document."""
+
+from __future__ import annotations
+
+from mmbridge.demo import headline_table, target_lines
+
+
+def _results(attribute: float, attribute_blind: float, existence: float, existence_blind: float) -> dict:
+    return {"tasks": {"attribute": {"accuracy": attribute, "n": 10},
+                      "existence": {"accuracy": existence, "f1": 0.5, "yes_ratio": 0.4, "n": 10}},
+            "blind_tasks": {"attribute": {"accuracy": attribute_blind, "n": 10},
+                            "existence": {"accuracy": existence_blind, "f1": 0.0, "yes_ratio": 1.0, "n": 10}}}
+
+
+def test_headline_table_shows_image_blind_and_gain():
+    table = headline_table(_results(0.85, 0.1, 0.9, 0.5))
+    assert "| attribute | accuracy | 85.0% | 10.0% | +75.0 |" in table
+    assert "| existence | yes_ratio | 40.0% | 100.0% | -60.0 |" in table
+
+
+def test_target_lines_report_met_and_missed_targets():
+    met = target_lines(_results(0.85, 0.1, 0.9, 0.5))
+    assert met[0].endswith("met") and "NOT" not in " ".join(met)
+    missed = target_lines(_results(0.6, 0.4, 0.7, 0.5))
+    assert "NOT met" in missed[0] and "+20.0 points" in missed[1] and "NOT met" in missed[2]
