@@ -8,6 +8,17 @@ prompt alone. With the cache, the prompt and images go through the model once (p
 and each step feeds one token per row; without it, every step recomputes the whole
 sequence from visual tokens encoded once, and greedy outputs are identical.
 
+The cached loop does little per token: the KV cache of every full-attention layer is
+allocated once for prompt + ``max_new_tokens`` and grows by writing in place (attention
+reads a view of the filled part, so nothing is concatenated and no padded tail is attended),
+the attention mask is a view of one preallocated buffer (and is left out entirely when no
+row is padded), and the only host synchronisation is the one "all rows finished" check. For
+Llama-family decoders (SmolLM2, TinyLlama, Vicuna…) with unmodified layers and SDPA
+attention, a decode step also skips the model wrappers: it embeds the new token, computes
+the rotary embedding once and calls the decoder layers directly with a view of a
+precomputed boolean mask — the tensors the layers receive are the ones the full forward
+would build, so greedy tokens are identical (``tests/test_speed_equivalence.py``).
+
 :func:`chat` answers one user turn from text and images through the model's processor.
 """
 
@@ -20,8 +31,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 Streamer = Callable[[torch.Tensor], None]
+FAST_STEP_MODEL_TYPES = ("llama",)  # decoders whose forward is embed → rotary → layers → norm, nothing else
 
 
 @dataclass
@@ -143,27 +156,120 @@ def choose_tokens(logits: torch.Tensor, config: GenerationConfig,
 
 
 # -- decoding -------------------------------------------------------------------------------------
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention KV layer whose buffers hold ``capacity`` positions from the first update.
+
+    New keys/values are written in place; ``update`` returns views of the filled part, so the
+    attention sees exactly the tensors a concatenating cache would build, without the copies.
+    Outgrowing ``capacity`` doubles the buffers.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            self._grow(end)
+        self.key_buffer[:, :, self.length:end].copy_(key_states)  # [B, H, new, d]
+        self.value_buffer[:, :, self.length:end].copy_(value_states)
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def _grow(self, needed: int) -> None:
+        self.capacity = max(needed, 2 * self.capacity)
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            grown = old.new_empty(*old.shape[:2], self.capacity, old.shape[-1])
+            grown[:, :, :self.length].copy_(old[:, :, :self.length])
+            setattr(self, name, grown)
+
+
+def preallocated_cache(model: nn.Module, capacity: int) -> DynamicCache | None:
+    """A ``DynamicCache`` whose full-attention layers are :class:`PreallocatedLayer` of ``capacity`` positions.
+
+    ``None`` (the model then makes its own cache) when the LLM is not an HF model or the cache
+    would hold any other kind of layer (sliding window, linear attention, shared KV).
+    """
+    config = getattr(getattr(model, "llm", None), "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    try:
+        cache = DynamicCache(config=config)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def fast_step_decoder(model: nn.Module) -> nn.Module | None:
+    """The LLM's decoder when decode steps may call its layers directly, else ``None``.
+
+    Requires a Llama-family HF decoder (:data:`FAST_STEP_MODEL_TYPES`) with SDPA attention,
+    the ``cache`` argument of transformers >= 5.24, and none of its layers replaced (fusion
+    bridges read per-call context through the full forward).
+    """
+    llm = getattr(model, "llm", None)
+    config = getattr(llm, "config", None)
+    if (config is None or getattr(config, "model_type", None) not in FAST_STEP_MODEL_TYPES
+            or getattr(config, "_attn_implementation", None) != "sdpa" or getattr(llm, "_cache_arg", None) != "cache"):
+        return None
+    decoder = llm.decoder
+    if not all(hasattr(decoder, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        return None
+    native = type(decoder).__module__
+    return decoder if all(type(layer).__module__ == native for layer in decoder.layers) else None
+
+
 class _Decoder:
     """One generation run: holds the growing mask, the cache or full sequence, and the visual tokens."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 pixel_values: torch.Tensor | None, use_cache: bool, bridge_inputs: dict[str, Any]) -> None:
+                 pixel_values: torch.Tensor | None, use_cache: bool, bridge_inputs: dict[str, Any],
+                 max_new_tokens: int) -> None:
         self.model = model
         self.use_cache = use_cache
         self.sequence = input_ids  # [B, L]; grows only without the cache
-        self.attention_mask = attention_mask  # [B, L + steps]
+        self.prompt_mask = attention_mask  # [B, L]
+        length = input_ids.shape[1]
+        self.full_mask = torch.ones(input_ids.shape[0], length + max_new_tokens, dtype=attention_mask.dtype,
+                                    device=attention_mask.device)  # [B, L + new]; a prefix is the current mask
+        self.full_mask[:, :length] = attention_mask
+        self.padded = not bool(attention_mask.all())  # without padding, decode steps need no mask at all
+        self.length = length
         self.image_tokens: torch.Tensor | None = None
         if pixel_values is not None and pixel_values.shape[0] > 0:  # encoded once, whatever the mode
             self.image_tokens = model.encode_images(pixel_values, **bridge_inputs)  # [n, M, D]
-        self.cache: Any = None
+        self.cache: Any = preallocated_cache(model, length + max_new_tokens) if use_cache else None
         self.next_position = attention_mask.long().sum(-1, keepdim=True)  # [B, 1]
+        self.fast = fast_step_decoder(model) if use_cache else None
+        self.step_mask = self.full_mask.bool()[:, None, None, :] if self.padded else None  # [B, 1, 1, L + new]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """The mask over every position so far, ``[B, L + steps]`` (a view)."""
+        return self.full_mask[:, :self.length]
 
     def prefill(self) -> torch.Tensor:
         """Run the prompt; returns the last position's logits ``[B, V]``."""
         if not self.use_cache:
             return self._full_sequence_logits()
-        output = self.model(self.sequence, self.attention_mask, image_tokens=self.image_tokens,
-                            position_ids=positions_from_mask(self.attention_mask), use_cache=True,
+        output = self.model(self.sequence, self.prompt_mask, image_tokens=self.image_tokens,
+                            position_ids=positions_from_mask(self.prompt_mask), cache=self.cache, use_cache=True,
                             return_logits="last")
         self.cache = output.cache
         return output.logits[:, -1]
@@ -171,20 +277,34 @@ class _Decoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` ``[B]`` and return the next logits ``[B, V]``."""
         new_ids = tokens.unsqueeze(-1)  # [B, 1]
-        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new_ids)], dim=-1)
+        self.length += 1  # at most max_new_tokens - 1 steps: the mask buffer always covers it
         if not self.use_cache:
             self.sequence = torch.cat([self.sequence, new_ids], dim=-1)
             return self._full_sequence_logits()
-        output = self.model(new_ids, self.attention_mask, position_ids=self.next_position, cache=self.cache,
-                            use_cache=True, return_logits="last")
+        if self.fast is not None:
+            logits = self._fast_step(new_ids)
+        else:
+            output = self.model(new_ids, self.attention_mask if self.padded else None,
+                                position_ids=self.next_position, cache=self.cache, use_cache=True, return_logits="last")
+            self.cache, logits = output.cache, output.logits[:, -1]
         self.next_position = self.next_position + 1
-        self.cache = output.cache
-        return output.logits[:, -1]
+        return logits
+
+    def _fast_step(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """One token per row straight through the decoder layers (what the full forward runs); ``[B, V]``."""
+        decoder = self.fast
+        hidden = decoder.embed_tokens(new_ids)  # [B, 1, D]; generated ids are never the image token
+        position_embeddings = decoder.rotary_emb(hidden, position_ids=self.next_position)
+        mask = self.step_mask[..., :self.length] if self.step_mask is not None else None  # [B, 1, 1, L + steps]
+        for layer in decoder.layers[:decoder.config.num_hidden_layers]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                           position_ids=self.next_position, cache=self.cache, use_cache=True)
+        return self.model.llm.logits(decoder.norm(hidden)[:, -1])
 
     def _full_sequence_logits(self) -> torch.Tensor:
-        output = self.model(self.sequence, self.attention_mask,
-                            position_ids=positions_from_mask(self.attention_mask), image_tokens=self.image_tokens,
-                            use_cache=False, return_logits="last")
+        mask = self.attention_mask
+        output = self.model(self.sequence, mask, position_ids=positions_from_mask(mask),
+                            image_tokens=self.image_tokens, use_cache=False, return_logits="last")
         return output.logits[:, -1]
 
 
@@ -221,7 +341,8 @@ def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
     pad = torch.tensor(config.pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
-    decoder = _Decoder(model, input_ids, attention_mask, pixel_values, config.use_cache, bridge_inputs)
+    decoder = _Decoder(model, input_ids, attention_mask, pixel_values, config.use_cache, bridge_inputs,
+                       config.max_new_tokens)
     logits = decoder.prefill()  # [B, V]
     banned = _banned_ids(model, logits.shape[-1])
     eos_ids = _eos_tensor(config, logits.shape[-1], device)

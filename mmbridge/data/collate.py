@@ -12,7 +12,9 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
 
     Returns ``input_ids``, ``attention_mask`` and (when the examples carry them) ``labels``,
     all ``[B, L]``; ``pixel_values`` ``[n_total_images, 3, H, W]`` in batch order, or ``None``
-    when no example has an image; and ``ids``. Use ``padding_side="left"`` for generation.
+    when no example has an image; and ``ids``. Examples that carry precomputed encoder
+    outputs (a feature cache) give ``image_features`` ``[n_total_images, N, D_v]`` instead of
+    ``pixel_values``. Use ``padding_side="left"`` for generation.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -28,7 +30,10 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
     }
     if examples and with_labels:
         batch["labels"] = _pad([example["labels"] for example in examples], length, IGNORE_INDEX, padding_side)
-    batch["pixel_values"] = _concat_images(examples)
+    if any("image_features" in example for example in examples):
+        batch["image_features"] = _concat_images(examples, "image_features")
+    else:
+        batch["pixel_values"] = _concat_images(examples)
     for key in sorted({key for example in examples for key in example if key.startswith("bridge_")}):
         batch[key] = _concat_per_image([example.get(key) for example in examples])
     batch["ids"] = [example["id"] for example in examples]
@@ -55,8 +60,7 @@ def _pad(rows: list[torch.Tensor], length: int, value: int, padding_side: str) -
     return padded
 
 
-def _concat_images(examples: list[dict]) -> torch.Tensor | None:
-    """All examples' ``pixel_values`` in batch order, ``[n, 3, H, W]``; ``None`` when there are none."""
-    images = [example["pixel_values"] for example in examples
-              if example.get("pixel_values") is not None and len(example["pixel_values"])]
+def _concat_images(examples: list[dict], key: str = "pixel_values") -> torch.Tensor | None:
+    """All examples' per-image rows under ``key`` in batch order (``[n, 3, H, W]`` pixels); ``None`` when none."""
+    images = [example[key] for example in examples if example.get(key) is not None and len(example[key])]
     return torch.cat(images) if images else None

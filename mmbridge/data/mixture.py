@@ -61,6 +61,7 @@ class DataConfig:
     skip_bad_samples: bool = False
     group_by_length: bool = True
     num_workers: int = 0
+    feature_cache: str | None = None  # a directory: stages with a frozen encoder train from cached features
 
     def __post_init__(self) -> None:
         self.sources = [source if isinstance(source, SourceConfig)

@@ -78,11 +78,13 @@ class Processor:
         return {"max_length": self.max_length, "system_prompt": self.system_prompt}
 
     # -- training examples ---------------------------------------------------------------------
-    def __call__(self, sample: Sample, images: list[Image.Image] | None = None) -> dict:
+    def __call__(self, sample: Sample, images: list[Image.Image] | None = None, pixels: bool = True) -> dict:
         """Process one sample; ``images`` (PIL) replace loading ``sample.images`` from disk.
 
         Returns ``{"id", "input_ids": [L], "labels": [L], "pixel_values": [n_images, 3, H, W]}``, plus
         ``bridge_text_ids``/``bridge_text_mask`` ``[n_images, T]`` with a ``bridge_tokenizer``.
+        ``pixels=False`` neither loads nor transforms the images and leaves ``pixel_values`` out
+        (a feature cache supplies the encoder outputs instead).
         """
         image_count = len(sample.images) if images is None else len(images)
         self._check_conversation(sample, image_count)
@@ -91,11 +93,11 @@ class Processor:
         input_ids, labels = self._tokenize(text, spans)
         input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id)
         input_ids, labels = self._truncate(input_ids, labels, sample.id)
-        if images is None:
-            images = self.load_images(sample)
-        return {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": self.transform.batch(images),
-                **self.bridge_text_inputs(messages)}
+        example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
+                   "labels": torch.tensor(labels, dtype=torch.long), **self.bridge_text_inputs(messages)}
+        if pixels:
+            example["pixel_values"] = self.transform.batch(self.load_images(sample) if images is None else images)
+        return example
 
     def load_images(self, sample: Sample) -> list[Image.Image]:
         """Open and fully decode every image of ``sample``; a missing or corrupt file is an :class:`ImageLoadError`.

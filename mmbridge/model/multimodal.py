@@ -165,12 +165,15 @@ class MultimodalModel(nn.Module):
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
                 image_tokens: torch.Tensor | None = None, return_logits: str = "all",
-                context: dict[str, Any] | None = None, **bridge_inputs: Any) -> MultimodalOutput:
+                context: dict[str, Any] | None = None, image_features: torch.Tensor | None = None,
+                **bridge_inputs: Any) -> MultimodalOutput:
         """LLaVA-compatible forward.
 
         ``return_logits``: ``"all"`` (``[B, L, V]``, as transformers), ``"last"`` (``[B, 1, V]``,
         for decoding) or ``"none"`` (training: only the loss). ``image_tokens`` may replace
-        ``pixel_values`` with bridge outputs computed elsewhere (feature caches, decoding).
+        ``pixel_values`` with bridge outputs computed elsewhere (decoding); ``image_features``
+        (``[n_images, N, D_v]``, vision-encoder outputs, e.g. from a feature cache) skip the
+        encoder and go through the bridge.
         ``context`` is per-call data for modules inside the LLM (fusion bridges); they read it,
         together with ``image_mask`` (``[B, L]``, True at visual tokens), from ``llm.context``.
         Keyword inputs named ``bridge_<name>`` (per-image tensors a batch carries, e.g. the
@@ -185,8 +188,10 @@ class MultimodalModel(nn.Module):
                             f"per-image bridge inputs must be named bridge_<name>")
         if return_logits not in ("all", "last", "none"):
             raise ValueError(f"return_logits must be 'all', 'last' or 'none', got {return_logits!r}")
-        embeds = self.embed(input_ids, pixel_values, image_tokens,
-                            {key[len("bridge_"):]: value for key, value in bridge_inputs.items()})
+        bridge_kwargs = {key[len("bridge_"):]: value for key, value in bridge_inputs.items()}
+        if image_tokens is None and image_features is not None and image_features.shape[0] > 0:
+            image_tokens = self.bridge(image_features, **bridge_kwargs)  # [n, M, D]
+        embeds = self.embed(input_ids, pixel_values, image_tokens, bridge_kwargs)
         call_context = {"image_mask": input_ids == self.image_token_id, **(context or {})}
         hidden, cache = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=cache, use_cache=use_cache, context=call_context)

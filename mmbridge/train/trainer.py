@@ -8,6 +8,7 @@ same losses as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,8 @@ from mmbridge.data import DataConfig, MixtureDataset, batch_indices, collate
 from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
 from mmbridge.registry import config_from_dict
 from mmbridge.train import checkpoint as ckpt
+from mmbridge.train.feature_cache import CachedFeatureDataset, build_feature_cache
+from mmbridge.train.precision import FrozenBf16Weights, frozen_weights_in_bf16, resolve_precision
 from mmbridge.train.recipe import (StageConfig, apply_stage, autocast, format_table, lr_lambda,
                                    optimizer_groups, stage_from_dict)
 from mmbridge.utils import seed_everything
@@ -121,7 +124,8 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
     return result
 
 
-def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel) -> tuple[_StageData, MixtureDataset]:
+def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, precision: str,
+                accelerator: Any, progress: bool) -> tuple[_StageData, MixtureDataset | CachedFeatureDataset]:
     spec = stage.data if stage.data is not None else run.data
     if spec is None:
         raise ValueError(f"stage '{stage.name}' has no data and the recipe has no default 'data'")
@@ -129,6 +133,11 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: Multimoda
     overrides = {"max_length": data_config.max_length} if data_config.max_length else {}
     processor = model.processor(**overrides)
     dataset = MixtureDataset(data_config, processor)
+    if data_config.feature_cache and stage.spec("vision").mode == "frozen":
+        with accelerator.main_process_first():  # the main process computes; the others then open it
+            cache = build_feature_cache(data_config.feature_cache, dataset, model.vision, precision,
+                                        progress=progress and accelerator.is_main_process)
+        dataset = CachedFeatureDataset(dataset, cache)
     pad_id = processor.pad_token_id
     return _StageData(dataset, stage, run.seed * 1000 + index, pad_id, data_config.group_by_length), dataset
 
@@ -136,7 +145,8 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: Multimoda
 def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, accelerator: Any,
                state: ckpt.TrainState, touched: set[str], saved: dict | None, saved_path: str | None,
                progress: bool, on_step: StepCallback | None, result: TrainResult) -> None:
-    data, dataset = _stage_data(run, index, stage, model)
+    precision = resolve_precision(stage.precision, accelerator.device)
+    data, dataset = _stage_data(run, index, stage, model, precision, accelerator, progress)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_step = stage.grad_accum * world
     total_steps = stage.steps or math.ceil(stage.epochs * data.batches_per_epoch / micro_per_step)
@@ -157,46 +167,55 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
     trainable = [p for group in groups for p in group["params"]]
     bar = tqdm(total=total_steps, initial=start, desc=stage.name, disable=not progress or not accelerator.is_main_process,
                dynamic_ncols=True)
-    for step in range(start, total_steps):
-        began = time.perf_counter()
-        loss_sum, samples, tokens = 0.0, 0, 0
-        for accum in range(stage.grad_accum):
-            batch = data.micro_batch((step * stage.grad_accum + accum) * world + rank)
-            if batch is None:
-                continue
-            with autocast(stage.precision, accelerator.device):
-                output = trained_model(**{key: value for key, value in batch.items() if key != "ids"},
-                                       return_logits="none")
-            accelerator.backward(output.loss / stage.grad_accum)
-            loss_sum += float(output.loss.detach())
-            samples += batch["input_ids"].shape[0]
-            tokens += output.num_label_tokens
-        if stage.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step, state.global_step = step + 1, state.global_step + 1
-        record = {"stage": stage.name, "stage_index": index, "step": step + 1, "global_step": state.global_step,
-                  "loss": loss_sum / stage.grad_accum, "lr": scheduler.get_last_lr()[0],
-                  "samples_per_s": samples / max(time.perf_counter() - began, 1e-9), "label_tokens": tokens}
-        result.history.append(record)
-        _append_log(run.output_dir, record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-        bar.update(1)
-        stage_done = step + 1 == total_steps
-        if accelerator.is_main_process and ((stage.save_every and (step + 1) % stage.save_every == 0) or stage_done):
-            saved_state = ckpt.TrainState(index + 1, 0, state.global_step, result.history) if stage_done else \
-                ckpt.TrainState(index, step + 1, state.global_step, result.history)
-            ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched, optimizer,
-                                 param_names, scheduler, saved_state)
-        if on_step is not None:
-            on_step(record)
+    with frozen_weights_in_bf16(model, precision, touched) as frozen:  # bit-identical to autocast's casts
+        for step in range(start, total_steps):
+            began = time.perf_counter()
+            loss_sum, samples, tokens = 0.0, 0, 0
+            for accum in range(stage.grad_accum):
+                batch = data.micro_batch((step * stage.grad_accum + accum) * world + rank)
+                if batch is None:
+                    continue
+                with autocast(precision, accelerator.device):
+                    output = trained_model(**{key: value for key, value in batch.items() if key != "ids"},
+                                           return_logits="none")
+                accelerator.backward(output.loss / stage.grad_accum)
+                loss_sum += float(output.loss.detach())
+                samples += batch["input_ids"].shape[0]
+                tokens += output.num_label_tokens
+            if stage.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step, state.global_step = step + 1, state.global_step + 1
+            record = {"stage": stage.name, "stage_index": index, "step": step + 1, "global_step": state.global_step,
+                      "loss": loss_sum / stage.grad_accum, "lr": scheduler.get_last_lr()[0],
+                      "samples_per_s": samples / max(time.perf_counter() - began, 1e-9), "label_tokens": tokens}
+            result.history.append(record)
+            _append_log(run.output_dir, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+            bar.update(1)
+            stage_done = step + 1 == total_steps
+            save_now = stage_done or bool(stage.save_every and (step + 1) % stage.save_every == 0)
+            if accelerator.is_main_process and save_now:
+                saved_state = ckpt.TrainState(index + 1, 0, state.global_step, result.history) if stage_done else \
+                    ckpt.TrainState(index, step + 1, state.global_step, result.history)
+                with _fp32(frozen):
+                    ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched, optimizer,
+                                         param_names, scheduler, saved_state)
+            if on_step is not None:
+                with _fp32(frozen):
+                    on_step(record)
     bar.close()
     model.eval()
     if dataset.skipped:
         result.skipped[stage.name] = dict(dataset.skipped)
         logger.warning("stage '%s' skipped samples: %s", stage.name, dataset.skipped)
+
+
+def _fp32(frozen: FrozenBf16Weights | None) -> Any:
+    """The fp32 weights for the block when a bf16 stage cast frozen ones (code outside autocast)."""
+    return frozen.fp32() if frozen is not None else contextlib.nullcontext()
 
 
 def _set_modes(model: MultimodalModel, stage: StageConfig) -> None:
