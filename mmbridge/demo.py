@@ -14,7 +14,6 @@ shapes, two stages with LoRA, save/reload, answers scored against what was drawn
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 

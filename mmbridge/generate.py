@@ -24,14 +24,15 @@ would build, so greedy tokens are identical (``tests/test_speed_equivalence.py``
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from mmbridge.utils import eval_mode
 
 Streamer = Callable[[torch.Tensor], None]
 FAST_STEP_MODEL_TYPES = ("llama",)  # decoders whose forward is embed → rotary → layers → norm, nothing else
@@ -101,19 +102,6 @@ def resolve_config(model: nn.Module, generation_config: GenerationConfig | None 
         config.pad_token_id = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
     config.validate()
     return config
-
-
-# -- model state ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the block, then restore each one's own ``training`` flag."""
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags.items():
-            module.training = training
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, seeding, dtype names."""
+"""Small shared helpers: atomic file writes, seeding, temporary eval mode."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 
 @contextlib.contextmanager
@@ -41,3 +42,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the block (no dropout, fixed BatchNorm statistics), then each one's
+    own ``training`` flag restored."""
+    flags = {sub: sub.training for sub in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in flags.items():
+            sub.training = training

@@ -40,3 +40,19 @@ def image_prompt(model: MultimodalModel, text_ids: list[int], images: int = 1) -
     """``[1, L]`` ids: text, then ``images`` runs of image tokens, then text again."""
     run = [model.image_token_id] * model.tokens_per_image
     return torch.tensor([text_ids + run * images + text_ids])
+
+
+def left_padded_pair(slots: int, image_token_id: int, pad_id: int,
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Two sequences, the first left-padded by 3, each holding one run of ``slots`` image tokens;
+    labels on the last 3 tokens. Returns ``input_ids``, ``attention_mask``, ``labels`` ``[2, L]``."""
+    text = torch.randint(5, image_token_id, (2, 8), generator=generator)
+    image = torch.full((slots,), image_token_id)
+    first = torch.cat([torch.full((3,), pad_id), text[0, :2], image, text[0, 5:]])
+    second = torch.cat([text[1, :5], image, text[1, 5:]])
+    input_ids = torch.stack([first, second])  # [2, L]
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -3:] = input_ids[:, -3:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

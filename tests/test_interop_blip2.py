@@ -18,6 +18,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
                           InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipQFormerConfig,
                           InstructBlipVisionConfig, LlamaConfig, OPTConfig, T5Config)
 
+from conftest import left_padded_pair
 from mmbridge.interop import from_hf_blip2, from_hf_instructblip, to_hf_blip2, to_hf_instructblip
 from mmbridge.model.multimodal import ModelConfig, MultimodalModel
 from mmbridge.testing import tiny_llm_config, tiny_tokenizer
@@ -88,17 +89,8 @@ def _hf_instructblip(tokenizer: Any, lm: str = "llama", frequency: int = 2,
 def _batch(image_token_id: int, pad_id: int, instruct: bool, seed: int = 0) -> dict[str, torch.Tensor]:
     """Two left-padded sequences (3 pads on the first), one image each, labels on the answer, Q-Former text."""
     generator = torch.Generator().manual_seed(seed)
-    text = torch.randint(5, image_token_id, (2, 8), generator=generator)
-    image = torch.full((QUERIES,), image_token_id)
-    first = torch.cat([torch.full((3,), pad_id), text[0, :2], image, text[0, 5:]])
-    second = torch.cat([text[1, :5], image, text[1, 5:]])
-    input_ids = torch.stack([first, second])  # [2, L]
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, :3] = 0
-    labels = torch.full_like(input_ids, -100)
-    labels[:, -3:] = input_ids[:, -3:]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-             "pixel_values": torch.randn(2, 3, 16, 16, generator=generator)}
+    batch = left_padded_pair(QUERIES, image_token_id, pad_id, generator)
+    batch["pixel_values"] = torch.randn(2, 3, 16, 16, generator=generator)
     if instruct:
         batch["qformer_input_ids"] = torch.randint(1, QFORMER_VOCAB, (2, 6), generator=generator)
         batch["qformer_attention_mask"] = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])

@@ -17,6 +17,7 @@ import torch
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaProcessor, SiglipVisionConfig)
 
+from conftest import left_padded_pair
 from mmbridge.interop import from_hf_llava, to_hf_llava
 from mmbridge.model.lora import LoraSpec
 from mmbridge.model.multimodal import ModelConfig, MultimodalModel
@@ -75,17 +76,8 @@ def _mmbridge_model(tokenizer: Any, tower: str, select: str = "default", layer: 
 def _batch(tokens_per_image: int, image_token_id: int, pad_id: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Two left-padded sequences (3 leading pads on the first), one image each, labels on the answer."""
     generator = torch.Generator().manual_seed(seed)
-    text = torch.randint(5, image_token_id, (2, 8), generator=generator)
-    image = torch.full((tokens_per_image,), image_token_id)
-    first = torch.cat([torch.full((3,), pad_id), text[0, :2], image, text[0, 5:]])
-    second = torch.cat([text[1, :5], image, text[1, 5:]])
-    input_ids = torch.stack([first, second])  # [2, L]
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, :3] = 0
-    labels = torch.full_like(input_ids, -100)
-    labels[:, -3:] = input_ids[:, -3:]
-    pixel_values = torch.randn(2, 3, 16, 16, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
+    batch = left_padded_pair(tokens_per_image, image_token_id, pad_id, generator)
+    return {**batch, "pixel_values": torch.randn(2, 3, 16, 16, generator=generator)}
 
 
 def _assert_parity(model: MultimodalModel, hf_model: LlavaForConditionalGeneration, tokenizer: Any) -> None:

@@ -30,7 +30,8 @@ from mmbridge.data.collate import collate
 from mmbridge.eval import tasks
 from mmbridge.eval.prompts import LETTERS
 from mmbridge.eval.tasks import Pair, Suite, TaskSpec
-from mmbridge.generate import eval_mode, resolve_config
+from mmbridge.generate import resolve_config
+from mmbridge.utils import eval_mode
 from mmbridge.utils import atomic_write_json
 
 

@@ -25,13 +25,11 @@ killed run leaves no index and the next run recomputes the cache.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,7 +42,7 @@ from mmbridge.data.formats.llava import Sample
 from mmbridge.data.mixture import MixtureDataset, SourceConfig
 from mmbridge.data.processor import SampleError
 from mmbridge.train.recipe import autocast
-from mmbridge.utils import atomic_path, atomic_write_json
+from mmbridge.utils import atomic_path, atomic_write_json, eval_mode
 
 logger = logging.getLogger("mmbridge")
 
@@ -213,7 +211,7 @@ def _compute(directory: str, dataset: MixtureDataset, vision: nn.Module, precisi
     writer = _ShardWriter(directory, shard_bytes)
     encoder = _Encoder(vision, precision, writer, batch_images)
     skipped: dict[str, str] = {}
-    with _eval_mode(vision):
+    with eval_mode(vision):
         for position, sample in enumerate(tqdm(dataset.samples, desc="feature cache", unit="sample",
                                                disable=not progress, dynamic_ncols=True)):
             if not sample.images:
@@ -229,16 +227,6 @@ def _compute(directory: str, dataset: MixtureDataset, vision: nn.Module, precisi
     return writer, skipped
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """The encoder in eval mode (no dropout, fixed BatchNorm statistics); each submodule's mode restored after."""
-    flags = {sub: sub.training for sub in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for sub, training in flags.items():
-            sub.training = training
 
 
 def build_feature_cache(root: str, dataset: MixtureDataset, vision: nn.Module, precision: str = "fp32",

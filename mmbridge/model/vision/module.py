@@ -23,6 +23,7 @@ from torch import nn
 
 from mmbridge.model.vision.base import VISION_ENCODERS, VisionEncoder
 from mmbridge.model.vision.transform import ImageTransform
+from mmbridge.utils import eval_mode
 
 LAYOUTS = ("grid", "tokens")
 
@@ -77,18 +78,11 @@ class ModuleVisionEncoder(VisionEncoder):
 
     def _measure_tokens(self) -> int:
         """Run one zero image through the module in eval mode (BatchNorm statistics stay untouched)."""
-        modes = {submodule: submodule.training for submodule in self.modules()}
         reference = next(self.module.parameters(), None)
         device = reference.device if reference is not None else torch.device("cpu")
         dummy = torch.zeros(1, 3, *self.transform.output_size, device=device)  # [1, 3, H, W]
-        self.eval()
-        try:
-            with torch.no_grad():
-                count = self(dummy).shape[1]
-        finally:
-            for submodule, training in modes.items():
-                submodule.training = training
-        return int(count)
+        with eval_mode(self), torch.no_grad():
+            return int(self(dummy).shape[1])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
         reference = next(self.module.parameters(), None)
