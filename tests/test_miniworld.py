@@ -14,7 +14,7 @@ from mmbridge.data import DataConfig, MixtureDataset, Processor, Sample, SampleE
 from mmbridge.eval.prompts import FORMATS, LETTERS
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import shape_image, tiny_tokenizer
-from mmbridge.worlds.miniworld import (COLOURS, HELD_OUT_PAIRS, SEEN_PAIRS, SPLITS, TASKS, make_record,
+from mmbridge.worlds.miniworld import (COLOURS, HELD_OUT_PAIRS, SEEN_PAIRS, SHAPES, SPLITS, TASKS, make_record,
                                        make_sample, write_task)
 from mmbridge.worlds.miniworld.geometry import pixel_box
 from mmbridge.worlds.miniworld.vocabulary import POPULARITY
@@ -326,22 +326,46 @@ def test_image_loader_must_return_one_image_per_named_image(processor):
 
 
 def test_attribute_drill_answers_come_from_the_scene():
+    kinds_seen = set()
     for index in range(40):
         record = make_record("attribute_drill", "train", index)
         objects = record["scene"]["objects"]
         colours, shapes = {o["colour"] for o in objects}, {o["shape"] for o in objects}
+        sizes = {o["size"] for o in objects}
         pairs = {(o["colour"], o["shape"]) for o in objects}
         turns = record["conversations"]
         assert record["format"] == "free" and turns[0]["value"].startswith("<image>\n")
-        existence = []
+        existence, counts = [], 0
         for question, answer in zip(turns[0::2], turns[1::2]):
-            text, reply = question["value"], answer["value"]
-            if text.split("\n")[-2 if "\n" in text else -1].startswith("Is there"):
+            text, reply = question["value"].replace("<image>\n", "").split("\n")[0], answer["value"]
+            if text.startswith("Is there"):
                 words = text.split("Is there ")[1].split(" in the image")[0].split()[-2:]
                 assert (reply == "yes") == (tuple(words) in pairs), (text, reply, pairs)
                 existence.append(reply)
-            elif "colo" in text.split("\n")[-2]:
+                kinds_seen.add("exists")
+            elif text.startswith(("How many", "Count")):
+                matching = [o for o in objects if _mentioned(o, text)]
+                assert reply == str(len(matching)), (text, reply, objects)
+                counts += 1
+                kinds_seen.add("count")
+            elif "small or large" in text or "size" in text:
+                assert reply in sizes
+                kinds_seen.add("size")
+            elif "colo" in text:
                 assert reply in colours
+                kinds_seen.add("colour")
             else:
-                assert reply in shapes
+                assert reply in shapes, (text, reply)
+                kinds_seen.add("shape")
         assert existence.count("yes") == 1 and existence.count("no") <= 1
+        assert counts == 1
+    assert kinds_seen == {"exists", "count", "size", "colour", "shape"}
+
+
+def _mentioned(item: dict, question: str) -> bool:
+    """Whether ``item`` is among what a drill's count question counts ("red objects", "circles", "objects")."""
+    words = question.rstrip("?.").split()
+    colour_ok = item["colour"] in words or not any(word in COLOURS for word in words)
+    shape_ok = any(word.startswith(item["shape"]) for word in words) or not any(
+        word.startswith(shape) for word in words for shape in SHAPES)
+    return colour_ok and shape_ok

@@ -1,8 +1,8 @@
 """Multi-turn instruction conversations about one scene (format "free": every turn has its own answer).
 
 ``conversation`` mixes captions, attributes, counts, existence, spatial relations and grounding;
-``attribute_drill`` asks the colour or shape of every object plus two balanced existence
-questions — several supervised answers per image, the cheapest way to teach a bridge to bind
+``attribute_drill`` asks the colour, shape or size of every object, one count and two balanced
+existence questions — several supervised answers per image, the cheapest way to teach a bridge to bind
 attributes to objects when each image costs a long visual prefix.
 """
 
@@ -17,6 +17,7 @@ from mmbridge.worlds.miniworld.task import Episode, Task
 from mmbridge.worlds.miniworld.tasks.common import focus_scene
 from mmbridge.worlds.miniworld.tasks.existence import negative_pair
 
+DRILL_ATTRIBUTES = {"colour": colour_question, "shape": shape_question, "size": size_question}
 KINDS = ("caption", "detailed", "colour", "shape", "size", "count", "exists", "relation", "grounding", "describe")
 
 
@@ -52,15 +53,20 @@ def turn_question(world: World, scene: Scene, kind: str) -> Question | None:
 
 
 def build_attribute_drill(world: World) -> Episode | None:
-    """Colour or shape of each of 1–4 objects, then one present and one absent object (order shuffled)."""
+    """Colour, shape or size of each of 1–4 objects, one count, then one present and one absent object.
+
+    Every kind of short answer the attribute, counting and existence tests ask for appears here:
+    a drill that left one out (size, say) taught the LoRA to answer a size question with a shape.
+    """
     scene = focus_scene(world, 1, 4)
     questions = []
     for target in scene.objects:
-        ask = colour_question if world.chance(0.5) else shape_question
-        question = ask(world, scene, target) or (shape_question if ask is colour_question else colour_question)(
-            world, scene, target)
+        kinds = world.shuffled(list(DRILL_ATTRIBUTES))
+        question = next((asked for asked in (DRILL_ATTRIBUTES[kind](world, scene, target) for kind in kinds)
+                         if asked is not None), None)
         if question is not None:
             questions.append(question)
+    questions.append(count_question(world, scene, scene.objects[0], world.choice((("colour",), ("shape",), ()))))
     present = {item.pair for item in scene.objects}
     absent = negative_pair(world, present, world.choice(("random", "popular", "adversarial")))
     existence = [existence_question(scene, world.choice(sorted(present)))]
@@ -71,5 +77,5 @@ def build_attribute_drill(world: World) -> Episode | None:
 
 
 TASKS = [Task("conversation", "multi-turn conversations mixing the single-image tasks", build_conversation),
-         Task("attribute_drill", "colour/shape of every object and balanced existence, multi-turn",
+         Task("attribute_drill", "colour/shape/size of every object, a count and balanced existence, multi-turn",
               build_attribute_drill)]
