@@ -34,3 +34,28 @@ def test_recipe_parses(path):
         assert data is not None, f"{path}: stage {stage.name} has no data"
         config_from_dict(DataConfig, dict(data))
         assert isinstance(stage.lr, float)
+
+
+
+def _on_bundled_backbones(path: str) -> bool:
+    model = load_run_config(path).model
+    return model["vision"]["type"] == "efficientnet_lite0" and model["llm"]["type"] == "smollm2"
+
+
+BUNDLED_RECIPES = [path for path in RECIPES if _on_bundled_backbones(path)]  # what `make` installs (DESIGN.md)
+
+
+def test_some_recipes_run_on_the_bundled_backbones():
+    assert {os.path.basename(path) for path in BUNDLED_RECIPES} >= {"demo_miniworld.yaml", "perceiver.yaml",
+                                                                    "pooled_mlp.yaml", "qwen_resampler.yaml"}
+
+
+@pytest.mark.parametrize("path", BUNDLED_RECIPES, ids=os.path.basename)
+def test_recipes_on_the_bundled_backbones_run_offline_as_shipped(path):
+    """A recipe on the bundled backbones reads only what ships: MiniWorld streams or files in the repository."""
+    run = load_run_config(path)
+    for stage in map(stage_from_dict, run.stages):
+        data = config_from_dict(DataConfig, dict(stage.data if stage.data is not None else run.data))
+        for source in data.sources:
+            assert source.miniworld or os.path.isfile(source.path), \
+                f"{path}: stage {stage.name} reads {source.path}, which nothing ships or writes"
