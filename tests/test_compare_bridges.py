@@ -1,0 +1,92 @@
+"""benchmarks/compare_bridges.py end to end on tiny random backbones: five bridges, one table, resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import yaml
+
+from mmbridge.testing import tiny_model_config, tiny_tokenizer
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compare_bridges.py")
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_bridges", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    tokenizer = tiny_tokenizer(str(root / "tokenizer"))
+    model = tiny_model_config(str(root / "tokenizer"), len(tokenizer) + 1)
+    recipe = {"model": model, "processor": {"max_length": 512}, "stages": [], "seed": 0}
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return root, str(path)
+
+
+def test_every_bridge_trains_at_the_same_budget_and_lands_in_one_table(compare, tiny_recipe, monkeypatch):
+    root, recipe = tiny_recipe
+    results = root / "RESULTS.md"
+    results.write_text("# Results\n\nearlier text stays\n")
+    out = root / "runs"
+    argv = ["--recipe", recipe, "--align-n", "8", "--instruct-n", "8", "--batch-size", "4", "--eval-n", "4",
+            "--tasks", "attribute", "existence", "--out", str(out), "--results", str(results), "--no-progress"]
+    assert compare.main(argv) == 0
+
+    summaries = {name: json.loads((out / name / "summary.json").read_text()) for name in compare.BRIDGES}
+    tokens = {name: summary["visual_tokens"] for name, summary in summaries.items()}
+    # tiny CLIP: 16x16 image, 4x4 patches → 16 tokens; pool 2x2 → 4; the query bridges → QUERIES
+    assert tokens == {"mlp": 16, "pooled_mlp": 4, "perceiver": compare.QUERIES, "qformer": compare.QUERIES,
+                      "qwen_resampler": compare.QUERIES}
+    for name, summary in summaries.items():
+        assert summary["steps"] == 4, name  # 8 + 8 samples at batch 4: the same steps for every bridge
+        assert summary["trainable_parameters"] > 0
+        assert set(summary["accuracy"]) == {"attribute", "attribute:compositional", "existence"}
+        assert summary["samples_per_s"]["align"] > 0 and summary["samples_per_s"]["instruct"] > 0
+        assert summary["lr"] == {"align": compare.BRIDGES[name][1], "instruct": compare.BRIDGES[name][2]}
+    assert summaries["qformer"]["trainable_parameters"] > summaries["mlp"]["trainable_parameters"]
+
+    text = results.read_text()
+    assert "earlier text stays" in text
+    section = text[text.index(compare.MARK_BEGIN):text.index(compare.MARK_END)]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0][2:] for row in rows[1:]] == [*compare.BRIDGES, "*blind (no image)*"]
+    assert "--instruct-n 8" in section and "bridge only" in section
+
+    # a second run reads every finished bridge back instead of training again, and replaces the section
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished bridge was trained again")
+
+    monkeypatch.setattr("mmbridge.train.train", no_training)
+    assert compare.main(argv) == 0
+    again = results.read_text()
+    assert again.count(compare.MARK_BEGIN) == 1 and again.count(compare.MARK_END) == 1
+    assert again.replace(again[again.index("Machine:"):again.index("Budget:")], "") == \
+        text.replace(text[text.index("Machine:"):text.index("Budget:")], "")
+
+
+def test_the_llm_stays_frozen_and_stages_match_across_bridges(compare, tiny_recipe):
+    root, recipe = tiny_recipe
+    from mmbridge.config import load_run_config
+    from mmbridge.train.recipe import stage_from_dict
+
+    base = load_run_config(recipe)
+    runs = [compare.comparison_run(base, name, str(root / "x"), 96, 160, 8) for name in compare.BRIDGES]
+    for run in runs:
+        stages = [stage_from_dict(stage) for stage in run.stages]
+        assert [stage.name for stage in stages] == ["align", "instruct"]
+        assert all(stage.spec("llm").mode == "frozen" and stage.spec("vision").mode == "frozen" for stage in stages)
+        assert all(stage.spec("bridge").mode == "full" for stage in stages)
+        assert run.model["vision"] == base.model["vision"] and run.model["llm"] == base.model["llm"]
+    budgets = {json.dumps([{key: stage[key] for key in ("data", "batch_size", "epochs", "precision")}
+                           for stage in run.stages]) for run in runs}
+    assert len(budgets) == 1  # the same data, batch, epochs and precision for every bridge
