@@ -579,3 +579,19 @@ def test_efficientnet_extra_blocks_append_pooled_block_outputs(lite0_64):
         torch.testing.assert_close(tokens[..., start:start + width], pooled)
     with pytest.raises(ValueError, match="extra_blocks: 16 is not a block index"):
         build_vision({"type": "efficientnet_lite0", "image_size": 64, "pretrained": False, "extra_blocks": [16]})
+
+
+def test_efficientnet_pixel_means_append_each_cells_mean_colour(lite0_64):
+    coloured = build_vision({"type": "efficientnet_lite0", "image_size": 64, "resample": "bilinear",
+                             "extra_blocks": [1], "pixel_means": True})
+    coloured.load_state_dict(lite0_64.state_dict())
+    assert coloured.feature_dim == 1280 + 24 + 3
+    pixels = torch.zeros(1, 3, 64, 64)
+    pixels[0, 0, :32, :32] = 1.0  # red channel up in the top-left 32x32 cell only (64 px → 2x2 grid)
+    pixels[0, 2, 32:, 32:] = -0.5  # blue channel down in the bottom-right cell
+    with torch.no_grad():
+        tokens = coloured(pixels)  # [1, 4, 1307]
+        plain = lite0_64(pixels)
+    torch.testing.assert_close(tokens[..., :1280], plain)
+    expected = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, -0.5]])  # row-major cells
+    torch.testing.assert_close(tokens[0, :, -3:], expected)

@@ -53,6 +53,7 @@ class EfficientNetLite0Config:
     resample: str = "bicubic"
     pad_to_square: bool = False
     extra_blocks: list[int] = dataclasses.field(default_factory=list)  # block outputs pooled onto the grid
+    pixel_means: bool = False  # append each cell's mean normalised RGB (3 channels): a direct colour path
 
 
 def lite0_transform(image_size: int, resample: str = "bicubic", pad_to_square: bool = False) -> ImageTransform:
@@ -99,7 +100,9 @@ class EfficientNetLite0Encoder(VisionEncoder):
                 raise ValueError(f"efficientnet_lite0 extra_blocks: {block} is not a block index (0–{blocks - 1})")
         self.extra_blocks = sorted(set(config.extra_blocks))
         extra_channels = sum(int(model._blocks[block]._bn2.num_features) for block in self.extra_blocks)
-        self.feature_dim = int(model._bn1.num_features) + extra_channels  # 1280 (head conv) + extra blocks
+        self.pixel_means = bool(config.pixel_means)
+        # 1280 (head conv) + extra blocks + 3 (cell mean colour)
+        self.feature_dim = int(model._bn1.num_features) + extra_channels + 3 * self.pixel_means
 
     def num_tokens(self) -> int:
         """Cells of the stride-32 grid for the transform's output size (49 at 224 px)."""
@@ -112,17 +115,19 @@ class EfficientNetLite0Encoder(VisionEncoder):
             raise ValueError(f"efficientnet_lite0 is built for {expected[0]}x{expected[1]} inputs (its SAME padding "
                              f"is fixed), got {tuple(pixel_values.shape[-2:])}; set image_size in its config")
         dtype = next(self.model.parameters()).dtype
-        if not self.extra_blocks:
+        if not self.extra_blocks and not self.pixel_means:
             return grid_to_tokens(self.model.extract_features(pixel_values.to(dtype)))  # [B, h*w, 1280]
-        return grid_to_tokens(self._grid_with_blocks(pixel_values.to(dtype)))  # [B, h*w, D]
+        return grid_to_tokens(self._grid_with_extras(pixel_values.to(dtype)))  # [B, h*w, D]
 
-    def _grid_with_blocks(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``extract_features`` with the ``extra_blocks`` outputs average-pooled onto the final grid.
+    def _grid_with_extras(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``extract_features`` with the ``extra_blocks`` outputs (and the input's mean colour) average-pooled
+        onto the final grid.
 
         Early blocks keep what the ImageNet head discards (colour above all), so concatenating
-        them helps a bridge answer attribute questions.
+        them helps a bridge answer attribute questions; ``pixel_means`` adds each cell's mean of
+        the normalised input, the most direct colour signal there is.
         """
-        model, kept = self.model, []
+        model, kept = self.model, [pixel_values] if self.pixel_means else []
         hidden = model._swish(model._bn0(model._conv_stem(pixel_values)))  # [B, 32, H/2, W/2]
         for index, block in enumerate(model._blocks):
             rate = model._global_params.drop_connect_rate
@@ -131,7 +136,9 @@ class EfficientNetLite0Encoder(VisionEncoder):
                 kept.append(hidden)
         head = model._swish(model._bn1(model._conv_head(hidden)))  # [B, 1280, h, w]
         pooled = [nn.functional.adaptive_avg_pool2d(grid, head.shape[-2:]) for grid in kept]  # [B, C_i, h, w]
-        return torch.cat([head, *pooled], dim=1)  # [B, 1280 + sum C_i, h, w]
+        if self.pixel_means:
+            pooled = pooled[1:] + pooled[:1]  # the mean colour goes last, after the blocks
+        return torch.cat([head, *pooled], dim=1)  # [B, 1280 + sum C_i (+ 3), h, w]
 
     def export_config(self) -> EfficientNetLite0Config:
         """The same architecture with ``pretrained=False``: the weights come from the saved checkpoint."""
