@@ -90,3 +90,26 @@ def test_the_llm_stays_frozen_and_stages_match_across_bridges(compare, tiny_reci
     budgets = {json.dumps([{key: stage[key] for key in ("data", "batch_size", "epochs", "precision")}
                            for stage in run.stages]) for run in runs}
     assert len(budgets) == 1  # the same data, batch, epochs and precision for every bridge
+
+
+def test_attribute_breakdown_splits_by_kind_and_object_count(make_model, monkeypatch):
+    spec = importlib.util.spec_from_file_location("attribute_breakdown", os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "attribute_breakdown.py"))
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+    assert breakdown.question_kind("How big is the star: small or large?", "large") == "size"
+    assert breakdown.question_kind("What is the colour of the large object?", "red") == "colour"
+    assert breakdown.question_kind("Which shape is the small object?", "star") == "shape"
+
+    from mmbridge.worlds.miniworld import make_record
+
+    records = [make_record("attribute", "test", index) for index in range(12)]
+    golds = [record["conversations"][1]["value"] for record in records]
+    answers = [gold if index % 3 else "wrong" for index, gold in enumerate(golds)]  # 8 of 12 right
+    monkeypatch.setattr(breakdown, "generate_answers", lambda model, prompts, max_new_tokens: answers)
+    counts = breakdown.breakdown(make_model(), 12)
+    assert sum(asked for _, asked in counts.values()) == 12 and sum(right for right, _ in counts.values()) == 8
+    for index, record in enumerate(records):
+        key = (breakdown.question_kind(record["conversations"][0]["value"], golds[index]),
+               len(record["scene"]["objects"]))
+        assert key in counts
