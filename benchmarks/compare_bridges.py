@@ -38,7 +38,7 @@ import torch
 from mmbridge.config import RunConfig, load_run_config
 from mmbridge.eval.harness import run_suite, save_results
 from mmbridge.model.multimodal import MultimodalModel
-from mmbridge.utils import atomic_write_json
+from mmbridge.utils import atomic_path, atomic_write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_RECIPE = os.path.join(ROOT, "configs", "demo_miniworld.yaml")
@@ -87,9 +87,9 @@ def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = 
     from mmbridge.train import train
 
     summary_path = os.path.join(run.output_dir, "summary.json")
+    settings = {"run": run.to_dict(), "tasks": tasks, "eval_n": eval_n}
     if os.path.isfile(summary_path):
-        with open(summary_path) as handle:
-            return json.load(handle)
+        return _reuse(summary_path, settings)
     began = time.perf_counter()
     result = train(run, resume=True, progress=progress)
     train_seconds = time.perf_counter() - began
@@ -98,6 +98,7 @@ def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = 
     results = run_suite(model, "miniworld", tasks, n=eval_n, progress=progress, model_dir=final)
     save_results(os.path.join(run.output_dir, "eval.json"), results)
     summary = {
+        "settings": settings,
         "bridge": run.model["bridge"],
         "visual_tokens": model.tokens_per_image,
         "trainable_parameters": sum(parameter.numel() for parameter in model.bridge.parameters()),
@@ -114,14 +115,24 @@ def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = 
 def blind_baseline(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = True) -> dict[str, float]:
     """The frozen LLM's accuracy without the image (one row: the LLM is frozen in every comparison run)."""
     path = os.path.join(os.path.dirname(run.output_dir), "blind.json")
+    settings = {"llm": run.model["llm"], "processor": run.processor, "tasks": tasks, "eval_n": eval_n}
     if os.path.isfile(path):
-        with open(path) as handle:
-            return json.load(handle)
+        return _reuse(path, settings)["accuracy"]
     model = MultimodalModel.from_config(run.model, processor_settings=run.processor)
     results = run_suite(model, "miniworld", tasks, n=eval_n, blind=True, progress=progress)
     accuracy = {task: entry["accuracy"] for task, entry in results["tasks"].items()}
-    atomic_write_json(path, accuracy)
+    atomic_write_json(path, {"settings": settings, "accuracy": accuracy})
     return accuracy
+
+
+def _reuse(path: str, settings: dict) -> dict:
+    """A finished result written with the same settings; another budget or task list is an error, not a reuse."""
+    with open(path) as handle:
+        saved = json.load(handle)
+    if json.loads(json.dumps(settings)) != saved.get("settings"):
+        raise SystemExit(f"{path} was written with other settings (budget, recipe, tasks or n); "
+                         f"pass a fresh --out or delete it")
+    return saved
 
 
 def comparison_table(rows: dict[str, dict], blind: dict[str, float]) -> str:
@@ -155,9 +166,8 @@ def write_results(path: str, section: str) -> None:
         text = pattern.sub(lambda _: section, text)
     else:
         text = text.rstrip("\n") + "\n\n## Bridge comparison on MiniWorld (equal budget)\n\n" + section + "\n"
-    with open(path + ".tmp", "w") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w") as handle:
         handle.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv: list[str] | None = None) -> int:

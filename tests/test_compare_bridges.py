@@ -73,6 +73,10 @@ def test_every_bridge_trains_at_the_same_budget_and_lands_in_one_table(compare, 
     assert again.replace(again[again.index("Machine:"):again.index("Budget:")], "") == \
         text.replace(text[text.index("Machine:"):text.index("Budget:")], "")
 
+    # another budget in the same --out is refused, naming the file, instead of reusing stale rows
+    with pytest.raises(SystemExit, match="mlp/summary.json was written with other settings"):
+        compare.main([*argv[:2], "--align-n", "16", *argv[4:]])
+
 
 def test_the_llm_stays_frozen_and_stages_match_across_bridges(compare, tiny_recipe):
     root, recipe = tiny_recipe
