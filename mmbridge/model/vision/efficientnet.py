@@ -127,7 +127,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
         them helps a bridge answer attribute questions; ``pixel_means`` adds each cell's mean of
         the normalised input, the most direct colour signal there is.
         """
-        model, kept = self.model, [pixel_values] if self.pixel_means else []
+        model, kept = self.model, []
         hidden = model._swish(model._bn0(model._conv_stem(pixel_values)))  # [B, 32, H/2, W/2]
         for index, block in enumerate(model._blocks):
             rate = model._global_params.drop_connect_rate
@@ -135,9 +135,9 @@ class EfficientNetLite0Encoder(VisionEncoder):
             if index in self.extra_blocks:
                 kept.append(hidden)
         head = model._swish(model._bn1(model._conv_head(hidden)))  # [B, 1280, h, w]
-        pooled = [nn.functional.adaptive_avg_pool2d(grid, head.shape[-2:]) for grid in kept]  # [B, C_i, h, w]
         if self.pixel_means:
-            pooled = pooled[1:] + pooled[:1]  # the mean colour goes last, after the blocks
+            kept.append(pixel_values)  # [B, 3, H, W]: pooled, each cell's mean colour
+        pooled = [nn.functional.adaptive_avg_pool2d(grid, head.shape[-2:]) for grid in kept]  # [B, C_i, h, w]
         return torch.cat([head, *pooled], dim=1)  # [B, 1280 + sum C_i (+ 3), h, w]
 
     def export_config(self) -> EfficientNetLite0Config:

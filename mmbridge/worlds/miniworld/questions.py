@@ -85,6 +85,9 @@ def size_question(world: World, scene: Scene, target: SceneObject) -> Question |
     return Question(template.format(name), "short", target.size, list(SIZE_SYNONYMS[target.size]))
 
 
+ATTRIBUTE_QUESTIONS = {"colour": colour_question, "shape": shape_question, "size": size_question}
+
+
 def count_question(world: World, scene: Scene, exemplar: SceneObject | ObjectSpec,
                    attributes: tuple[str, ...]) -> Question:
     """"How many red circles are there?" → the number of objects sharing ``attributes`` with ``exemplar``."""

@@ -8,16 +8,15 @@ attributes to objects when each image costs a long visual prefix.
 
 from __future__ import annotations
 
-from mmbridge.worlds.miniworld.questions import (Question, caption_question, colour_question, count_question,
+from mmbridge.worlds.miniworld.questions import (ATTRIBUTE_QUESTIONS, Question, caption_question, count_question,
                                                  describe_region_question, existence_question, grounding_question,
-                                                 relation_question, shape_question, size_question)
+                                                 relation_question)
 from mmbridge.worlds.miniworld.scene import Scene
 from mmbridge.worlds.miniworld.splits import World
 from mmbridge.worlds.miniworld.task import Episode, Task
 from mmbridge.worlds.miniworld.tasks.common import focus_scene
 from mmbridge.worlds.miniworld.tasks.existence import negative_pair
 
-DRILL_ATTRIBUTES = {"colour": colour_question, "shape": shape_question, "size": size_question}
 KINDS = ("caption", "detailed", "colour", "shape", "size", "count", "exists", "relation", "grounding", "describe")
 
 
@@ -38,7 +37,7 @@ def turn_question(world: World, scene: Scene, kind: str) -> Question | None:
     if kind in ("caption", "detailed"):
         return caption_question(world, scene, detailed=kind == "detailed")
     if kind in ("colour", "shape", "size"):
-        return {"colour": colour_question, "shape": shape_question, "size": size_question}[kind](world, scene, focus)
+        return ATTRIBUTE_QUESTIONS[kind](world, scene, focus)
     if kind == "count":
         return count_question(world, scene, focus, world.choice((("colour",), ("shape",), ())))
     if kind == "exists":
@@ -61,8 +60,8 @@ def build_attribute_drill(world: World) -> Episode | None:
     scene = focus_scene(world, 1, 4)
     questions = []
     for target in scene.objects:
-        kinds = world.shuffled(list(DRILL_ATTRIBUTES))
-        question = next((asked for asked in (DRILL_ATTRIBUTES[kind](world, scene, target) for kind in kinds)
+        kinds = world.shuffled(list(ATTRIBUTE_QUESTIONS))
+        question = next((asked for asked in (ATTRIBUTE_QUESTIONS[kind](world, scene, target) for kind in kinds)
                          if asked is not None), None)
         if question is not None:
             questions.append(question)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from mmbridge.worlds.miniworld.questions import (colour_question, count_question, extreme_question,
-                                                 nearest_question, relation_question, shape_question, size_question)
+from mmbridge.worlds.miniworld.questions import (ATTRIBUTE_QUESTIONS, count_question, extreme_question,
+                                                 nearest_question, relation_question)
 from mmbridge.worlds.miniworld.scene import ObjectSpec, distractor_text, layout_scene, object_specs
 from mmbridge.worlds.miniworld.splits import World
 from mmbridge.worlds.miniworld.task import Episode, Task
 from mmbridge.worlds.miniworld.tasks.common import focus_scene
 from mmbridge.worlds.miniworld.vocabulary import SEEN_PAIRS
 
-ATTRIBUTE_QUESTIONS = {"colour": colour_question, "shape": shape_question, "size": size_question}
 COUNT_CATEGORIES = (("colour",), ("shape",), ("colour", "shape"), ())
 MAX_OBJECTS = 6
 
