@@ -1,7 +1,7 @@
 """The ``mmbridge`` command: thin sub-commands that parse arguments and call the library.
 
     mmbridge train RECIPE.yaml [key.path=value ...] [--resume]
-    mmbridge pretrain-qformer RECIPE.yaml [key.path=value ...]   (BLIP-2 stage 1: ITC + ITM + ITG, no LLM)
+    mmbridge pretrain-qformer RECIPE.yaml [key.path=value ...] [--resume]   (BLIP-2 stage 1: ITC + ITM + ITG, no LLM)
     mmbridge generate --model DIR --image PATH --prompt TEXT [--max-new-tokens N] [--do-sample ...]
     mmbridge info --model DIR
     mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S]
@@ -41,7 +41,7 @@ def _pretrain_qformer(args: argparse.Namespace) -> int:
     run = load_run_config(args.recipe, args.overrides)
     if args.output_dir:
         run.output_dir = args.output_dir
-    result = pretrain(run, progress=not args.no_progress)
+    result = pretrain(run, progress=not args.no_progress, resume=args.resume)
     last = result.history[-1] if result.history else None
     if last:
         print(f"done: {len(result.history)} steps, final loss {last['loss']:.4f} (itc {last['itc']:.4f}, "
@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage1.add_argument("recipe", help="YAML recipe (model.vision + a qformer-family model.bridge)")
     stage1.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.steps=10")
     stage1.add_argument("--output-dir", help="shorthand for output_dir=…")
+    stage1.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     stage1.add_argument("--no-progress", action="store_true", help="no progress bars")
     stage1.set_defaults(run=_pretrain_qformer)
 

@@ -312,6 +312,38 @@ def _stage1_run(bert_dir: str, data: str, output: str, steps: int) -> RunConfig:
                      data={"sources": [{"path": data}]}, output_dir=output, seed=0)
 
 
+class _Killed(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("kill_after", [3, 4], ids=["mid-stage", "stage-boundary"])
+def test_stage1_resumed_after_a_kill_matches_an_uninterrupted_run(bert_dir, tmp_path, kill_after):
+    data = write_shape_dataset(str(tmp_path / "data"), 16, seed=5, size=16)
+    two_stages = _stage1_run(bert_dir, data, str(tmp_path / "whole"), 4)
+    two_stages.stages[0].update(save_every=3, precision="fp32")
+    two_stages.stages.append({**two_stages.stages[0], "name": "second", "steps": 3, "lr": 1e-3,
+                              "train": {"bridge": "full", "vision": "full"}})
+    whole = pretrain(two_stages, progress=False)
+
+    killed_run = _stage1_run(bert_dir, data, str(tmp_path / "killed"), 4)
+    killed_run.stages = two_stages.stages
+
+    def kill(record):
+        if len(seen) == kill_after - 1:
+            raise _Killed
+        seen.append(record)
+
+    seen: list[dict] = []
+    with pytest.raises(_Killed):
+        pretrain(killed_run, progress=False, on_step=kill)
+    resumed = pretrain(killed_run, progress=False, resume=True)
+    assert [record["loss"] for record in resumed.history] == [record["loss"] for record in whole.history]
+    assert len(resumed.history) == 7
+    trained = dict(whole.model.named_parameters())
+    for name, parameter in resumed.model.named_parameters():
+        assert torch.equal(parameter, trained[name]), name
+
+
 def test_stage1_gradients_reach_every_bridge_parameter(bert_dir, tmp_path):
     data = write_shape_dataset(str(tmp_path / "data"), 8, seed=3, size=16)
     model = build_pretrain_model(_stage1_run(bert_dir, data, str(tmp_path / "run"), 1).model)

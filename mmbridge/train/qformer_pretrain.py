@@ -29,7 +29,8 @@ a stage-2 bridge loads with ``init_from``. On the command line::
 
 Data: the sources of a recipe's ``data`` (LLaVA-format JSON files or streamed MiniWorld tasks);
 every sample has one image and its first assistant reply is the caption. Single process; ITC
-negatives are the other samples of the batch (no cross-device gathering).
+negatives are the other samples of the batch (no cross-device gathering). Checkpoints and
+``resume`` work as in the main trainer (``mmbridge pretrain-qformer RECIPE --resume``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from mmbridge.model.bridges.qformer import (QFormer, QFormerBridgeConfig, build_
 from mmbridge.model.multimodal import IGNORE_INDEX, MODULE_KEYS
 from mmbridge.model.vision import build_vision
 from mmbridge.registry import config_from_dict
+from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups, \
     stage_from_dict
 from mmbridge.utils import atomic_path, seed_everything
@@ -315,18 +317,39 @@ class PretrainResult:
 
 
 def pretrain(run: RunConfig, progress: bool = True, on_step: StepCallback | None = None,
-             model: QFormerPretrainModel | None = None) -> PretrainResult:
-    """Run every stage of a stage-1 recipe and save ``output_dir/final`` (see the module docstring)."""
+             model: QFormerPretrainModel | None = None, resume: bool = False) -> PretrainResult:
+    """Run every stage of a stage-1 recipe and save ``output_dir/final`` (see the module docstring).
+
+    Checkpoints (``output_dir/checkpoints``, the trainer's format) are written every
+    ``save_every`` steps and at the end of each stage; with ``resume`` the run continues from the
+    newest one with the same losses and weights as an uninterrupted run.
+    """
     stages = [stage_from_dict(stage) for stage in run.stages]
     if not stages:
         raise ValueError("the recipe has no stages")
     seed_everything(run.seed)
     model = model or build_pretrain_model(run.model)
+    saved_path = ckpt.latest_checkpoint(os.path.join(run.output_dir, "checkpoints")) if resume else None
+    saved = ckpt.read_state(saved_path) if saved_path else None
+    if resume and saved is None:
+        logger.warning("--resume: no checkpoint in %s/checkpoints; starting from scratch", run.output_dir)
     os.makedirs(run.output_dir, exist_ok=True)
     save_run_config(run, os.path.join(run.output_dir, "recipe.yaml"))
-    result = PretrainResult(model, output_dir=run.output_dir)
+    state = ckpt.TrainState(saved["stage_index"], saved["step"], saved["global_step"], saved["history"]) \
+        if saved else ckpt.TrainState()
+    result = PretrainResult(model, list(state.history), output_dir=run.output_dir)
+    touched: set[str] = set()
     for index, stage in enumerate(stages):
-        _run_stage(run, index, stage, model, progress, on_step, result)
+        rows = apply_stage(model, stage, log=False)
+        touched |= {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        if index < state.stage_index:
+            continue
+        logger.info("stage %d/%d '%s'\n%s", index + 1, len(run.stages), stage.name, format_table(rows))
+        resuming = saved if saved is not None and index == saved["stage_index"] else None
+        _run_stage(run, index, stage, model, progress, on_step, result, state, touched, resuming, saved_path)
+        state.stage_index, state.step = index + 1, 0
+    if saved is not None and saved["stage_index"] >= len(stages):  # every stage had finished
+        ckpt.load_trainable(saved_path, model)
     model.eval()
     save_pretrained_qformer(model, os.path.join(run.output_dir, "final"))
     with open(os.path.join(run.output_dir, "log.jsonl"), "w") as handle:
@@ -335,24 +358,33 @@ def pretrain(run: RunConfig, progress: bool = True, on_step: StepCallback | None
 
 
 def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: QFormerPretrainModel, progress: bool,
-               on_step: StepCallback | None, result: PretrainResult) -> None:
-    """One stage: freeze per the stage, AdamW with the stage's schedule, ``steps`` optimizer steps."""
-    rows = apply_stage(model, stage, log=False)
-    logger.info("stage %d/%d '%s'\n%s", index + 1, len(run.stages), stage.name, format_table(rows))
+               on_step: StepCallback | None, result: PretrainResult, state: ckpt.TrainState, touched: set[str],
+               saved: dict | None, saved_path: str | None) -> None:
+    """One stage (already frozen per ``apply_stage``): AdamW with the stage's schedule, ``steps`` optimizer
+    steps, from a checkpoint's step when ``saved`` is given."""
     spec = stage.data if stage.data is not None else run.data
     if spec is None:
         raise ValueError(f"stage '{stage.name}' has no data and the recipe has no default 'data'")
     batches = CaptionBatches(config_from_dict(DataConfig, dict(spec), where=f"stage '{stage.name}' data"), model,
                              stage.batch_size, run.seed * 1000 + index)
     total = stage.steps or math.ceil(stage.epochs * batches.batches_per_epoch / stage.grad_accum)
-    groups, _ = optimizer_groups(model, stage)
+    groups, param_names = optimizer_groups(model, stage)
     optimizer = torch.optim.AdamW(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, stage.warmup_ratio, stage.schedule))
+    start = 0
+    if saved is not None:
+        ckpt.load_trainable(saved_path, model)
+        if saved["step"] > 0:  # mid-stage: the optimizer and schedule go on where they were
+            ckpt.restore_optimizer(saved_path, optimizer, param_names, saved)
+            scheduler.last_epoch = saved["scheduler_last_epoch"]
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+            start = saved["step"]
+        ckpt.restore_rng(saved_path, saved)
     for key in MODULE_KEYS:
         model.get_submodule(key).train(stage.spec(key).mode != "frozen")
     trainable = [parameter for group in groups for parameter in group["params"]]
     device = trainable[0].device
-    for step in tqdm(range(total), desc=stage.name, disable=not progress):
+    for step in tqdm(range(start, total), desc=stage.name, disable=not progress, initial=start, total=total):
         parts = {"loss": 0.0, "itc": 0.0, "itm": 0.0, "itg": 0.0}
         for accum in range(stage.grad_accum):
             batch = {key: value.to(device) for key, value in batches(step * stage.grad_accum + accum).items()}
@@ -368,5 +400,12 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: QFormerPre
         optimizer.zero_grad(set_to_none=True)
         record = {"stage": stage.name, "step": step + 1, **parts, "lr": scheduler.get_last_lr()[0]}
         result.history.append(record)
+        state.step, state.global_step = step + 1, state.global_step + 1
+        stage_done = step + 1 == total
+        if stage_done or (stage.save_every and (step + 1) % stage.save_every == 0):
+            where = ckpt.TrainState(index + 1, 0, state.global_step, result.history) if stage_done else \
+                ckpt.TrainState(index, step + 1, state.global_step, result.history)
+            ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched, optimizer, param_names,
+                                 scheduler, where)
         if on_step is not None:
             on_step(record)
