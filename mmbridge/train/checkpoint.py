@@ -117,6 +117,17 @@ def restore_optimizer(path: str, optimizer: torch.optim.Optimizer, param_names: 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def restore_mid_stage(path: str, saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      param_names: list[str], scheduler: Any) -> int:
+    """Weights, AdamW state, schedule position and RNG of a mid-stage checkpoint; returns the step to go on from."""
+    load_trainable(path, model)
+    restore_optimizer(path, optimizer, param_names, saved)
+    restore_rng(path, saved)
+    scheduler.last_epoch = saved["scheduler_last_epoch"]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return int(saved["step"])
+
+
 def restore_rng(path: str, saved: dict) -> None:
     """Restore torch, Python and numpy RNG states saved with the checkpoint."""
     torch.set_rng_state(load_file(os.path.join(path, "optimizer.safetensors"))["__rng__.torch"])

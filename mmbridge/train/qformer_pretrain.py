@@ -372,13 +372,10 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: QFormerPre
     optimizer = torch.optim.AdamW(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, stage.warmup_ratio, stage.schedule))
     start = 0
-    if saved is not None:
+    if saved is not None and saved["step"] > 0:  # mid-stage: the optimizer and schedule go on where they were
+        start = ckpt.restore_mid_stage(saved_path, saved, model, optimizer, param_names, scheduler)
+    elif saved is not None:  # saved at the end of the previous stage
         ckpt.load_trainable(saved_path, model)
-        if saved["step"] > 0:  # mid-stage: the optimizer and schedule go on where they were
-            ckpt.restore_optimizer(saved_path, optimizer, param_names, saved)
-            scheduler.last_epoch = saved["scheduler_last_epoch"]
-            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-            start = saved["step"]
         ckpt.restore_rng(saved_path, saved)
     for key in MODULE_KEYS:
         model.get_submodule(key).train(stage.spec(key).mode != "frozen")

@@ -155,12 +155,7 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, stage.warmup_ratio, stage.schedule))
     start = 0
     if saved is not None:
-        ckpt.load_trainable(saved_path, model)
-        ckpt.restore_optimizer(saved_path, optimizer, param_names, saved)
-        ckpt.restore_rng(saved_path, saved)
-        scheduler.last_epoch = saved["scheduler_last_epoch"]
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        start = saved["step"]
+        start = ckpt.restore_mid_stage(saved_path, saved, model, optimizer, param_names, scheduler)
     trained_model = accelerator.prepare_model(model) if world > 1 else model
     optimizer = accelerator.prepare_optimizer(optimizer)
     _set_modes(model, stage)
