@@ -139,3 +139,28 @@ def write_shape_dataset(directory: str, count: int, seed: int = 0, size: int = 3
     with open(path, "w") as handle:
         json.dump(samples, handle, indent=1)
     return path
+
+
+def data_loss(model: Any, data: dict, max_length: int | None = None, batch_size: int = 16) -> float:
+    """Mean label-token loss of ``model`` over every sample of ``data`` (a DataConfig dict), in eval mode.
+
+    Tests judge training by this deterministic figure before and after, not by per-step training
+    losses: those are losses on different batches, whose order a rounding difference can flip.
+    """
+    import torch
+
+    from mmbridge.data import DataConfig, MixtureDataset, collate
+    from mmbridge.utils import eval_mode
+
+    spec = {key: value for key, value in data.items() if key != "feature_cache"}
+    processor = model.processor(**({"max_length": max_length} if max_length else {}))
+    dataset = MixtureDataset(DataConfig(**spec), processor)
+    total, tokens = 0.0, 0
+    with torch.no_grad(), eval_mode(model):
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))],
+                            processor.pad_token_id)
+            output = model(**{key: value for key, value in batch.items() if key != "ids"}, return_logits="none")
+            total += float(output.loss) * output.num_label_tokens
+            tokens += output.num_label_tokens
+    return total / tokens

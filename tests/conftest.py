@@ -11,7 +11,8 @@ from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.testing import tiny_model_config, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# MMBRIDGE_TEST_THREADS runs the suite with another thread count (CI does: results must not depend on it)
+torch.set_num_threads(int(os.environ.get("MMBRIDGE_TEST_THREADS", min(2, torch.get_num_threads()))))
 
 
 @pytest.fixture(scope="session")

@@ -90,11 +90,25 @@ def test_stage_that_trains_nothing_is_an_error(make_model):
 
 
 def test_two_stage_run_loss_falls_and_saves(tokenizer_dir, dataset, tmp_path):
-    stages = [{**ALIGN, "steps": 16}, {**INSTRUCT, "steps": 12}]
-    result = train(_run(tokenizer_dir, dataset, str(tmp_path / "run"), stages), progress=False)
-    for name, factor in (("align", 0.95), ("instruct", 0.8)):
-        losses = [record["loss"] for record in result.history if record["stage"] == name]
-        assert sum(losses[-3:]) / 3 < factor * sum(losses[:3]) / 3, (name, losses)
+    """Loss over the whole data set (eval mode) before training, after align, after instruct.
+
+    Measured 6.125 → 5.272 (×0.86) → 2.846 (×0.54), the same to 4 digits on AVX-512 and AVX2 kernels
+    with 1, 2 and 4 threads; the bounds leave room for any correct implementation.
+    """
+    from mmbridge.testing import data_loss
+
+    run = _run(tokenizer_dir, dataset, str(tmp_path / "run"), [{**ALIGN, "steps": 16}, {**INSTRUCT, "steps": 12}])
+    torch.manual_seed(0)
+    model = MultimodalModel.from_config(run.model, processor_settings=run.processor)
+    measured = [data_loss(model, run.data)]
+
+    def after_align(record: dict) -> None:
+        if record["stage"] == "align" and record["step"] == 16:
+            measured.append(data_loss(model, run.data))
+
+    result = train(run, progress=False, model=model, on_step=after_align)
+    measured.append(data_loss(result.model, run.data))
+    assert measured[1] < 0.93 * measured[0] and measured[2] < 0.7 * measured[1], measured
     final = tmp_path / "run" / "final"
     reloaded = MultimodalModel.from_pretrained(str(final))
     assert reloaded.config.adapters and reloaded.config.adapters[0]["key"] == "llm"
