@@ -23,10 +23,22 @@ def atomic_path(path: str) -> Iterator[str]:
     os.close(handle)
     try:
         yield temporary
+        make_shareable(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def make_shareable(path: str) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (rw-r--r-- / rwxr-xr-x under umask 022).
+
+    ``tempfile`` creates files 0600 and directories 0700; written files keep that mode through a
+    rename, so models and caches written atomically would be unreadable to other users.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def atomic_write_json(path: str, data: Any) -> None:

@@ -151,12 +151,13 @@ def test_killed_write_leaves_no_index_and_is_recomputed(tokenizer_dir, data_json
     monkeypatch.setattr(feature_cache, "write_shard", die_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
         build_feature_cache(root, dataset, vision, batch_images=2, shard_bytes=1, progress=False)
-    (key,) = os.listdir(root)
-    left = sorted(os.listdir(os.path.join(root, key)))
-    assert left == ["features-00000.safetensors"]  # one complete shard, no temporary file, no index
+    assert os.listdir(root) == [] and len(written) == 1  # the staging directory went with the failure
+    key = feature_cache.cache_key(dataset, vision, "fp32")
+    stale = os.path.join(root, f".{key}{feature_cache.STAGING_SUFFIX}killed")
+    os.makedirs(stale)  # what a SIGKILL'd build leaves: removed by the next build of the same cache
     monkeypatch.setattr(feature_cache, "write_shard", real_write)
     rebuilt = build_feature_cache(root, dataset, vision, batch_images=2, shard_bytes=1, progress=False)
-    assert os.path.isfile(os.path.join(root, key, INDEX_FILE))
+    assert os.listdir(root) == [key] and os.path.isfile(os.path.join(root, key, INDEX_FILE))
     assert len(rebuilt.index["shards"]) == len(dataset) and rebuilt.index["images"] == len(dataset)
     with torch.no_grad():
         expected = vision(dataset[5]["pixel_values"])
@@ -174,3 +175,26 @@ def test_bad_images_are_recorded_and_skipped(tokenizer_dir, data_json, tmp_path)
     cached = CachedFeatureDataset(dataset, cache)
     assert cached[2] is None and cached[3] is not None
     assert dict(cached.skipped) == {"image_load": 1}
+
+
+GRID_VISION = {"type": "module", "target": "torch.nn:Conv2d", "layout": "grid", "feature_dim": 24,
+               "kwargs": {"in_channels": 3, "out_channels": 24, "kernel_size": 8, "stride": 8},
+               "image_transform": {"size": [32, 32]}}
+
+
+def test_grid_encoder_features_are_cached_and_train_as_pixels_do(tokenizer_dir, data_json, tmp_path):
+    """A CNN's ``[B, C, h, w]`` read as ``[B, h*w, C]`` is a transposed, non-contiguous view (EfficientNet's
+    too); safetensors refuses such tensors, so the cache crashed after encoding every sample."""
+    def run(output: str, cache: str | None) -> list[float]:
+        config = _run(tokenizer_dir, data_json, output, cache)
+        config.model["vision"] = GRID_VISION
+        return [record["loss"] for record in train(config, progress=False).history]
+
+    tokens = torch.nn.Conv2d(3, 24, 8, 8)(torch.zeros(2, 3, 32, 32)).flatten(2).transpose(1, 2)
+    assert not tokens.is_contiguous()
+    plain = run(str(tmp_path / "plain"), None)
+    cached = run(str(tmp_path / "cached"), str(tmp_path / "cache"))
+    (key,) = os.listdir(tmp_path / "cache")
+    assert os.path.isfile(tmp_path / "cache" / key / INDEX_FILE)
+    # not bit for bit: the cache encodes up to 16 images per call, training 4 (another conv kernel may run)
+    assert cached == pytest.approx(plain, rel=1e-5)

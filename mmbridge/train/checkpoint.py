@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmbridge.utils import atomic_write_json
+from mmbridge.utils import atomic_write_json, make_shareable
 
 PREFIX = "step-"
 
@@ -63,6 +63,7 @@ def save_checkpoint(directory: str, model: torch.nn.Module, touched: set[str], o
         })
         if os.path.exists(final):
             shutil.rmtree(final)
+        make_shareable(staging)
         os.replace(staging, final)
     finally:
         if os.path.exists(staging):

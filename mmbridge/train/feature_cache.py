@@ -18,9 +18,10 @@ the user to delete).
 
 Layout of ``DIR/<key>/``: shards ``features-00000.safetensors`` … (one tensor per sample,
 named by its position in the data set, ``[n_images, N, D_v]``) and ``index.json`` (key,
-shapes, where each sample lives, samples whose images could not be loaded). Every shard is
-written to a temporary file and renamed; ``index.json`` is written last, the same way, so a
-killed run leaves no index and the next run recomputes the cache.
+shapes, where each sample lives, samples whose images could not be loaded). The directory is
+computed as ``DIR/.<key>.partial-XXXX`` and renamed into place once ``index.json`` is written,
+so ``DIR/<key>/`` is always complete: a failed build removes its staging directory, and one a
+killed process left behind is removed by the next build of the same cache.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import torch
@@ -42,7 +45,7 @@ from mmbridge.data.formats.llava import Sample
 from mmbridge.data.mixture import MixtureDataset, SourceConfig
 from mmbridge.data.processor import SampleError
 from mmbridge.train.recipe import autocast
-from mmbridge.utils import atomic_path, atomic_write_json, eval_mode
+from mmbridge.utils import atomic_path, atomic_write_json, eval_mode, make_shareable
 
 logger = logging.getLogger("mmbridge")
 
@@ -51,6 +54,7 @@ INDEX_FILE = "index.json"
 SHARD_PATTERN = "features-{:05d}.safetensors"
 DEFAULT_SHARD_BYTES = 256 * 2**20
 DEFAULT_BATCH_IMAGES = 16
+STAGING_SUFFIX = ".partial-"  # DIR/.<key>.partial-XXXX: a cache being computed, renamed to DIR/<key> when complete
 
 
 # -- key -------------------------------------------------------------------------------------------
@@ -169,9 +173,9 @@ class _ShardWriter:
 
 
 def write_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one safetensors shard through a temporary file and a rename."""
+    """Write one safetensors shard (tensors made contiguous) through a temporary file and a rename."""
     with atomic_path(path) as temporary:
-        save_file(tensors, temporary)
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary)
 
 
 class _Encoder:
@@ -195,7 +199,9 @@ class _Encoder:
             features = self.vision(pixels).to("cpu")  # [n, N, D_v]
         rows = features.split([len(pixels) for _, _, pixels in self.pending])
         for (position, sample_id, _), sample_features in zip(self.pending, rows):
-            self.writer.add(position, sample_id, sample_features.clone())
+            # grid encoders (a CNN's [B, C, h, w] read as [B, h*w, C]) give a transposed view; safetensors
+            # stores only contiguous tensors, and a row of its own frees the batch
+            self.writer.add(position, sample_id, sample_features.clone(memory_format=torch.contiguous_format))
         self.pending = []
 
 
@@ -240,14 +246,31 @@ def build_feature_cache(root: str, dataset: MixtureDataset, vision: nn.Module, p
     if os.path.isfile(os.path.join(directory, INDEX_FILE)):
         logger.info("feature cache: reusing %s", directory)
         return FeatureCache.open(directory)
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(root, exist_ok=True)
+    _remove_stale_staging(root, key)
     logger.info("feature cache: computing %s (%d samples)", directory, len(dataset.samples))
-    writer, skipped = _compute(directory, dataset, vision, precision, batch_images, shard_bytes, progress)
-    index = {"format": CACHE_FORMAT, "key": key, "precision": precision, "samples": len(dataset.samples),
-             "images": sum(entry["images"] for entry in writer.entries.values()), "shards": writer.shards,
-             "entries": writer.entries, "skipped": skipped}
-    atomic_write_json(os.path.join(directory, INDEX_FILE), index)
+    staging = tempfile.mkdtemp(dir=root, prefix=f".{key}{STAGING_SUFFIX}")
+    try:
+        writer, skipped = _compute(staging, dataset, vision, precision, batch_images, shard_bytes, progress)
+        index = {"format": CACHE_FORMAT, "key": key, "precision": precision, "samples": len(dataset.samples),
+                 "images": sum(entry["images"] for entry in writer.entries.values()), "shards": writer.shards,
+                 "entries": writer.entries, "skipped": skipped}
+        atomic_write_json(os.path.join(staging, INDEX_FILE), index)
+        if os.path.isdir(directory):  # an incomplete directory (no index) left by an older mmbridge
+            shutil.rmtree(directory)
+        make_shareable(staging)
+        os.replace(staging, directory)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
     return FeatureCache(directory, index)
+
+
+def _remove_stale_staging(root: str, key: str) -> None:
+    """Delete staging directories a killed build of the same cache left behind (one builder at a time)."""
+    for name in os.listdir(root):
+        if name.startswith(f".{key}{STAGING_SUFFIX}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 # -- data set --------------------------------------------------------------------------------------
