@@ -29,9 +29,7 @@ def _train(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else None
     if last:
         print(f"done: {len(result.history)} steps, final loss {last['loss']:.4f}; model saved to {run.output_dir}/final")
-    for stage, counts in result.skipped.items():
-        print(f"stage '{stage}' skipped samples: {counts}")
-    return 0
+    return 0  # skipped-sample counts were logged at the end of each stage
 
 
 def _pretrain_qformer(args: argparse.Namespace) -> int:
@@ -52,9 +50,15 @@ def _pretrain_qformer(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from mmbridge.model.multimodal import MultimodalModel
 
+    sampling = {"--temperature": args.temperature, "--top-p": args.top_p}
+    ignored = [flag for flag, value in sampling.items() if value is not None and not args.do_sample]
+    if ignored:
+        print(f"mmbridge generate: warning: {' and '.join(ignored)} only apply with --do-sample; "
+              f"decoding greedily", file=sys.stderr)
     model = MultimodalModel.from_pretrained(args.model)
     settings = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
-                "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+                "temperature": 1.0 if args.temperature is None else args.temperature,
+                "top_p": 1.0 if args.top_p is None else args.top_p, "seed": args.seed}
     if args.stream:
         tokenizer = model.tokenizer
         settings["streamer"] = lambda tokens: print(tokenizer.decode(tokens[0], skip_special_tokens=True),
@@ -96,8 +100,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _data_miniworld(args: argparse.Namespace) -> int:
+    from mmbridge.train.preflight import check_not_a_file
     from mmbridge.worlds.miniworld import write_task
 
+    check_not_a_file(args.out, "--out")
     path = write_task(args.task, args.split, args.n, args.out, seed=args.seed, progress=not args.no_progress)
     print(f"wrote {args.n} {args.task}/{args.split} samples to {path}")
     return 0
@@ -108,7 +114,7 @@ def info_text(model) -> str:
     config = model.export_config()
     counts = model.parameters_at_save or model.parameter_counts()
     lines = [
-        f"vision : {type(model.vision).__name__} ({_describe(config.vision)}), "
+        f"vision : {type(model.vision).__name__} ({_describe(config.vision)}; weights: the model's own), "
         f"{model.vision.num_tokens()} features × {model.vision.feature_dim}, input {model.vision.transform.output_size}",
         f"bridge : {_describe(config.bridge)}",
         f"llm    : {type(model.llm.model).__name__} ({model.llm.config.model_type}), hidden {model.llm.hidden_size}, "
@@ -127,7 +133,9 @@ def info_text(model) -> str:
 
 def _describe(spec) -> str:
     data = spec if isinstance(spec, dict) else vars(spec)
-    shown = {k: v for k, v in data.items() if k not in ("hf_config", "image_processor") and v not in (None, {}, [])}
+    # `pretrained` says where a fresh build takes its weights; a saved model's come from its own checkpoint
+    shown = {k: v for k, v in data.items()
+             if k not in ("hf_config", "image_processor", "pretrained") and v not in (None, {}, [])}
     return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
@@ -158,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="text; <image> marks where images go (prepended if absent)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--do-sample", action="store_true")
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
+    generate.add_argument("--top-p", type=float, default=None, help="with --do-sample (default 1.0)")
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     generate.set_defaults(run=_generate)
@@ -196,14 +204,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, as shells report a Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command. A user's mistake (recipe, data, arguments, paths) prints one line naming the field,
+    file or value and returns 2; Ctrl-C returns 130 (training first saves a checkpoint to resume from)."""
+    from mmbridge.train.interrupt import TrainingInterrupted
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"mmbridge {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except TrainingInterrupted as stopped:
+        print(f"mmbridge {args.command}: {stopped}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"mmbridge {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # a KeyError's str() is its repr
+        print(f"mmbridge {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -114,7 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         return run_tiny(os.path.join(args.out, "tiny"))
     if not os.path.isfile(args.recipe):
         raise SystemExit(f"recipe {args.recipe} not found (run from the repository, or pass --recipe)")
-    return run_miniworld(args.out, args.recipe, args.n)
+    from mmbridge.train.interrupt import TrainingInterrupted
+
+    try:
+        return run_miniworld(args.out, args.recipe, args.n)
+    except TrainingInterrupted as stopped:
+        print(f"\ndemo {stopped} (run it again to go on)")
+        return 130
+    except KeyboardInterrupt:
+        print("\ndemo interrupted; training resumes from its last checkpoint when you run it again")
+        return 130
+    except (ValueError, OSError) as error:
+        print(f"demo: error: {error}")
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ lists what is valid, so a typo in a recipe is a one-line fix.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
@@ -71,10 +73,66 @@ class Registry(Generic[T]):
 
 
 def config_from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from ``data``, rejecting unknown fields with the list of valid ones."""
+    """Instantiate dataclass ``cls`` from ``data``, rejecting unknown fields (listing the valid ones) and values
+    of the wrong type (naming the field, the type it takes and the value given)."""
+    label = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ValueError(f"{label}: expected a mapping of fields, got {data!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        label = where or cls.__name__
         raise ValueError(f"{label}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if not _matches(value, hints.get(name, Any)):
+            raise ValueError(f"{label}: field '{name}' must be {describe_type(hints[name])}, got {value!r}")
     return cls(**data)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a value read from YAML fits a dataclass field annotation (lists may stand for tuples,
+    mappings for dataclasses, ints for floats; anything the check does not model passes)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, TypeVar):
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(item, arg) for item, arg in zip(value, args))
+        return not args or all(_matches(item, args[0]) for item in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def describe_type(hint: Any) -> str:
+    """A field annotation in words: ``a number``, ``an integer or null``, ``a list of integers``…"""
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+             list: "a list", tuple: "a list", type(None): "null"}
+    if hint in words:
+        return words[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg) for arg in args)
+    if origin in (list, tuple):
+        return "a list" + (f" of {describe_type(args[0]).split(' ', 1)[-1]}s" if args and args[0] in words else "")
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping ({hint.__name__})"
+    return str(hint)

@@ -202,3 +202,121 @@ def test_cli_train_info_generate(tokenizer_dir, dataset, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == answer.strip()  # the same greedy tokens, printed as they come
     assert main(["train", str(tmp_path / "absent.yaml")]) == 2
     assert "absent.yaml does not exist" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_recipe_and_keeps_the_saved_one(tokenizer_dir, dataset, tmp_path):
+    stages = [{**ALIGN, "steps": 2}]
+    train(_run(tokenizer_dir, dataset, str(tmp_path / "r"), stages), progress=False)
+    saved = (tmp_path / "r" / "recipe.yaml").read_text()
+    changed = _run(tokenizer_dir, dataset, str(tmp_path / "r"), [{**ALIGN, "steps": 3, "save_every": 1}])
+    with pytest.raises(ValueError, match=r"recipe differs .*stages\.0\.steps: 2 → 3\. Resume with that recipe"):
+        train(changed, resume=True, progress=False)
+    assert (tmp_path / "r" / "recipe.yaml").read_text() == saved  # still describes what was trained
+    again = _run(tokenizer_dir, dataset, str(tmp_path / "r"), [{**ALIGN, "steps": 2, "save_every": 1}])
+    assert len(train(again, resume=True, progress=False).history) == 2  # save_every may change
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_micro_batches_whose_samples_were_all_skipped_are_not_steps(tokenizer_dir, dataset, tmp_path):
+    samples = json.loads(open(dataset).read())[:4]
+    samples[1]["image"] = "missing.png"
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(samples))
+    stages = [{**ALIGN, "steps": 6, "batch_size": 1, "save_every": 1}]
+
+    def run(output: str):
+        config = _run(tokenizer_dir, str(data), str(tmp_path / output), stages)
+        config.data.update(skip_bad_samples=True, group_by_length=False)
+        config.data["sources"][0]["image_root"] = os.path.dirname(dataset)
+        return config
+
+    whole = train(run("whole"), progress=False)
+    assert len(whole.history) == 6 and all(record["label_tokens"] > 0 for record in whole.history)
+    assert sum(record.get("empty_batches", 0) for record in whole.history) >= 1
+    assert whole.skipped["align"] == {"image_load": sum(r.get("empty_batches", 0) for r in whole.history)}
+
+    def stop_at_four(record: dict) -> None:
+        if record["step"] == 4:
+            raise _Stop()
+
+    with pytest.raises(_Stop):
+        train(run("stopped"), progress=False, on_step=stop_at_four)
+    resumed = train(run("stopped"), resume=True, progress=False)  # the checkpoint keeps the micro-batch position
+    assert [record["loss"] for record in resumed.history] == [record["loss"] for record in whole.history]
+
+
+def test_log_records_the_learning_rate_each_step_used(tokenizer_dir, dataset, tmp_path):
+    from mmbridge.train.recipe import lr_lambda
+
+    stage = {**ALIGN, "steps": 4, "warmup_ratio": 0.0}
+    result = train(_run(tokenizer_dir, dataset, str(tmp_path / "lr"), [stage]), progress=False)
+    factor = lr_lambda(4, 0.0, "cosine")
+    assert [record["lr"] for record in result.history] == pytest.approx([1e-2 * factor(step) for step in range(4)])
+    assert result.history[0]["lr"] == pytest.approx(1e-2) and result.history[-1]["lr"] > 0
+
+
+def test_saved_files_are_readable_by_others(tokenizer_dir, dataset, tmp_path):
+    train(_run(tokenizer_dir, dataset, str(tmp_path / "m"), [{**ALIGN, "steps": 1}]), progress=False)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    final = tmp_path / "m" / "final"
+    for name in ("model.safetensors", "config.json", "processor.json"):
+        assert (final / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    (checkpoint,) = (tmp_path / "m" / "checkpoints").iterdir()
+    assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_info_does_not_call_a_trained_encoder_unpretrained():
+    from mmbridge.cli import _describe
+
+    text = _describe({"type": "efficientnet_lite0", "pretrained": False, "image_size": 224})
+    assert "pretrained" not in text and "image_size=224" in text
+
+
+def test_sampling_flags_without_do_sample_warn(tokenizer_dir, dataset, tmp_path, capsys):
+    train(_run(tokenizer_dir, dataset, str(tmp_path / "g"), [{**ALIGN, "steps": 1}]), progress=False)
+    image = os.path.join(os.path.dirname(dataset), "images", "0000.png")
+    arguments = ["generate", "--model", str(tmp_path / "g" / "final"), "--image", image, "--prompt", "Colour?",
+                 "--max-new-tokens", "2"]
+    assert main(arguments) == 0
+    greedy = capsys.readouterr()
+    assert "warning" not in greedy.err
+    assert main([*arguments, "--temperature", "0.7"]) == 0
+    warned = capsys.readouterr()
+    assert "--temperature only apply with --do-sample; decoding greedily" in warned.err
+    assert warned.out == greedy.out
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_stage_on_any_cpu(tokenizer_dir, dataset, tmp_path, monkeypatch, caplog, native):
+    """Both hardware paths run on every CPU: bf16 autocast with frozen weights cast once (forced native), and the
+    fp32 fallback with its warning (forced not native), which must train exactly as an fp32 stage does."""
+    import logging
+
+    from mmbridge.train import precision
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: native)
+    seen: list[tuple[torch.dtype, bool]] = []  # (q_proj's weight dtype, autocast on) at each of its calls
+    stage = {**ALIGN, "steps": 2, "precision": "bf16"}
+
+    def built(output: str, stages: list[dict]) -> tuple[RunConfig, MultimodalModel]:
+        run = _run(tokenizer_dir, dataset, str(tmp_path / output), stages)
+        torch.manual_seed(0)
+        return run, MultimodalModel.from_config(run.model, processor_settings=run.processor)
+
+    run, model = built("bf16", [stage])
+    model.llm.decoder.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda module, args: seen.append((module.weight.dtype, torch.is_autocast_enabled("cpu"))))
+    with caplog.at_level(logging.WARNING, logger="mmbridge"):
+        result = train(run, progress=False, model=model)
+    fell_back = "bf16 is not native on cpu: this stage trains in fp32" in caplog.text
+    assert seen and fell_back == (not native)
+    assert set(seen) == ({(torch.bfloat16, True)} if native else {(torch.float32, False)})
+    assert all(parameter.dtype == torch.float32 for parameter in result.model.parameters())  # originals back
+    if not native:
+        run, model = built("fp32", [{**stage, "precision": "fp32"}])
+        fp32 = train(run, progress=False, model=model)
+        assert [r["loss"] for r in result.history] == [r["loss"] for r in fp32.history]

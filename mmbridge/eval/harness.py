@@ -302,8 +302,11 @@ def save_results(path: str, results: dict[str, Any]) -> None:
 
 def load_results(path: str) -> dict[str, Any]:
     """Read a results document written by :func:`save_results`."""
-    with open(path, encoding="utf-8") as handle:
-        results = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            results = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not an mmbridge eval results file (not JSON: {error})") from None
     if not isinstance(results, dict) or "tasks" not in results:
         raise ValueError(f"{path}: not an mmbridge eval results file (no 'tasks')")
     return results

@@ -39,6 +39,7 @@ class TrainState:
     step: int = 0
     global_step: int = 0
     history: list[dict] = field(default_factory=list)
+    micro: int | None = None  # micro-batches the stage has consumed (more than step × grad_accum when some were empty)
 
 
 def save_checkpoint(directory: str, model: torch.nn.Module, touched: set[str], optimizer: torch.optim.Optimizer,
@@ -57,7 +58,7 @@ def save_checkpoint(directory: str, model: torch.nn.Module, touched: set[str], o
         numpy_state = np.random.get_state()
         atomic_write_json(os.path.join(staging, "state.json"), {
             "stage_index": state.stage_index, "step": state.step, "global_step": state.global_step,
-            "history": state.history, "scheduler_last_epoch": scheduler.last_epoch, "param_groups": groups,
+            "micro": state.micro, "history": state.history, "scheduler_last_epoch": scheduler.last_epoch, "param_groups": groups,
             "param_names": param_names, "python_rng": _jsonable(random.getstate()),
             "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         })
@@ -70,6 +71,48 @@ def save_checkpoint(directory: str, model: torch.nn.Module, touched: set[str], o
             shutil.rmtree(staging)
     _prune(directory, keep)
     return final
+
+
+def saved_state(saved: dict) -> TrainState:
+    """The :class:`TrainState` recorded in a checkpoint's ``state.json``."""
+    return TrainState(saved["stage_index"], saved["step"], saved["global_step"], saved["history"], saved.get("micro"))
+
+
+def check_recipe_unchanged(recipe_path: str, current: dict, checkpoint: str) -> None:
+    """Refuse to resume when the recipe differs from the one the checkpoint was trained with.
+
+    ``current`` is the resolved recipe (``RunConfig.to_dict()``); ``output_dir`` and the stages'
+    ``save_every``/``log_every`` may change (they do not change what is trained). The error lists
+    every other difference as ``path: old → new``.
+    """
+    import yaml
+
+    if not os.path.isfile(recipe_path):
+        return
+    with open(recipe_path) as handle:
+        previous = yaml.safe_load(handle) or {}
+    current = yaml.safe_load(yaml.safe_dump(current, sort_keys=False))  # the same normal form as the saved file
+    changes = [f"{path}: {old!r} → {new!r}" for path, old, new in _differences(previous, current)
+               if path != "output_dir" and path.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE]
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise ValueError(f"cannot resume from {checkpoint}: the recipe differs from the one it was trained with "
+                         f"({recipe_path}): {shown}. Resume with that recipe, or train into a new output_dir")
+
+
+RESUME_MAY_CHANGE = ("save_every", "log_every")
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """Dotted paths where two YAML documents differ, with the values on each side."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in list(old) + [key for key in new if key not in old]:
+            found += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return found
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [item for index, (a, b) in enumerate(zip(old, new)) for item in _differences(a, b, f"{path}.{index}")]
+    return [] if old == new else [(path, old, new)]
 
 
 def latest_checkpoint(directory: str) -> str | None:

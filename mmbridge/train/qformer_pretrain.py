@@ -57,10 +57,10 @@ from mmbridge.model.bridges.qformer import (QFormer, QFormerBridgeConfig, build_
                                             resolve_config, save_qformer)
 from mmbridge.model.multimodal import IGNORE_INDEX, MODULE_KEYS
 from mmbridge.model.vision import build_vision
-from mmbridge.registry import config_from_dict
 from mmbridge.train import checkpoint as ckpt
-from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups, \
-    stage_from_dict
+from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
+from mmbridge.train.preflight import check_run, stage_data
+from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups
 from mmbridge.utils import atomic_path, seed_everything
 
 logger = logging.getLogger("mmbridge")
@@ -324,19 +324,18 @@ def pretrain(run: RunConfig, progress: bool = True, on_step: StepCallback | None
     ``save_every`` steps and at the end of each stage; with ``resume`` the run continues from the
     newest one with the same losses and weights as an uninterrupted run.
     """
-    stages = [stage_from_dict(stage) for stage in run.stages]
-    if not stages:
-        raise ValueError("the recipe has no stages")
-    seed_everything(run.seed)
-    model = model or build_pretrain_model(run.model)
+    stages = check_run(run, components=("vision", "bridge"))  # stage 1 has no LLM
     saved_path = ckpt.latest_checkpoint(os.path.join(run.output_dir, "checkpoints")) if resume else None
+    if saved_path:
+        ckpt.check_recipe_unchanged(os.path.join(run.output_dir, "recipe.yaml"), run.to_dict(), saved_path)
     saved = ckpt.read_state(saved_path) if saved_path else None
     if resume and saved is None:
         logger.warning("--resume: no checkpoint in %s/checkpoints; starting from scratch", run.output_dir)
+    seed_everything(run.seed)
+    model = model or build_pretrain_model(run.model)
     os.makedirs(run.output_dir, exist_ok=True)
     save_run_config(run, os.path.join(run.output_dir, "recipe.yaml"))
-    state = ckpt.TrainState(saved["stage_index"], saved["step"], saved["global_step"], saved["history"]) \
-        if saved else ckpt.TrainState()
+    state = ckpt.saved_state(saved) if saved else ckpt.TrainState()
     result = PretrainResult(model, list(state.history), output_dir=run.output_dir)
     touched: set[str] = set()
     for index, stage in enumerate(stages):
@@ -362,11 +361,7 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: QFormerPre
                saved: dict | None, saved_path: str | None) -> None:
     """One stage (already frozen per ``apply_stage``): AdamW with the stage's schedule, ``steps`` optimizer
     steps, from a checkpoint's step when ``saved`` is given."""
-    spec = stage.data if stage.data is not None else run.data
-    if spec is None:
-        raise ValueError(f"stage '{stage.name}' has no data and the recipe has no default 'data'")
-    batches = CaptionBatches(config_from_dict(DataConfig, dict(spec), where=f"stage '{stage.name}' data"), model,
-                             stage.batch_size, run.seed * 1000 + index)
+    batches = CaptionBatches(stage_data(run, index, stage), model, stage.batch_size, run.seed * 1000 + index)
     total = stage.steps or math.ceil(stage.epochs * batches.batches_per_epoch / stage.grad_accum)
     groups, param_names = optimizer_groups(model, stage)
     optimizer = torch.optim.AdamW(groups)
@@ -381,28 +376,37 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: QFormerPre
         model.get_submodule(key).train(stage.spec(key).mode != "frozen")
     trainable = [parameter for group in groups for parameter in group["params"]]
     device = trainable[0].device
-    for step in tqdm(range(start, total), desc=stage.name, disable=not progress, initial=start, total=total):
-        parts = {"loss": 0.0, "itc": 0.0, "itm": 0.0, "itg": 0.0}
-        for accum in range(stage.grad_accum):
-            batch = {key: value.to(device) for key, value in batches(step * stage.grad_accum + accum).items()}
-            with autocast(stage.precision, device):
-                output = model(**batch)
-            (output.loss / stage.grad_accum).backward()
-            for name in parts:
-                parts[name] += float(getattr(output, name).detach()) / stage.grad_accum
-        if stage.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"stage": stage.name, "step": step + 1, **parts, "lr": scheduler.get_last_lr()[0]}
-        result.history.append(record)
-        state.step, state.global_step = step + 1, state.global_step + 1
-        stage_done = step + 1 == total
-        if stage_done or (stage.save_every and (step + 1) % stage.save_every == 0):
-            where = ckpt.TrainState(index + 1, 0, state.global_step, result.history) if stage_done else \
-                ckpt.TrainState(index, step + 1, state.global_step, result.history)
-            ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched, optimizer, param_names,
-                                 scheduler, where)
-        if on_step is not None:
-            on_step(record)
+    with StopOnInterrupt() as stop:
+        for step in tqdm(range(start, total), desc=stage.name, disable=not progress, initial=start, total=total):
+            parts = {"loss": 0.0, "itc": 0.0, "itm": 0.0, "itg": 0.0}
+            for accum in range(stage.grad_accum):
+                batch = {key: value.to(device) for key, value in batches(step * stage.grad_accum + accum).items()}
+                with autocast(stage.precision, device):
+                    output = model(**batch)
+                (output.loss / stage.grad_accum).backward()
+                for name in parts:
+                    parts[name] += float(getattr(output, name).detach()) / stage.grad_accum
+            if stage.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"stage": stage.name, "step": step + 1, **parts, "lr": learning_rate}
+            result.history.append(record)
+            state.step, state.global_step = step + 1, state.global_step + 1
+            stage_done = step + 1 == total
+
+            def save() -> str:
+                where = ckpt.TrainState(index + 1, 0, state.global_step, result.history) if stage_done else \
+                    ckpt.TrainState(index, step + 1, state.global_step, result.history)
+                return ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched, optimizer,
+                                            param_names, scheduler, where)
+
+            written = save() if stage_done or (stage.save_every and (step + 1) % stage.save_every == 0) else None
+            if on_step is not None:
+                on_step(record)
+            if stop.requested:
+                written = written or save()
+                raise TrainingInterrupted(f"stopped at step {step + 1} of {total} of stage '{stage.name}'; "
+                                          f"checkpoint {written}; resume with --resume", written)

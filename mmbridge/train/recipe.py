@@ -96,11 +96,15 @@ class StageConfig:
 def _tune_spec(stage: str, key: str, value: Any) -> TuneSpec:
     if isinstance(value, TuneSpec):
         return value
+    where = f"stage '{stage}' train.{key}"
     if isinstance(value, str):
-        return TuneSpec(mode=value)
-    if isinstance(value, dict):
-        return config_from_dict(TuneSpec, value, where=f"stage '{stage}' train.{key}")
-    raise ValueError(f"stage '{stage}' train.{key}: expected a mode string or a mapping, got {value!r}")
+        value = {"mode": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a mode string or a mapping, got {value!r}")
+    try:
+        return config_from_dict(TuneSpec, value, where=where)
+    except ValueError as error:
+        raise ValueError(error if str(error).startswith(where) else f"{where}: {error}") from None
 
 
 def stage_from_dict(data: dict | StageConfig) -> StageConfig:

@@ -21,14 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mmbridge.config import RunConfig, save_run_config
-from mmbridge.data import DataConfig, MixtureDataset, batch_indices, collate
+from mmbridge.data import MixtureDataset, batch_indices, collate
 from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
-from mmbridge.registry import config_from_dict
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.feature_cache import CachedFeatureDataset, build_feature_cache
+from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
 from mmbridge.train.precision import FrozenBf16Weights, frozen_weights_in_bf16, resolve_precision
-from mmbridge.train.recipe import (StageConfig, apply_stage, autocast, format_table, lr_lambda,
-                                   optimizer_groups, stage_from_dict)
+from mmbridge.train.preflight import check_run, stage_data
+from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups
 from mmbridge.utils import seed_everything
 
 logger = logging.getLogger("mmbridge")
@@ -78,13 +78,13 @@ def _accelerator() -> Any:
 
 def train(run: RunConfig, resume: bool = False, progress: bool = True,
           on_step: StepCallback | None = None, model: MultimodalModel | None = None) -> TrainResult:
-    """Run every stage of ``run``; with ``resume``, continue from the newest checkpoint in ``run.output_dir``."""
-    stages = [stage_from_dict(stage) for stage in run.stages]
-    if not stages:
-        raise ValueError("the recipe has no stages")
-    seed_everything(run.seed)
-    model = model or MultimodalModel.from_config(run.model, processor_settings=run.processor)
-    accelerator = _accelerator()
+    """Run every stage of ``run``; with ``resume``, continue from the newest checkpoint in ``run.output_dir``.
+
+    The recipe is checked first (:func:`~mmbridge.train.preflight.check_run`), and a resumed run
+    must use the recipe its checkpoint was trained with. Ctrl-C stops after the current step,
+    writes a checkpoint and raises :class:`~mmbridge.train.interrupt.TrainingInterrupted`.
+    """
+    stages = check_run(run)
     checkpoint_dir = os.path.join(run.output_dir, "checkpoints")
     state, saved, saved_path = ckpt.TrainState(), None, None
     if resume:
@@ -92,9 +92,13 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
         if saved_path is None:
             logger.warning("--resume: no checkpoint in %s; starting from scratch", checkpoint_dir)
         else:
+            ckpt.check_recipe_unchanged(os.path.join(run.output_dir, "recipe.yaml"), run.to_dict(), saved_path)
             saved = ckpt.read_state(saved_path)
-            state = ckpt.TrainState(saved["stage_index"], saved["step"], saved["global_step"], saved["history"])
+            state = ckpt.saved_state(saved)
             logger.info("resuming from %s (stage %d, step %d)", saved_path, state.stage_index, state.step)
+    seed_everything(run.seed)
+    model = model or MultimodalModel.from_config(run.model, processor_settings=run.processor)
+    accelerator = _accelerator()
     os.makedirs(run.output_dir, exist_ok=True)
     save_run_config(run, os.path.join(run.output_dir, "recipe.yaml"))
     _rewrite_log(run.output_dir, state.history)
@@ -114,9 +118,10 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
         mid_stage = saved if resuming and state.step > 0 else None
         _run_stage(run, index, stage, model, accelerator, state, touched, mid_stage, saved_path, progress,
                    on_step, result)
-        state.stage_index, state.step = index + 1, 0
+        state.stage_index, state.step, state.micro = index + 1, 0, None
     if saved is not None and saved["stage_index"] >= len(stages):  # every stage had finished
         ckpt.load_trainable(saved_path, model)
+        logger.info("every stage had finished in %s: nothing left to train", saved_path)
     final = os.path.join(run.output_dir, "final")
     if accelerator.is_main_process:
         model.save_pretrained(final)
@@ -126,10 +131,7 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
 
 def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, precision: str,
                 accelerator: Any, progress: bool) -> tuple[_StageData, MixtureDataset | CachedFeatureDataset]:
-    spec = stage.data if stage.data is not None else run.data
-    if spec is None:
-        raise ValueError(f"stage '{stage.name}' has no data and the recipe has no default 'data'")
-    data_config = config_from_dict(DataConfig, dict(spec), where=f"stage '{stage.name}' data")
+    data_config = stage_data(run, index, stage)
     overrides = {"max_length": data_config.max_length} if data_config.max_length else {}
     if data_config.prefix_lm:
         if not model.llm.is_encoder_decoder:
@@ -161,20 +163,20 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
     start = 0
     if saved is not None:
         start = ckpt.restore_mid_stage(saved_path, saved, model, optimizer, param_names, scheduler)
+    cursor = state.micro if saved is not None and state.micro is not None else start * stage.grad_accum
     trained_model = accelerator.prepare_model(model) if world > 1 else model
     optimizer = accelerator.prepare_optimizer(optimizer)
     _set_modes(model, stage)
     trainable = [p for group in groups for p in group["params"]]
     bar = tqdm(total=total_steps, initial=start, desc=stage.name, disable=not progress or not accelerator.is_main_process,
                dynamic_ncols=True)
-    with frozen_weights_in_bf16(model, precision, touched) as frozen:  # bit-identical to autocast's casts
+    with frozen_weights_in_bf16(model, precision, touched) as frozen, StopOnInterrupt() as stop:
         for step in range(start, total_steps):
             began = time.perf_counter()
-            loss_sum, samples, tokens = 0.0, 0, 0
-            for accum in range(stage.grad_accum):
-                batch = data.micro_batch((step * stage.grad_accum + accum) * world + rank)
-                if batch is None:
-                    continue
+            loss_sum, samples, tokens, empty = 0.0, 0, 0, 0
+            for _ in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
+                batch, cursor, skipped = _next_batch(data, cursor, world, rank, stage.name)
+                empty += skipped
                 with autocast(precision, accelerator.device):
                     output = trained_model(**{key: value for key, value in batch.items() if key != "ids"},
                                            return_logits="none")
@@ -184,33 +186,61 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
                 tokens += output.num_label_tokens
             if stage.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state.step, state.global_step = step + 1, state.global_step + 1
+            state.step, state.global_step, state.micro = step + 1, state.global_step + 1, cursor
             record = {"stage": stage.name, "stage_index": index, "step": step + 1, "global_step": state.global_step,
-                      "loss": loss_sum / stage.grad_accum, "lr": scheduler.get_last_lr()[0],
+                      "loss": loss_sum / stage.grad_accum, "lr": learning_rate,
                       "samples_per_s": samples / max(time.perf_counter() - began, 1e-9), "label_tokens": tokens}
+            if empty:
+                record["empty_batches"] = empty  # every sample of these micro-batches was skipped
             result.history.append(record)
             _append_log(run.output_dir, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
             bar.update(1)
             stage_done = step + 1 == total_steps
-            save_now = stage_done or bool(stage.save_every and (step + 1) % stage.save_every == 0)
-            if accelerator.is_main_process and save_now:
-                saved_state = ckpt.TrainState(index + 1, 0, state.global_step, result.history) if stage_done else \
-                    ckpt.TrainState(index, step + 1, state.global_step, result.history)
+
+            def save() -> str | None:
+                if not accelerator.is_main_process:
+                    return None
+                where = ckpt.TrainState(index + 1, 0, state.global_step, result.history) if stage_done else \
+                    ckpt.TrainState(index, step + 1, state.global_step, result.history, cursor)
                 with _fp32(frozen):
-                    ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched, optimizer,
-                                         param_names, scheduler, saved_state)
+                    return ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched,
+                                                optimizer, param_names, scheduler, where)
+
+            written = save() if stage_done or (stage.save_every and (step + 1) % stage.save_every == 0) else None
             if on_step is not None:
                 with _fp32(frozen):
                     on_step(record)
+            if stop.requested:
+                bar.close()
+                written = written or save()
+                raise TrainingInterrupted(
+                    f"stopped at step {step + 1} of {total_steps} of stage '{stage.name}' ({state.global_step} steps "
+                    f"in all); checkpoint {written}; resume with --resume", written)
     bar.close()
     model.eval()
     if dataset.skipped:
         result.skipped[stage.name] = dict(dataset.skipped)
-        logger.warning("stage '%s' skipped samples: %s", stage.name, dataset.skipped)
+        logger.warning("stage '%s' skipped samples: %s", stage.name, dict(dataset.skipped))
+
+
+def _next_batch(data: _StageData, cursor: int, world: int, rank: int, stage: str) -> tuple[dict, int, int]:
+    """The next micro-batch that holds samples, from position ``cursor`` of the stage's micro-batch stream;
+    returns it, the cursor after it, and how many empty ones (every sample skipped) were passed over."""
+    passed = 0
+    while True:
+        batch = data.micro_batch(cursor * world + rank)
+        cursor += 1
+        if batch is not None:
+            return batch, cursor, passed
+        passed += 1
+        if passed >= data.batches_per_epoch:
+            raise ValueError(f"stage '{stage}': {passed} micro-batches in a row had every sample skipped; "
+                             f"see the skipped-sample counts (skip_bad_samples) and the data")
 
 
 def _fp32(frozen: FrozenBf16Weights | None) -> Any:

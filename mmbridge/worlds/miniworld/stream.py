@@ -20,7 +20,7 @@ OPTIONAL_KEYS = ("seed",)
 
 def load_samples(spec: dict, source: str = "") -> list[Sample]:
     """The samples of a ``miniworld`` source spec ``{task, split, n, seed=0}``, images rendered lazily."""
-    task, split, count, seed = _parse_spec(spec)
+    task, split, count, seed = check_spec(spec)
     samples = []
     for index in range(count):
         record = make_record(task, split, index, seed)
@@ -32,7 +32,7 @@ def load_samples(spec: dict, source: str = "") -> list[Sample]:
     return samples
 
 
-def _parse_spec(spec: dict) -> tuple[str, str, int, int]:
+def check_spec(spec: dict) -> tuple[str, str, int, int]:
     """Validate a source spec; errors name the missing or unknown keys."""
     if not isinstance(spec, dict):
         raise ValueError(f"a miniworld source must be a mapping {{task, split, n, seed}}, got {spec!r}")
@@ -43,7 +43,10 @@ def _parse_spec(spec: dict) -> tuple[str, str, int, int]:
                          f"keys are {list(REQUIRED_KEYS + OPTIONAL_KEYS)}")
     get_task(spec["task"])
     check_split(spec["split"])
-    count, seed = int(spec["n"]), int(spec.get("seed", 0))
+    for key in ("n", "seed"):
+        if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool)):
+            raise ValueError(f"miniworld source {spec}: {key} must be an integer, got {spec[key]!r}")
+    count, seed = spec["n"], spec.get("seed", 0)
     if count < 1:
         raise ValueError(f"miniworld source {spec}: n must be at least 1")
     return spec["task"], spec["split"], count, seed

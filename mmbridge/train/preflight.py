@@ -1,0 +1,152 @@
+"""Preflight: everything a recipe can get wrong, checked in a second, before any model loads.
+
+:func:`check_run` parses every stage (fields and their types, named as ``stages.N ('name')``),
+the model's component specs (known types and fields), the processor settings, and each
+stage's data: files that exist and parse as LLaVA JSON, image roots that are directories,
+MiniWorld tasks and splits that exist; and it refuses an ``output_dir`` or ``feature_cache``
+that is an existing file. Training starts only when all of it holds, so a typo costs a
+second, not the minute it takes to load the backbones.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mmbridge.config import RunConfig
+from mmbridge.data import DataConfig, SourceConfig, load_llava_json
+from mmbridge.registry import config_from_dict
+from mmbridge.train.recipe import StageConfig
+
+PROCESSOR_FIELDS = {"max_length": int, "system_prompt": (str, type(None))}
+
+
+def check_run(run: RunConfig, components: tuple[str, ...] = ("vision", "llm", "bridge")) -> list[StageConfig]:
+    """Validate ``run``; returns its parsed stages. Raises ``ValueError``/``FileNotFoundError`` naming the field.
+
+    ``components`` are the model keys the run builds (BLIP-2 stage 1 needs no LLM)."""
+    if not run.stages:
+        raise ValueError("the recipe has no stages")
+    if not isinstance(run.stages, list):
+        raise ValueError(f"the recipe's 'stages' must be a list, got {run.stages!r}")
+    stages = [parse_stage(data, index) for index, data in enumerate(run.stages)]
+    check_model(run.model, components)
+    check_processor(run.processor)
+    check_not_a_file(run.output_dir, "output_dir")
+    for index, stage in enumerate(stages):
+        stage_data(run, index, stage)
+    return stages
+
+
+def stage_label(index: int, name: str) -> str:
+    return f"stages.{index} ('{name}')"
+
+
+def parse_stage(data: Any, index: int) -> StageConfig:
+    """A recipe's stage ``index`` as a :class:`StageConfig`; errors say ``stages.N ('name')``."""
+    if isinstance(data, StageConfig):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"stages.{index} must be a mapping of stage fields, got {data!r}")
+    name = data.get("name", StageConfig.name)
+    label = stage_label(index, name)
+    try:
+        return config_from_dict(StageConfig, data, where=label)
+    except ValueError as error:
+        message = str(error)
+        if message.startswith(f"stage '{name}'"):
+            message = label + message[len(f"stage '{name}'"):]
+        elif not message.startswith(label):
+            message = f"{label}: {message}"
+        raise ValueError(message) from None
+
+
+def stage_data(run: RunConfig, index: int, stage: StageConfig) -> DataConfig:
+    """The checked :class:`DataConfig` of a stage (its own, or the recipe's default)."""
+    label = stage_label(index, stage.name)
+    spec = stage.data if stage.data is not None else run.data
+    if spec is None:
+        raise ValueError(f"{label} has no data and the recipe has no default 'data'")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{label} data must be a mapping with 'sources', got {spec!r}")
+    sources = spec.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise ValueError(f"{label} data needs 'sources', a non-empty list; got {sources!r}")
+    parsed = [source if isinstance(source, SourceConfig) else
+              config_from_dict(SourceConfig, source, where=f"{label} data.sources.{number}")
+              for number, source in enumerate(sources)]
+    data = config_from_dict(DataConfig, {**spec, "sources": parsed}, where=f"{label} data")
+    for number, source in enumerate(data.sources):
+        check_source(source, f"{label} data.sources.{number}")
+    if data.feature_cache:
+        check_not_a_file(data.feature_cache, f"{label} data.feature_cache")
+    return data
+
+
+def check_source(source: SourceConfig, label: str) -> None:
+    """A file source exists and parses; a MiniWorld source names a known task and split."""
+    if source.miniworld is not None:
+        from mmbridge.worlds.miniworld.stream import check_spec
+
+        try:
+            check_spec(source.miniworld)
+        except ValueError as error:
+            raise ValueError(f"{label}: {error}") from None
+        return
+    if not os.path.isfile(source.path):
+        what = "is a directory, not a LLaVA JSON file" if os.path.isdir(source.path) else "does not exist"
+        raise FileNotFoundError(f"{label}: data file {source.path} {what}")
+    if source.image_root is not None and not os.path.isdir(source.image_root):
+        raise FileNotFoundError(f"{label}: image_root {source.image_root} is not a directory")
+    load_llava_json(source.path, source.image_root)  # its errors name the file, the sample and the field
+
+
+def check_model(model: Any, components: tuple[str, ...] = ("vision", "llm", "bridge")) -> None:
+    """The model spec's keys and each listed component's type and fields (nothing is built)."""
+    from mmbridge.model.bridges import BRIDGES
+    from mmbridge.model.llm import LLMS
+    from mmbridge.model.multimodal import ModelConfig
+    from mmbridge.model.vision import VISION_ENCODERS
+
+    config = config_from_dict(ModelConfig, model, where="recipe model")
+    registries = {"vision": VISION_ENCODERS, "llm": LLMS, "bridge": BRIDGES}
+    for key in components:
+        registry, spec = registries[key], getattr(config, key)
+        if spec is None:
+            raise ValueError(f"recipe model needs a '{key}' spec")
+        try:
+            registry.make_config(spec)
+        except KeyError as error:
+            raise ValueError(f"recipe model.{key}: {error.args[0]}") from None
+        except ValueError as error:
+            raise ValueError(f"recipe model.{key}: {error}") from None
+
+
+def check_processor(settings: Any) -> None:
+    """``processor:`` holds only ``max_length`` (a positive integer) and ``system_prompt`` (text or null)."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"recipe processor must be a mapping, got {settings!r}")
+    unknown = sorted(set(settings) - set(PROCESSOR_FIELDS))
+    if unknown:
+        raise ValueError(f"recipe processor: unknown field(s) {unknown}; valid fields: {sorted(PROCESSOR_FIELDS)}")
+    length = settings.get("max_length", 1)
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ValueError(f"recipe processor: field 'max_length' must be a positive integer, got {length!r}")
+    if not isinstance(settings.get("system_prompt"), PROCESSOR_FIELDS["system_prompt"]):
+        raise ValueError(f"recipe processor: field 'system_prompt' must be a string or null, "
+                         f"got {settings['system_prompt']!r}")
+
+
+def check_not_a_file(path: str, field: str) -> None:
+    """``path`` (a directory to write into) must not be, or lie under, an existing file."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{field} must be a directory path, got {path!r}")
+    probe = os.path.abspath(path)
+    while True:
+        if os.path.exists(probe) and not os.path.isdir(probe):
+            where = "is" if probe == os.path.abspath(path) else f"lies under {probe}, which is"
+            raise ValueError(f"{field} {path} {where} an existing file, not a directory")
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
