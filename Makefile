@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 UV    := VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv
 STAMP := $(VENV)/.mmbridge-installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-avx2 demo clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The suite as an AVX2-only CPU runs it (no AVX-512 kernels, no native bf16), with 1 thread: results must not
+# depend on the CPU or the thread count. The first command checks that the imitation takes effect.
+AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-avx2: $(STAMP)
+	$(AVX2) $(PY) -c "import torch; assert torch.backends.cpu.get_cpu_capability() == 'AVX2' and not torch.ops.mkldnn._is_mkldnn_bf16_supported(), 'AVX2 imitation did not take effect'; print('AVX2 imitation: capability', torch.backends.cpu.get_cpu_capability(), ', bf16 not native')"
+	$(AVX2) MMBRIDGE_TEST_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
 	$(PY) -m mmbridge.demo --out demo_out
