@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmbridge {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, OSError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # a KeyError's str() is its repr
+        # a KeyError's str() is the repr of its message, quotes included
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"mmbridge {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 

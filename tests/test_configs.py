@@ -42,7 +42,7 @@ def _on_bundled_backbones(path: str) -> bool:
     return model["vision"]["type"] == "efficientnet_lite0" and model["llm"]["type"] == "smollm2"
 
 
-BUNDLED_RECIPES = [path for path in RECIPES if _on_bundled_backbones(path)]  # what `make` installs (DESIGN.md)
+BUNDLED_RECIPES = [path for path in RECIPES if _on_bundled_backbones(path)]  # what `make` installs (see README)
 
 
 def test_some_recipes_run_on_the_bundled_backbones():

