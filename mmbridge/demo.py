@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 from mmbridge.config import load_run_config
@@ -26,6 +27,10 @@ HEADLINE = {"existence": ("accuracy", "f1", "yes_ratio"),
             "multiple_choice": ("accuracy", "circular_accuracy", "likelihood_accuracy"),
             "spatial": ("yesno/accuracy", "short/accuracy")}
 FRESH_TASKS = ["attribute", "existence", "counting", "conversation"]
+BUDGET_S = 15 * 60  # the whole demo, setup included, on a 2-core AVX2-only CPU (README)
+# the evaluation's cost in training-token equivalents per test sample of one task (image and blind runs),
+# measured: 4 tasks at n=60 took 99 s where training ran 380 tokens/s
+EVAL_TOKENS_PER_SAMPLE = 157
 
 
 def headline_table(results: dict) -> str:
@@ -71,34 +76,62 @@ def answer_fresh_images(model: MultimodalModel, out: str, count: int = 4) -> Non
             history += [{"role": "user", "content": question["value"]}, {"role": "assistant", "content": answer}]
 
 
-def run_miniworld(out: str, recipe: str, n: int) -> int:
-    """Train (or resume), evaluate with the blind baseline, answer about fresh images."""
+def run_miniworld(out: str, recipe: str, n: int, overrides: tuple[str, ...] = (), tasks: list[str] = EVAL_TASKS,
+                  fresh: bool = True) -> dict:
+    """Train (or resume), evaluate with the blind baseline, answer about fresh images; returns the summary
+    (also written to ``out/summary.json``): seconds per phase, samples/s per stage, the scores."""
     from mmbridge.eval.harness import run_suite, save_results
+    from mmbridge.forecast import Forecast, describe_cpu, stage_plans
     from mmbridge.train import train
+    from mmbridge.utils import atomic_write_json, seed_everything
 
     began = time.perf_counter()
-    run = load_run_config(recipe, [f"output_dir={os.path.join(out, 'run')}"])
-    print(f"recipe: {recipe}  →  {run.output_dir}")
-    result = train(run, resume=True)
+    run = load_run_config(recipe, [*overrides, f"output_dir={os.path.join(out, 'run')}"])
+    print(f"recipe: {recipe}{' ' + ' '.join(overrides) if overrides else ''}  →  {run.output_dir}\n{describe_cpu()}")
+    seed_everything(run.seed)
+    model = MultimodalModel.from_config(run.model, processor_settings=run.processor)
+    forecast = Forecast(stage_plans(run, model), EVAL_TOKENS_PER_SAMPLE * n * len(tasks), began, BUDGET_S)
+    result = train(run, resume=True, model=model, on_step=forecast)
     trained = time.perf_counter()
-    for stage in dict.fromkeys(record["stage"] for record in result.history):
-        losses = [record["loss"] for record in result.history if record["stage"] == stage]
-        speed = sorted(record["samples_per_s"] for record in result.history if record["stage"] == stage)
-        print(f"{stage:9} {len(losses)} steps, loss {sum(losses[:10]) / min(10, len(losses)):.3f} (first 10) → "
-              f"{sum(losses[-10:]) / min(10, len(losses)):.3f} (last 10), median {speed[len(speed) // 2]:.1f} samples/s")
-    model = MultimodalModel.from_pretrained(os.path.join(run.output_dir, "final"))
-    results = run_suite(model, "miniworld", EVAL_TASKS, n=n, with_blind=True,
-                        model_dir=os.path.join(run.output_dir, "final"))
+    stages = stage_summaries(result.history)
+    for name, stage in stages.items():
+        print(f"{name:9} {stage['steps']} steps, loss {stage['first_loss']:.3f} (first 10) → {stage['last_loss']:.3f} "
+              f"(last 10), median {stage['samples_per_s']:.1f} samples/s, {stage['tokens_per_s']:.0f} tokens/s")
+    final = os.path.join(run.output_dir, "final")
+    model = MultimodalModel.from_pretrained(final)
+    results = run_suite(model, "miniworld", tasks, n=n, with_blind=True, model_dir=final)
     results_path = os.path.join(out, "eval.json")
     save_results(results_path, results)
     evaluated = time.perf_counter()
     print(f"\nMiniWorld test splits, n={n} per task (full results: {results_path})\n")
     print(headline_table(results))
     print("\n" + "\n".join(target_lines(results)))
-    answer_fresh_images(model, out)
+    if fresh:
+        answer_fresh_images(model, out)
+    summary = {"recipe": recipe, "overrides": list(overrides), "cpu": describe_cpu(), "n": n,
+               "seconds": {"training": trained - began, "evaluation": evaluated - trained,
+                           "total": time.perf_counter() - began},
+               "forecast_seconds": forecast.estimate_s, "stages": stages,
+               "scores": {task: entry for task, entry in results["tasks"].items()},
+               "blind": results["blind_tasks"], "targets": target_lines(results)}
+    atomic_write_json(os.path.join(out, "summary.json"), summary)
     print(f"\ntime: training {trained - began:.0f} s, evaluation {evaluated - trained:.0f} s, "
-          f"total {time.perf_counter() - began:.0f} s")
-    return 0
+          f"total {summary['seconds']['total']:.0f} s (forecast {summary['forecast_seconds'] or 0:.0f} s)")
+    return summary
+
+
+def stage_summaries(history: list[dict]) -> dict[str, dict]:
+    """Per stage: steps, mean loss of the first and last 10 steps, median samples/s and tokens/s, seconds."""
+    summaries = {}
+    for stage in dict.fromkeys(record["stage"] for record in history):
+        records = [record for record in history if record["stage"] == stage]
+        losses = [record["loss"] for record in records]
+        summaries[stage] = {
+            "steps": len(records), "first_loss": statistics.mean(losses[:10]), "last_loss": statistics.mean(losses[-10:]),
+            "samples_per_s": statistics.median(record["samples_per_s"] for record in records),
+            "tokens_per_s": statistics.median(record.get("tokens_per_s", float("nan")) for record in records),
+            "seconds": sum(record.get("seconds", 0.0) for record in records)}
+    return summaries
 
 
 def main(argv: list[str] | None = None) -> int:

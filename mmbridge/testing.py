@@ -149,7 +149,7 @@ def data_loss(model: Any, data: dict, max_length: int | None = None, batch_size:
     """
     import torch
 
-    from mmbridge.data import DataConfig, MixtureDataset, collate
+    from mmbridge.data import DataConfig, MixtureDataset, collate, model_inputs
     from mmbridge.utils import eval_mode
 
     spec = {key: value for key, value in data.items() if key != "feature_cache"}
@@ -160,7 +160,7 @@ def data_loss(model: Any, data: dict, max_length: int | None = None, batch_size:
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))],
                             processor.pad_token_id)
-            output = model(**{key: value for key, value in batch.items() if key != "ids"}, return_logits="none")
+            output = model(**model_inputs(batch), return_logits="none")
             total += float(output.loss) * output.num_label_tokens
             tokens += output.num_label_tokens
     return total / tokens

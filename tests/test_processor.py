@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmbridge.data import Processor, Sample
+from mmbridge.data import Processor, Sample, SampleError
 from mmbridge.model.multimodal import IGNORE_INDEX
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import BOS_TEMPLATE, CHATML_TEMPLATE, shape_image, tiny_tokenizer
@@ -238,3 +238,38 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
             runs.append((start, position - start))
             start = None
     return runs
+
+
+def test_plain_template_is_image_then_reply(chatml):
+    """LLaVA's pretraining format: no system prompt, chat markup or user text; the reply and a newline labelled."""
+    processor = make_processor(chatml, system_prompt="You are a helpful assistant.", template="plain")
+    sample = Sample(id="p", images=["a.png"], conversation=conversation("<image>\nDescribe it.", " A red circle. "))
+    example = processor(sample, pixels=False)
+    reply = chatml("A red circle.\n", add_special_tokens=False)["input_ids"]
+    image_id = processor.image_token_id
+    assert example["input_ids"].tolist() == [image_id] * TOKENS_PER_IMAGE + reply
+    assert example["labels"].tolist() == [IGNORE_INDEX] * TOKENS_PER_IMAGE + reply
+
+
+def test_plain_template_adds_the_tokenizers_bos(llama2):
+    processor = make_processor(llama2, template="plain")
+    example = processor(Sample(id="p", images=["a.png"], conversation=conversation("<image>", "A cat.")), pixels=False)
+    assert example["input_ids"][0] == llama2.bos_token_id and example["labels"][0] == IGNORE_INDEX
+    assert example["input_ids"][1] == processor.image_token_id
+
+
+@pytest.mark.parametrize("turns, images", [(("<image>\nHi", "A.", "More?", "B."), 1), (("<image><image>", "A."), 2)])
+def test_plain_template_refuses_other_conversations(chatml, turns, images):
+    processor = make_processor(chatml, template="plain")
+    sample = Sample(id="multi", images=[f"{index}.png" for index in range(images)], conversation=conversation(*turns))
+    with pytest.raises(SampleError, match="sample 'multi': template 'plain' takes one user turn with one image"):
+        processor(sample, pixels=False)
+
+
+def test_unknown_template_is_an_error(chatml):
+    from mmbridge.data import DataConfig
+
+    with pytest.raises(ValueError, match=r"template must be one of \('chat', 'plain'\), got 'alpaca'"):
+        make_processor(chatml, template="alpaca")
+    with pytest.raises(ValueError, match="data template must be one of"):
+        DataConfig(sources=[{"path": "x.json"}], template="alpaca")

@@ -7,6 +7,14 @@ import torch
 from mmbridge.model.multimodal import IGNORE_INDEX
 
 
+BATCH_ONLY_KEYS = ("ids", "regions")  # batch entries that are not model inputs
+
+
+def model_inputs(batch: dict) -> dict:
+    """The batch without what only the data pipeline and losses read (sample ids, regions)."""
+    return {key: value for key, value in batch.items() if key not in BATCH_ONLY_KEYS}
+
+
 def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = "right") -> dict:
     """Pad a list of processed examples into one batch; ``None`` examples (skipped samples) are dropped.
 
@@ -15,7 +23,8 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
     ``pixel_values`` ``[n_total_images, 3, H, W]`` in batch order, or ``None`` when no example
     has an image; and ``ids``. Examples that carry precomputed encoder
     outputs (a feature cache) give ``image_features`` ``[n_total_images, N, D_v]`` instead of
-    ``pixel_values``. Use ``padding_side="left"`` for generation.
+    ``pixel_values``. ``regions`` (a list per example, ``None`` where an example has none) come along
+    when any example has them. Use ``padding_side="left"`` for generation.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -40,6 +49,8 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
     for key in sorted({key for example in examples for key in example if key.startswith("bridge_")}):
         batch[key] = _concat_per_image([example.get(key) for example in examples])
     batch["ids"] = [example["id"] for example in examples]
+    if any("regions" in example for example in examples):  # region–word alignment targets, per sample
+        batch["regions"] = [example.get("regions") for example in examples]
     return batch
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mmbridge.data.formats.llava import Sample, load_llava_json
-from mmbridge.data.processor import Processor, SampleError
+from mmbridge.data.processor import TEMPLATES, Processor, SampleError
 from mmbridge.registry import config_from_dict
 
 MEGABATCH_FACTOR = 50  # LLaVA's length grouping sorts windows of batch_size * 50 samples
@@ -63,8 +63,11 @@ class DataConfig:
     num_workers: int = 0
     feature_cache: str | None = None  # a directory: stages with a frozen encoder train from cached features
     prefix_lm: bool = False  # encoder-decoder LLMs: BLIP-2's prefix LM, part of each reply moves into the encoder
+    template: str = "chat"  # "plain": LLaVA's pretraining format, image tokens + reply (no chat markup)
 
     def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"data template must be one of {TEMPLATES}, got {self.template!r}")
         self.sources = [source if isinstance(source, SourceConfig)
                         else config_from_dict(SourceConfig, dict(source), where=f"data source #{number}")
                         for number, source in enumerate(self.sources)]

@@ -38,6 +38,7 @@ from mmbridge.data.formats.llava import Sample
 from mmbridge.model.multimodal import IGNORE_INDEX
 
 Span = tuple[int, int]  # [start, end) character offsets in the rendered text
+TEMPLATES = ("chat", "plain")  # the LLM's chat template, or LLaVA's plain image + reply (alignment pretraining)
 BRIDGE_TEXT_MAX_LENGTH = 128  # instruction tokens per image for a bridge tokenizer (InstructBLIP's max_txt_len)
 
 
@@ -64,7 +65,8 @@ class Processor:
     def __init__(self, tokenizer: Any, transform: Any, tokens_per_image: int, image_token: str = "<image>",
                  image_token_id: int | None = None, max_length: int = 2048,
                  system_prompt: str | None = None, bridge_tokenizer: Any = None,
-                 encoder_decoder: bool = False, prefix_lm: bool = False) -> None:
+                 encoder_decoder: bool = False, prefix_lm: bool = False, template: str = "chat",
+                 text: bool = True) -> None:
         if tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be at least 1, got {tokens_per_image}")
         if max_length < 1:
@@ -82,6 +84,13 @@ class Processor:
         if prefix_lm and not encoder_decoder:
             raise ValueError("prefix_lm (BLIP-2's prefix language modelling) needs an encoder-decoder LLM")
         self.prefix_lm = bool(prefix_lm)  # a training stage's data setting, not saved
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+        if template == "plain" and encoder_decoder:
+            raise ValueError("template 'plain' is for decoder-only LLMs (an encoder-decoder LLM takes its prompt "
+                             "in the encoder)")
+        self.template = template  # a training stage's data setting, not saved
+        self.text = bool(text)  # False: examples carry images (and regions) only, for losses that read no text
         self._probed_suffix: str | None = None
 
     @property
@@ -107,8 +116,12 @@ class Processor:
         image_count = len(sample.images) if images is None else len(images)
         self._check_conversation(sample, image_count)
         messages = self._with_system_prompt(sample.conversation)
-        if self.encoder_decoder:
+        if not self.text:
+            input_ids, labels = [], []
+        elif self.encoder_decoder:
             input_ids, labels = self._encoder_decoder_ids(messages, image_count, sample.id)
+        elif self.template == "plain":
+            input_ids, labels = self._plain_ids(sample, image_count)
         else:
             text, spans = self._render_with_reply_spans(messages, sample.id)
             input_ids, labels = self._tokenize(text, spans)
@@ -116,6 +129,8 @@ class Processor:
             input_ids, labels = self._truncate(input_ids, labels, sample.id)
         example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
                    "labels": torch.tensor(labels, dtype=torch.long), **self.bridge_text_inputs(messages)}
+        if sample.regions is not None:
+            example["regions"] = sample.regions
         if pixels:
             example["pixel_values"] = self.transform.batch(self.load_images(sample) if images is None else images)
         return example
@@ -244,6 +259,34 @@ class Processor:
         input_ids, _ = self._expand_images(input_ids, [IGNORE_INDEX] * len(input_ids), image_count, sample_id)
         labels = list(self.tokenizer(reply, add_special_tokens=False)["input_ids"]) + [int(eos)]
         return self._truncate_prompt(input_ids, sample_id), labels[:self.max_length]
+
+    def _plain_ids(self, sample: Sample, image_count: int) -> tuple[list[int], list[int]]:
+        """LLaVA's ``plain`` pretraining format: the image's tokens, then the reply and a newline, nothing else
+        (no system prompt, no chat markup, no user text); only the reply and the newline are labelled."""
+        turns = [turn["role"] for turn in sample.conversation]
+        if turns != ["user", "assistant"] or image_count != 1:
+            raise SampleError(f"sample {sample.id!r}: template 'plain' takes one user turn with one image and "
+                              f"one reply, got turns {turns} and {image_count} image(s)", sample.id, "template")
+        leading = self._leading_ids()
+        reply = list(self.tokenizer(sample.conversation[1]["content"].strip() + "\n",
+                                    add_special_tokens=False)["input_ids"])
+        input_ids = leading + [self.placeholder_id] + reply
+        labels = [IGNORE_INDEX] * (len(leading) + 1) + reply
+        input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id)
+        return self._truncate(input_ids, labels, sample.id)
+
+    def _leading_ids(self) -> list[int]:
+        """What the LLM saw first in training: the tokens the tokenizer adds itself (Llama's BOS), or the BOS the
+        chat template renders first (templates that write ``{{ bos_token }}``); none for ChatML models."""
+        added = list(self.tokenizer("", add_special_tokens=True)["input_ids"])
+        bos = self.tokenizer.bos_token
+        if added or not bos or self.tokenizer.bos_token_id is None:
+            return added
+        try:
+            rendered = self._render([{"role": "user", "content": "x"}], add_generation_prompt=False)
+        except jinja2.TemplateError:
+            return []
+        return [int(self.tokenizer.bos_token_id)] if rendered.startswith(bos) else []
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,

@@ -27,6 +27,7 @@ from mmbridge.registry import config_from_dict
 
 logger = logging.getLogger("mmbridge")
 MODES = ("frozen", "full", "lora", "partial")
+OBJECTIVES = ("lm", "region_words")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class StageConfig:
     precision: str = "bf16"  # bf16 (autocast) | fp32
     save_every: int | None = None  # optimizer steps between checkpoints
     log_every: int = 1
+    objective: str = "lm"  # lm: next-token loss on the labels; region_words: bridge-only alignment (region_words.py)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.train) - set(MODULE_KEYS))
@@ -83,6 +85,11 @@ class StageConfig:
             raise ValueError(f"stage '{self.name}': precision must be 'bf16' or 'fp32', got {self.precision!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"stage '{self.name}': schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"stage '{self.name}': objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "region_words" and self.spec("llm").mode != "frozen":
+            raise ValueError(f"stage '{self.name}': objective 'region_words' never runs the LLM's layers, so "
+                             f"train.llm must stay frozen (got {self.spec('llm').mode!r})")
         if self.steps is None and not self.epochs:
             raise ValueError(f"stage '{self.name}' needs 'epochs' or 'steps'")
         for name in ("batch_size", "grad_accum"):

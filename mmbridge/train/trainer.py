@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmbridge.config import RunConfig, save_run_config
-from mmbridge.data import MixtureDataset, batch_indices, collate
+from mmbridge.data import DataConfig, MixtureDataset, Processor, batch_indices, collate, model_inputs
 from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.feature_cache import CachedFeatureDataset, build_feature_cache
@@ -29,6 +29,7 @@ from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
 from mmbridge.train.precision import FrozenBf16Weights, frozen_weights_in_bf16, resolve_precision
 from mmbridge.train.preflight import check_run, stage_data
 from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups
+from mmbridge.train.region_words import WordGroups, check_grid, region_word_loss
 from mmbridge.utils import seed_everything
 
 logger = logging.getLogger("mmbridge")
@@ -132,13 +133,7 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
 def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, precision: str,
                 accelerator: Any, progress: bool) -> tuple[_StageData, MixtureDataset | CachedFeatureDataset]:
     data_config = stage_data(run, index, stage)
-    overrides = {"max_length": data_config.max_length} if data_config.max_length else {}
-    if data_config.prefix_lm:
-        if not model.llm.is_encoder_decoder:
-            raise ValueError(f"stage '{stage.name}' data sets prefix_lm, BLIP-2's objective for encoder-decoder "
-                             f"LLMs, but the LLM ({type(model.llm.model).__name__}) is decoder-only")
-        overrides["prefix_lm"] = True
-    processor = model.processor(**overrides)
+    processor = stage_processor(model, data_config, stage.name, stage.objective)
     dataset = MixtureDataset(data_config, processor)
     if data_config.feature_cache and stage.spec("vision").mode == "frozen":
         with accelerator.main_process_first():  # the main process computes; the others then open it
@@ -147,6 +142,22 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: Multimoda
         dataset = CachedFeatureDataset(dataset, cache)
     pad_id = processor.pad_token_id
     return _StageData(dataset, stage, run.seed * 1000 + index, pad_id, data_config.group_by_length), dataset
+
+
+def stage_processor(model: MultimodalModel, data: DataConfig, stage: str, objective: str = "lm") -> Processor:
+    """The model's processor with a stage's data settings (``max_length``, ``template``, ``prefix_lm``); a
+    ``region_words`` stage reads no text, so its examples carry images and regions only."""
+    overrides: dict[str, Any] = {"max_length": data.max_length} if data.max_length else {}
+    if objective == "region_words":
+        overrides["text"] = False
+    if data.prefix_lm:
+        if not model.llm.is_encoder_decoder:
+            raise ValueError(f"stage '{stage}' data sets prefix_lm, BLIP-2's objective for encoder-decoder "
+                             f"LLMs, but the LLM ({type(model.llm.model).__name__}) is decoder-only")
+        overrides["prefix_lm"] = True
+    if data.template != "chat":
+        overrides["template"] = data.template
+    return model.processor(**overrides)
 
 
 def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, accelerator: Any,
@@ -168,22 +179,27 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
     optimizer = accelerator.prepare_optimizer(optimizer)
     _set_modes(model, stage)
     trainable = [p for group in groups for p in group["params"]]
+    words = _region_words(stage, model, dataset)
     bar = tqdm(total=total_steps, initial=start, desc=stage.name, disable=not progress or not accelerator.is_main_process,
                dynamic_ncols=True)
     with frozen_weights_in_bf16(model, precision, touched) as frozen, StopOnInterrupt() as stop:
         for step in range(start, total_steps):
             began = time.perf_counter()
-            loss_sum, samples, tokens, empty = 0.0, 0, 0, 0
+            loss_sum, samples, tokens, seen, empty = 0.0, 0, 0, 0, 0
             for _ in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
                 batch, cursor, skipped = _next_batch(data, cursor, world, rank, stage.name)
                 empty += skipped
                 with autocast(precision, accelerator.device):
-                    output = trained_model(**{key: value for key, value in batch.items() if key != "ids"},
-                                           return_logits="none")
-                accelerator.backward(output.loss / stage.grad_accum)
-                loss_sum += float(output.loss.detach())
+                    if words is None:
+                        output = trained_model(**model_inputs(batch), return_logits="none")
+                        loss, labelled = output.loss, output.num_label_tokens
+                        seen += int(batch["attention_mask"].sum())  # positions through the LLM
+                    else:
+                        loss, labelled = region_word_loss(model, batch, words)
+                accelerator.backward(loss / stage.grad_accum)
+                loss_sum += float(loss.detach())
                 samples += batch["input_ids"].shape[0]
-                tokens += output.num_label_tokens
+                tokens += labelled
             if stage.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
             learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
@@ -191,9 +207,11 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step, state.global_step, state.micro = step + 1, state.global_step + 1, cursor
-            record = {"stage": stage.name, "stage_index": index, "step": step + 1, "global_step": state.global_step,
-                      "loss": loss_sum / stage.grad_accum, "lr": learning_rate,
-                      "samples_per_s": samples / max(time.perf_counter() - began, 1e-9), "label_tokens": tokens}
+            seconds = max(time.perf_counter() - began, 1e-9)
+            record = {"stage": stage.name, "stage_index": index, "step": step + 1, "stage_steps": total_steps,
+                      "global_step": state.global_step,
+                      "loss": loss_sum / stage.grad_accum, "lr": learning_rate, "samples_per_s": samples / seconds,
+                      "tokens_per_s": seen / seconds, "label_tokens": tokens, "seconds": seconds}
             if empty:
                 record["empty_batches"] = empty  # every sample of these micro-batches was skipped
             result.history.append(record)
@@ -226,6 +244,14 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
     if dataset.skipped:
         result.skipped[stage.name] = dict(dataset.skipped)
         logger.warning("stage '%s' skipped samples: %s", stage.name, dict(dataset.skipped))
+
+
+def _region_words(stage: StageConfig, model: MultimodalModel, dataset: Any) -> WordGroups | None:
+    """The candidate words of a ``region_words`` stage (checked against the bridge's grid); ``None`` otherwise."""
+    if stage.objective != "region_words":
+        return None
+    check_grid(model)
+    return WordGroups.from_samples(dataset.samples, model.tokenizer, where=f"stage '{stage.name}'")
 
 
 def _next_batch(data: _StageData, cursor: int, world: int, rank: int, stage: str) -> tuple[dict, int, int]:

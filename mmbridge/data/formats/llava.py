@@ -4,13 +4,16 @@ The LLaVA format is a JSON list (or JSON Lines, one object per line) of::
 
     {"id": "000001", "image": "coco/000001.jpg" | ["a.jpg", "b.jpg"],   # optional: text-only allowed
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
-                       {"from": "gpt", "value": "A cat."}]}
+                       {"from": "gpt", "value": "A cat."}],
+     "regions": [{"box": [120, 80, 560, 700], "words": {"colour": "grey", "animal": "cat"}}]}   # optional
 
 Roles ``human``/``user`` become ``user``, ``gpt``/``assistant`` become ``assistant``,
 ``system`` stays. A trainable conversation is: an optional leading system turn, then
 user and assistant turns alternating, starting with a user turn and ending with an
 assistant turn (so there is at least one answer to train on, and every chat template
-accepts it). Every error names the file, the sample index and id, and the field.
+accepts it). ``regions`` (optional) say which words describe which box of the first image,
+for region–word alignment (:mod:`mmbridge.train.region_words`). Every error names the file,
+the sample index and id, and the field.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class Sample:
 
     ``image_loader``, when set, returns the images in memory instead of opening ``images``
     (streamed synthetic data); ``images`` then only names them. It is never serialised.
+    ``regions`` (optional) name what lies where in the first image, for region–word alignment
+    (:mod:`mmbridge.train.region_words`): ``{"box": [x0, y0, x1, y1]`` in 0–999 of the image's
+    width and height, ``"words": {attribute: word}}``, e.g. ``{"colour": "red", "shape": "star"}``.
     """
 
     id: str
@@ -39,6 +45,7 @@ class Sample:
     images: list[str] = field(default_factory=list)
     source: str = ""
     image_loader: Callable[[], list[Image.Image]] | None = field(default=None, repr=False, compare=False)
+    regions: list[dict] | None = None
 
 
 def load_llava_json(path: str, image_root: str | None = None, source: str = "") -> list[Sample]:
@@ -85,7 +92,26 @@ def _parse_record(record: Any, index: int, path: str, root: str, source: str, st
     where = f"{path}: sample #{index} (id {sample_id!r})"
     conversation = _parse_conversation(record, where)
     images = [os.path.join(root, name) for name in _parse_images(record, where)]
-    return Sample(id=sample_id, conversation=conversation, images=images, source=source)
+    regions = check_regions(record["regions"], where) if record.get("regions") is not None else None
+    return Sample(id=sample_id, conversation=conversation, images=images, source=source, regions=regions)
+
+
+def check_regions(regions: Any, where: str) -> list[dict]:
+    """The optional ``regions`` field: a list of ``{"box": [x0, y0, x1, y1] in 0–999, "words": {name: word}}``."""
+    if not isinstance(regions, list):
+        raise ValueError(f"{where}: field 'regions' must be a list, got {type(regions).__name__}")
+    for number, region in enumerate(regions):
+        box = region.get("box") if isinstance(region, dict) else None
+        words = region.get("words") if isinstance(region, dict) else None
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                and 0 <= box[0] <= box[2] <= 999 and 0 <= box[1] <= box[3] <= 999):
+            raise ValueError(f"{where}: regions[{number}] needs 'box': [x0, y0, x1, y1] with 0 <= x0 <= x1 <= 999 "
+                             f"and 0 <= y0 <= y1 <= 999, got {box!r}")
+        if not (isinstance(words, dict) and words and all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                                          for k, v in words.items())):
+            raise ValueError(f"{where}: regions[{number}] needs 'words': a mapping of attribute names to words, "
+                             f"got {words!r}")
+    return regions
 
 
 def _parse_images(record: dict, where: str) -> list[str]:

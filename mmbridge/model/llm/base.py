@@ -61,6 +61,15 @@ class LanguageModel(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
+    def final_norm(self) -> nn.Module:
+        """The normalisation the decoder applies before the LM head (``norm`` in Llama/Qwen2/Mistral, ``ln_f``
+        in GPT-2), so hidden states can be read out as :meth:`logits` would after the last layer."""
+        for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
+            module = getattr(self.decoder, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        raise TypeError(f"{type(self.decoder).__name__} has no final norm named norm/ln_f/final_layer_norm")
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, D]
         return self.model.get_input_embeddings()(input_ids)
 

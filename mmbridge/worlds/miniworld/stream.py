@@ -2,7 +2,8 @@
 
 A data source ``{"miniworld": {"task": ..., "split": ..., "n": ..., "seed": ...}}`` builds
 the conversations up front (cheap) and gives each sample an ``image_loader`` that
-renders its images when the processor asks for them, so training needs no files.
+renders its images when the processor asks for them, so training needs no files. One-scene
+samples carry their objects as ``regions`` (box, colour, shape, size) for region–word alignment.
 """
 
 from __future__ import annotations
@@ -28,8 +29,18 @@ def load_samples(spec: dict, source: str = "") -> list[Sample]:
         conversation = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
         samples.append(Sample(id=record["id"], conversation=conversation,
                               images=[f"miniworld://{seed}/{name}" for name in names], source=source,
-                              image_loader=functools.partial(render_images, task, split, index, seed)))
+                              image_loader=functools.partial(render_images, task, split, index, seed),
+                              regions=scene_regions(record)))
     return samples
+
+
+def scene_regions(record: dict) -> list[dict] | None:
+    """The objects of a one-scene record as regions: box in 0–999 and the words colour, shape and size."""
+    scene = record.get("scene")
+    if not scene or "objects" not in scene:  # several images (multi-image, video) or a chart: no single scene
+        return None
+    return [{"box": item["box_999"], "words": {"colour": item["colour"], "shape": item["shape"], "size": item["size"]}}
+            for item in scene["objects"]]
 
 
 def check_spec(spec: dict) -> tuple[str, str, int, int]:

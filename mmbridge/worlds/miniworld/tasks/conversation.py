@@ -52,7 +52,7 @@ def turn_question(world: World, scene: Scene, kind: str) -> Question | None:
 
 
 def build_attribute_drill(world: World) -> Episode | None:
-    """Colour, shape or size of each of 1–4 objects, one count, then one present and one absent object.
+    """Colour, shape or size of each of 1–4 objects, one count, one present and one absent object, in random order.
 
     Every kind of short answer the attribute, counting and existence tests ask for appears here:
     a drill that left one out (size, say) taught the LoRA to answer a size question with a shape.
@@ -71,8 +71,10 @@ def build_attribute_drill(world: World) -> Episode | None:
     existence = [existence_question(scene, world.choice(sorted(present)))]
     if absent is not None:
         existence.append(existence_question(scene, absent))
-    questions += world.sample(existence, len(existence))
-    return Episode([scene], questions) if len(questions) >= 2 else None
+    questions += existence
+    # every kind in every turn position: the tests ask each kind as the first (and only) question, and a
+    # drill that always asked existence last taught the LoRA to answer it only there (yes-ratio 100%)
+    return Episode([scene], world.shuffled(questions)) if len(questions) >= 2 else None
 
 
 TASKS = [Task("conversation", "multi-turn conversations mixing the single-image tasks", build_conversation),

@@ -1,0 +1,113 @@
+"""The demo's recipe and the variants tried on the way to it: time per stage, total time, accuracy — per CPU.
+
+    python benchmarks/demo_variants.py                          # every variant on this CPU
+    python benchmarks/demo_variants.py --variants demo          # one of them
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/demo_variants.py --variants demo       # as an AVX2-only CPU (no native bf16) runs it
+
+Each variant is ``configs/demo_miniworld.yaml`` with dotted overrides, run exactly as ``make demo``
+runs it (``mmbridge.demo.run_miniworld``: training, then the MiniWorld test splits next to the
+blind baseline), each in its own directory under ``--out``; a finished variant is read back from
+its ``summary.json``. Results are kept per CPU (its ISA level as torch reports it, and whether
+bf16 is native) in ``--json``, and the table of all of them goes into ``benchmarks/RESULTS.md``
+between markers. Setup (``make``'s venv) is not included; ``make demo`` adds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mmbridge.demo import EVAL_TASKS, RECIPE, run_miniworld  # noqa: E402
+from mmbridge.forecast import describe_cpu  # noqa: E402
+from mmbridge.utils import atomic_path, atomic_write_json  # noqa: E402
+
+MARK_BEGIN, MARK_END = "<!-- demo_variants: begin -->", "<!-- demo_variants: end -->"
+# name → (what it changes, overrides of configs/demo_miniworld.yaml). "demo" is the recipe as shipped.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "demo": ("the recipe as shipped", []),
+}
+
+
+def run_variant(name: str, out: str, n: int) -> dict:
+    """Run (or read back) one variant on this CPU."""
+    directory = os.path.join(out, name)
+    summary_path = os.path.join(directory, "summary.json")
+    if os.path.isfile(summary_path):
+        with open(summary_path) as handle:
+            return json.load(handle)
+    return run_miniworld(directory, RECIPE, n, tuple(VARIANTS[name][1]), fresh=False)
+
+
+def row(name: str, summary: dict) -> str:
+    """One markdown row: stage speeds and times, total, scores and the targets."""
+    stages, scores, blind = summary["stages"], summary["scores"], summary["blind"]
+    speed = " / ".join(f"{stage['samples_per_s']:.2f}" for stage in stages.values())
+    seconds = " / ".join(f"{stage['seconds']:.0f}" for stage in stages.values())
+    existence = scores.get("existence", {})
+    cells = [name, speed, seconds, f"{summary['seconds']['training']:.0f}", f"{summary['seconds']['evaluation']:.0f}",
+             f"{summary['seconds']['total']:.0f}"]
+    for task in ("attribute", "attribute:compositional", "existence", "counting"):
+        entry = scores.get(task)
+        cells.append(f"{entry['accuracy']:.1%} ({blind[task]['accuracy']:.1%})" if entry else "–")
+    cells.append(f"{existence['yes_ratio']:.0%}" if "yes_ratio" in existence else "–")
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = ("| variant | samples/s per stage | seconds per stage | training s | evaluation s | total s | attribute "
+          "(blind) | compositional (blind) | existence (blind) | counting (blind) | existence yes-ratio |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def table(results: dict[str, dict[str, dict]]) -> str:
+    """One table per CPU; a variant row per run."""
+    parts = []
+    for cpu, rows in results.items():
+        parts += [f"**{cpu}**", "", HEADER, *(row(name, summary) for name, summary in rows.items()), ""]
+    lines = [f"- `{name}`: {what}" + (f" (`{' '.join(overrides)}`)" if overrides else "")
+             for name, (what, overrides) in VARIANTS.items()]
+    return "\n".join(parts + ["Variants (overrides of `configs/demo_miniworld.yaml`):", "", *lines])
+
+
+def write_results(path: str, section: str) -> None:
+    """Replace the marked section of ``path`` (or append it under a heading)."""
+    text = open(path).read() if os.path.isfile(path) else ""
+    block = f"{MARK_BEGIN}\n{section}\n{MARK_END}"
+    pattern = re.compile(re.escape(MARK_BEGIN) + r".*?" + re.escape(MARK_END), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else \
+        text.rstrip("\n") + "\n\n## The demo on each CPU: variants tried\n\n" + block + "\n"
+    with atomic_path(path) as temporary, open(temporary, "w") as handle:
+        handle.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--n", type=int, default=60, help="test samples per task (the demo's)")
+    parser.add_argument("--out", default=os.path.join("runs", "demo_variants"))
+    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "demo_variants.json"))
+    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
+    args = parser.parse_args(argv)
+
+    cpu = describe_cpu().split(";")[0].removesuffix(", 1 threads").removesuffix(", 2 threads")
+    cpu += ", bf16 native" if "bf16 native" in describe_cpu() else ", bf16 not native (fp32)"
+    results = json.load(open(args.json)) if os.path.isfile(args.json) else {}
+    out = os.path.join(args.out, re.sub(r"[^A-Za-z0-9]+", "-", cpu).strip("-").lower())
+    for name in args.variants:
+        print(f"\n== {name} on {cpu}", flush=True)
+        results.setdefault(cpu, {})[name] = run_variant(name, out, args.n)
+        atomic_write_json(args.json, results)
+    print("\n" + table(results))
+    write_results(args.results, table(results))
+    print(f"\nwrote {args.json} and the table in {args.results} (tasks: {', '.join(EVAL_TASKS)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
