@@ -4,6 +4,7 @@
     python benchmarks/demo_variants.py --variants demo          # one of them
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
         python benchmarks/demo_variants.py --variants demo       # as an AVX2-only CPU (no native bf16) runs it
+    python benchmarks/demo_variants.py --record "make demo (fresh clone)" demo_out/summary.json
 
 Each variant is ``configs/demo_miniworld.yaml`` with dotted overrides, run exactly as ``make demo``
 runs it (``mmbridge.demo.run_miniworld``: training, then the MiniWorld test splits next to the
@@ -32,6 +33,13 @@ MARK_BEGIN, MARK_END = "<!-- demo_variants: begin -->", "<!-- demo_variants: end
 # name → (what it changes, overrides of configs/demo_miniworld.yaml). "demo" is the recipe as shipped.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "demo": ("the recipe as shipped", []),
+    "ground-constant": ("ground stage with a constant lr, no warmup, no gradient clipping, weight decay 0.01",
+                        ["stages.0.schedule=constant", "stages.0.warmup_ratio=0", "stages.0.max_grad_norm=null",
+                         "stages.0.weight_decay=0.01"]),
+    "ground-4800": ("ground on 4,800 scenes instead of 3,200",
+                    ["stages.0.data.sources.0.miniworld.n=4800"]),
+    "drills-640": ("640 drills instead of 352 (over the AVX2 budget)",
+                   ["stages.1.data.sources.0.miniworld.n=640"]),
 }
 
 
@@ -93,12 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join("runs", "demo_variants"))
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "demo_variants.json"))
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
+    parser.add_argument("--record", nargs=2, metavar=("NAME", "SUMMARY"),
+                        help="add a finished run's summary.json (e.g. a fresh clone's `make demo`) as row NAME")
     args = parser.parse_args(argv)
 
     cpu = describe_cpu().split(";")[0].removesuffix(", 1 threads").removesuffix(", 2 threads")
     cpu += ", bf16 native" if "bf16 native" in describe_cpu() else ", bf16 not native (fp32)"
     results = json.load(open(args.json)) if os.path.isfile(args.json) else {}
     out = os.path.join(args.out, re.sub(r"[^A-Za-z0-9]+", "-", cpu).strip("-").lower())
+    if args.record:
+        name, path = args.record
+        with open(path) as handle:
+            results.setdefault(cpu, {})[name] = json.load(handle)
+        args.variants = []
     for name in args.variants:
         print(f"\n== {name} on {cpu}", flush=True)
         results.setdefault(cpu, {})[name] = run_variant(name, out, args.n)

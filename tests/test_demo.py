@@ -23,3 +23,14 @@ def test_target_lines_report_met_and_missed_targets():
     assert met[0].endswith("met") and "NOT" not in " ".join(met)
     missed = target_lines(_results(0.6, 0.4, 0.7, 0.5))
     assert "NOT met" in missed[0] and "+20.0 points" in missed[1] and "NOT met" in missed[2]
+
+
+def test_main_exits_0_after_a_finished_run(monkeypatch, tmp_path):
+    """`make demo` is `python -m mmbridge.demo`: a run that finishes must exit 0 (main once returned the summary
+    dict, which sys.exit reports as failure)."""
+    import mmbridge.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_miniworld", lambda out, recipe, n: calls.append((out, n)) or {"seconds": {}})
+    assert demo.main(["--out", str(tmp_path), "--n", "5"]) == 0
+    assert calls == [(str(tmp_path), 5)]
