@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                     ["stages.0.data.sources.0.miniworld.n=4800"]),
     "drills-640": ("640 drills instead of 352 (over the AVX2 budget)",
                    ["stages.1.data.sources.0.miniworld.n=640"]),
+    "instruct-bridge-lr-2e-4": ("the bridge at lr 2e-4 in the instruct stage (LoRA stays at 1e-3)", ["stages.1.lr=2e-4"]),
 }
 
 

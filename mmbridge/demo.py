@@ -98,7 +98,8 @@ def run_miniworld(out: str, recipe: str, n: int, overrides: tuple[str, ...] = ()
     stages = stage_summaries(result.history)
     for name, stage in stages.items():
         print(f"{name:9} {stage['steps']} steps, loss {stage['first_loss']:.3f} (first 10) → {stage['last_loss']:.3f} "
-              f"(last 10), median {stage['samples_per_s']:.1f} samples/s, {stage['tokens_per_s']:.0f} tokens/s")
+              f"(last 10), median {stage['samples_per_s']:.1f} samples/s, {stage['tokens_per_s']:.0f} tokens/s"
+              + "".join(f", {word} read {value:.0%}" for word, value in stage.get("word_accuracy", {}).items()))
     final = os.path.join(run.output_dir, "final")
     model = MultimodalModel.from_pretrained(final)
     results = run_suite(model, "miniworld", tasks, n=n, with_blind=True, model_dir=final)
@@ -133,6 +134,10 @@ def stage_summaries(history: list[dict]) -> dict[str, dict]:
             "samples_per_s": statistics.median(record["samples_per_s"] for record in records),
             "tokens_per_s": statistics.median(record.get("tokens_per_s", float("nan")) for record in records),
             "seconds": sum(record.get("seconds", 0.0) for record in records)}
+        read = [record["word_accuracy"] for record in records[-10:] if "word_accuracy" in record]
+        if read:  # a region_words stage: how the visual tokens read, per attribute, over the last 10 steps
+            summaries[stage]["word_accuracy"] = {name: statistics.mean(entry[name] for entry in read)
+                                                 for name in read[-1]}
     return summaries
 
 

@@ -34,3 +34,14 @@ def test_main_exits_0_after_a_finished_run(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "run_miniworld", lambda out, recipe, n: calls.append((out, n)) or {"seconds": {}})
     assert demo.main(["--out", str(tmp_path), "--n", "5"]) == 0
     assert calls == [(str(tmp_path), 5)]
+
+
+def test_stage_summary_reads_the_last_ten_steps_word_accuracy():
+    from mmbridge.demo import stage_summaries
+
+    history = [{"stage": "ground", "loss": 2.0, "samples_per_s": 50.0, "tokens_per_s": 0.0, "seconds": 0.2,
+                "word_accuracy": {"colour": step / 20, "shape": 0.5}} for step in range(20)]
+    history += [{"stage": "instruct", "loss": 1.0, "samples_per_s": 4.0, "tokens_per_s": 800.0, "seconds": 2.0}]
+    summary = stage_summaries(history)
+    assert summary["ground"]["word_accuracy"] == {"colour": sum(range(10, 20)) / 10 / 20, "shape": 0.5}
+    assert "word_accuracy" not in summary["instruct"] and summary["ground"]["steps"] == 20

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -107,9 +108,18 @@ def check_grid(model: nn.Module) -> int:
     return side
 
 
-def region_word_loss(model: nn.Module, batch: dict, groups: WordGroups) -> tuple[torch.Tensor, int]:
+class RegionWordLoss(NamedTuple):
+    """One batch's loss, its labelled cells, and per attribute ``(cells read right, cells labelled)``: the
+    readout's accuracy, which says whether the visual tokens carry what the LLM will be asked about."""
+
+    loss: torch.Tensor
+    cells: int
+    read: dict[str, tuple[int, int]]
+
+
+def region_word_loss(model: nn.Module, batch: dict, groups: WordGroups) -> RegionWordLoss:
     """The stage loss for one batch (``pixel_values`` or cached ``image_features``, and ``regions``): mean
-    cross-entropy over labelled cells and attributes, plus the norm term; returns it and the labelled cells.
+    cross-entropy over labelled cells and attributes, plus the norm term.
 
     Every sample holds one image; one without regions contributes the norm term only.
     """
@@ -126,12 +136,15 @@ def region_word_loss(model: nn.Module, batch: dict, groups: WordGroups) -> tuple
     hidden = model.llm.final_norm()(tokens.float() if tokens.dtype != torch.float32 else tokens)  # [n, M, D]
     head = model.llm.lm_head.weight  # [V, D]
     loss = tokens.new_zeros((), dtype=torch.float32)
+    read = {}
     for group, name in enumerate(groups.names):
         logits = hidden @ head[groups.token_ids[name].to(head.device)].to(hidden.dtype).T  # [n, M, C]
         target = labels[:, group].to(logits.device)  # [n, M]
-        if (target != IGNORE).any():
+        labelled = target != IGNORE
+        if labelled.any():
             loss = loss + nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(),
                                                       ignore_index=IGNORE)
+        read[name] = (int((logits.detach().argmax(-1) == target)[labelled].sum()), int(labelled.sum()))
     embedding_norm = model.llm.model.get_input_embeddings().weight.norm(dim=-1).mean()
     loss = loss + ((tokens.float().norm(dim=-1) / embedding_norm - 1) ** 2).mean()
-    return loss, int((labels != IGNORE).any(dim=1).sum())
+    return RegionWordLoss(loss, int((labels != IGNORE).any(dim=1).sum()), read)

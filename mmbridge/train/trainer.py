@@ -186,6 +186,7 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
         for step in range(start, total_steps):
             began = time.perf_counter()
             loss_sum, samples, tokens, seen, empty = 0.0, 0, 0, 0, 0
+            read: dict[str, list[int]] = {}  # region_words: attribute → [cells read right, cells labelled]
             for _ in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
                 batch, cursor, skipped = _next_batch(data, cursor, world, rank, stage.name)
                 empty += skipped
@@ -195,7 +196,9 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
                         loss, labelled = output.loss, output.num_label_tokens
                         seen += int(batch["attention_mask"].sum())  # positions through the LLM
                     else:
-                        loss, labelled = region_word_loss(model, batch, words)
+                        loss, labelled, counts = region_word_loss(model, batch, words)
+                        for name, (right, total) in counts.items():
+                            read[name] = [a + b for a, b in zip(read.get(name, [0, 0]), (right, total))]
                 accelerator.backward(loss / stage.grad_accum)
                 loss_sum += float(loss.detach())
                 samples += batch["input_ids"].shape[0]
@@ -212,6 +215,8 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
                       "global_step": state.global_step,
                       "loss": loss_sum / stage.grad_accum, "lr": learning_rate, "samples_per_s": samples / seconds,
                       "tokens_per_s": seen / seconds, "label_tokens": tokens, "seconds": seconds}
+            if read:  # how often each visual token reads as its region's word, per attribute
+                record["word_accuracy"] = {name: right / total for name, (right, total) in read.items() if total}
             if empty:
                 record["empty_batches"] = empty  # every sample of these micro-batches was skipped
             result.history.append(record)
