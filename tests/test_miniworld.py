@@ -11,7 +11,7 @@ import pytest
 
 from mmbridge.cli import main
 from mmbridge.data import DataConfig, MixtureDataset, Processor, Sample, SampleError, load_llava_json
-from mmbridge.eval.prompts import FORMATS, LETTERS
+from mmbridge.eval.prompts import FORMATS, LETTERS, SHORT, YES_NO
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import shape_image, tiny_tokenizer
 from mmbridge.worlds.miniworld import (COLOURS, HELD_OUT_PAIRS, SEEN_PAIRS, SHAPES, SPLITS, TASKS, make_record,
@@ -369,3 +369,20 @@ def _mentioned(item: dict, question: str) -> bool:
     shape_ok = any(word.startswith(item["shape"]) for word in words) or not any(
         word.startswith(shape) for word in words for shape in SHAPES)
     return colour_ok and shape_ok
+
+
+@pytest.mark.parametrize("task", ["attribute_drill", "conversation"])
+def test_a_conversation_gives_each_format_instruction_once_at_its_first_turn(task):
+    """A short-answer or yes/no instruction holds for the rest of the conversation: repeating it on every turn
+    was a quarter of a drill's text tokens. The first turn of each format still carries it, as every single
+    question (and so every test prompt) does."""
+    for index in range(12):
+        record = make_record(task, "train", index)
+        seen = set()
+        for question, turn in zip(record["conversations"][0::2], record["turns"]):
+            instruction = {"short": SHORT, "yesno": YES_NO}.get(turn["format"])
+            if instruction:
+                assert question["value"].endswith(instruction) == (turn["format"] not in seen), (index, question)
+            seen.add(turn["format"])
+    single = make_record("attribute", "test", 0)["conversations"][0]["value"]
+    assert single.endswith(SHORT)

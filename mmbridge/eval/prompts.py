@@ -24,15 +24,16 @@ def option_lines(choices: list[str]) -> str:
     return "\n".join(f"{LETTERS[index]}. {choice}" for index, choice in enumerate(choices))
 
 
-def format_prompt(question: str, answer_format: str, choices: list[str] | None = None) -> str:
-    """The user-turn text (without ``<image>``) for ``question`` in ``answer_format``."""
+def format_prompt(question: str, answer_format: str, choices: list[str] | None = None, instruct: bool = True) -> str:
+    """The user-turn text (without ``<image>``) for ``question`` in ``answer_format``; ``instruct=False`` leaves
+    out the format instruction (a later turn of a conversation that already gave it)."""
     if answer_format not in FORMATS:
         raise ValueError(f"answer format must be one of {FORMATS}, got {answer_format!r}")
     if answer_format == "mc":
         if not choices:
             raise ValueError("a multiple-choice prompt needs choices")
-        return f"{question}\n{option_lines(choices)}\n{MULTIPLE_CHOICE}"
-    suffix = {"short": SHORT, "yesno": YES_NO, "box": BOX}.get(answer_format)
+        return f"{question}\n{option_lines(choices)}" + (f"\n{MULTIPLE_CHOICE}" if instruct else "")
+    suffix = {"short": SHORT, "yesno": YES_NO, "box": BOX}.get(answer_format) if instruct else None
     return f"{question}\n{suffix}" if suffix else question
 
 

@@ -58,8 +58,10 @@ def episode_record(task: str, split: str, index: int, seed: int, episode: Episod
     identifier = sample_id(task, split, index)
     names = image_names(identifier, episode)
     conversations = []
+    instructed: set[str] = set()  # a format's instruction is given at its first turn and holds for the rest
     for position, question in enumerate(episode.questions):
-        prompt = format_prompt(question.text, question.format, question.choices)
+        prompt = format_prompt(question.text, question.format, question.choices, question.format not in instructed)
+        instructed.add(question.format)
         conversations.append({"from": "human", "value": (image_prefix(episode) if position == 0 else "") + prompt})
         conversations.append({"from": "gpt", "value": question.answer})
     record = {"id": identifier, "image": names[0] if episode.layout == "single" else names,
