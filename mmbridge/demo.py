@@ -30,9 +30,38 @@ HEADLINE = {"existence": ("accuracy", "f1", "yes_ratio"),
             "spatial": ("yesno/accuracy", "short/accuracy")}
 FRESH_TASKS = ["attribute", "existence", "counting", "conversation"]
 BUDGET_S = 15 * 60  # the whole demo, setup included, on a 2-core AVX2-only CPU (README)
+# The recipe as written fits BUDGET_S where bf16 is native (AMX, AVX512-BF16, recent GPUs). Elsewhere every stage
+# trains in fp32, ~3x slower on a 2-core AVX2 EPYC, and the demo trains on fewer captions and drills (measured
+# there: 2.9 captions/s and 1.25 drills/s; benchmarks/RESULTS.md). `--size full` runs the recipe as written.
+SIZES = {"full": (), "fp32": ("stages.1.data.sources.0.miniworld.n=560", "stages.2.data.sources.0.miniworld.n=352")}
 # the evaluation's cost in training-token equivalents per test sample of one task (image and blind runs),
 # measured: 4 tasks at n=60 took 99 s where training ran 380 tokens/s
 EVAL_TOKENS_PER_SAMPLE = 157
+
+
+def demo_size(size: str) -> tuple[str, tuple[str, ...]]:
+    """The size to run (``auto``: ``full`` where bf16 is native on the device that trains, else ``fp32``) and its
+    overrides of the demo recipe."""
+    if size == "auto":
+        import torch
+
+        from mmbridge.train.precision import bf16_supported
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        size = "full" if bf16_supported(device) else "fp32"
+    return size, SIZES[size]
+
+
+def size_changes(recipe: str, overrides: tuple[str, ...]) -> str:
+    """``align 1,000 → 560 samples, …``: what ``overrides`` change in the stages' sample counts."""
+    full, sized = load_run_config(recipe), load_run_config(recipe, list(overrides))
+    changes = []
+    for before, after in zip(full.stages, sized.stages):
+        counts = [sum(source["miniworld"]["n"] for source in stage["data"]["sources"] if "miniworld" in source)
+                  for stage in (before, after)]
+        if counts[0] != counts[1]:
+            changes.append(f"{before['name']} {counts[0]:,} → {counts[1]:,} samples")
+    return ", ".join(changes)
 
 
 def headline_table(results: dict) -> str:
@@ -147,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=RECIPE, help="the training recipe (default: configs/demo_miniworld.yaml)")
     parser.add_argument("--n", type=int, default=60, help="test samples per task")
     parser.add_argument("--tiny", action="store_true", help="the one-minute pipeline on tiny random backbones")
+    parser.add_argument("--size", choices=["auto", *SIZES], default=None,
+                        help="how much of the default recipe to train: full, or fp32 (fewer captions and drills, to "
+                             "finish within 15 min where bf16 is not native); auto (the default) picks by the CPU")
     args = parser.parse_args(argv)
     if args.tiny:
         from mmbridge.tiny_demo import run_tiny
@@ -154,10 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         return run_tiny(os.path.join(args.out, "tiny"))
     if not os.path.isfile(args.recipe):
         raise SystemExit(f"recipe {args.recipe} not found (run from the repository, or pass --recipe)")
+    if args.size is not None and os.path.abspath(args.recipe) != RECIPE:
+        raise SystemExit("--size sizes the default recipe (configs/demo_miniworld.yaml); a recipe given with "
+                         "--recipe runs as written")
+    overrides: tuple[str, ...] = ()
+    if os.path.abspath(args.recipe) == RECIPE:
+        size, overrides = demo_size(args.size or "auto")
+        if size == "fp32":
+            print(f"bf16 is not native here, so every stage trains in fp32 (~3x slower); to finish within 15 min the "
+                  f"demo trains on fewer samples ({size_changes(args.recipe, overrides)}; --size full: all)")
     from mmbridge.train.interrupt import TrainingInterrupted
 
     try:
-        run_miniworld(args.out, args.recipe, args.n)
+        run_miniworld(args.out, args.recipe, args.n, overrides)
         return 0
     except TrainingInterrupted as stopped:
         print(f"\ndemo {stopped} (run it again to go on)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mmbridge.demo import headline_table, target_lines
 
 
@@ -31,9 +33,42 @@ def test_main_exits_0_after_a_finished_run(monkeypatch, tmp_path):
     import mmbridge.demo as demo
 
     calls = []
-    monkeypatch.setattr(demo, "run_miniworld", lambda out, recipe, n: calls.append((out, n)) or {"seconds": {}})
-    assert demo.main(["--out", str(tmp_path), "--n", "5"]) == 0
+    monkeypatch.setattr(demo, "run_miniworld", lambda out, recipe, n, overrides: calls.append((out, n)) or {})
+    assert demo.main(["--out", str(tmp_path), "--n", "5", "--size", "full"]) == 0
     assert calls == [(str(tmp_path), 5)]
+
+
+@pytest.mark.parametrize("native, size", [(True, "full"), (False, "fp32")])
+def test_the_demo_sizes_itself_by_whether_bf16_is_native(monkeypatch, tmp_path, capsys, native, size):
+    import mmbridge.demo as demo
+    import mmbridge.train.precision as precision
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: native)
+    calls = []
+    monkeypatch.setattr(demo, "run_miniworld", lambda out, recipe, n, overrides: calls.append(overrides) or {})
+    assert demo.main(["--out", str(tmp_path)]) == 0
+    assert calls == [demo.SIZES[size]]
+    said = capsys.readouterr().out
+    assert ("align 1,000 → 560 samples, instruct 640 → 352 samples" in said) == (size == "fp32"), said
+
+
+def test_sizes_change_only_sample_counts_of_the_shipped_recipe():
+    from mmbridge.config import load_run_config
+    from mmbridge.demo import RECIPE, SIZES, size_changes
+
+    full, small = load_run_config(RECIPE), load_run_config(RECIPE, list(SIZES["fp32"]))
+    assert [stage["name"] for stage in full.stages] == [stage["name"] for stage in small.stages]
+    assert size_changes(RECIPE, SIZES["fp32"]) == "align 1,000 → 560 samples, instruct 640 → 352 samples"
+    assert size_changes(RECIPE, SIZES["full"]) == ""
+
+
+def test_size_is_refused_with_another_recipe(tmp_path):
+    from mmbridge.demo import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages: []\n")
+    with pytest.raises(SystemExit, match="--size sizes the default recipe"):
+        main(["--recipe", str(recipe), "--size", "fp32"])
 
 
 def test_stage_summary_reads_the_last_ten_steps_word_accuracy():
