@@ -6,7 +6,8 @@
         python benchmarks/demo_variants.py --variants demo       # as an AVX2-only CPU (no native bf16) runs it
     python benchmarks/demo_variants.py --record "make demo (fresh clone)" demo_out/summary.json
 
-Each variant is ``configs/demo_miniworld.yaml`` with dotted overrides, run exactly as ``make demo``
+Each variant is a recipe (``configs/demo_miniworld.yaml`` or one tried before it, in
+``benchmarks/demo_recipes/``) with dotted overrides, run exactly as ``make demo``
 runs it (``mmbridge.demo.run_miniworld``: training, then the MiniWorld test splits next to the
 blind baseline), each in its own directory under ``--out``; a finished variant is read back from
 its ``summary.json``. Results are kept per CPU (its ISA level as torch reports it, and whether
@@ -25,22 +26,40 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mmbridge.demo import EVAL_TASKS, RECIPE, run_miniworld  # noqa: E402
+from mmbridge.demo import EVAL_TASKS, RECIPE, SIZES, run_miniworld  # noqa: E402
 from mmbridge.forecast import describe_cpu  # noqa: E402
 from mmbridge.utils import atomic_path, atomic_write_json  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- demo_variants: begin -->", "<!-- demo_variants: end -->"
-# name → (what it changes, overrides of configs/demo_miniworld.yaml). "demo" is the recipe as shipped.
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "demo": ("the recipe as shipped", []),
-    "ground-constant": ("ground stage with a constant lr, no warmup, no gradient clipping, weight decay 0.01",
-                        ["stages.0.schedule=constant", "stages.0.warmup_ratio=0", "stages.0.max_grad_norm=null",
-                         "stages.0.weight_decay=0.01"]),
-    "ground-4800": ("ground on 4,800 scenes instead of 3,200",
-                    ["stages.0.data.sources.0.miniworld.n=4800"]),
-    "drills-640": ("640 drills instead of 352 (over the AVX2 budget)",
-                   ["stages.1.data.sources.0.miniworld.n=640"]),
-    "instruct-bridge-lr-2e-4": ("the bridge at lr 2e-4 in the instruct stage (LoRA stays at 1e-3)", ["stages.1.lr=2e-4"]),
+RECIPES = os.path.join(ROOT, "benchmarks", "demo_recipes")
+FP32 = list(SIZES["fp32"])
+# name → (what it is, recipe, dotted overrides). "demo" is `make demo` where bf16 is native, "demo-fp32" where not.
+VARIANTS: dict[str, tuple[str, str, list[str]]] = {
+    "demo": ("the recipe as shipped: ground 3,200, align 1,000 captions, 640 drills", RECIPE, []),
+    "demo-fp32": ("the shipped recipe at the size `make demo` trains where bf16 is not native", RECIPE, FP32),
+    "ground-drills": ("grounding on 3,200 scenes, then 352 drills: no caption stage",
+                      os.path.join(RECIPES, "ground_drills.yaml"), []),
+    "ground-drills/constant": ("the same, grounding at a constant lr without clipping, weight decay 0.01",
+                               os.path.join(RECIPES, "ground_drills.yaml"),
+                               ["stages.0.schedule=constant", "stages.0.warmup_ratio=0", "stages.0.max_grad_norm=null",
+                                "stages.0.weight_decay=0.01"]),
+    "ground-drills/4800": ("the same, grounding on 4,800 scenes", os.path.join(RECIPES, "ground_drills.yaml"),
+                           ["stages.0.data.sources.0.miniworld.n=4800"]),
+    "ground-drills/640": ("the same, 640 drills", os.path.join(RECIPES, "ground_drills.yaml"),
+                          ["stages.1.data.sources.0.miniworld.n=640"]),
+    "ground-drills/bridge-lr": ("the same, the bridge at lr 2e-4 in the drills (LoRA at 1e-3)",
+                                os.path.join(RECIPES, "ground_drills.yaml"), ["stages.1.lr=2e-4"]),
+    "captions-drills": ("1,000 captions (chat template, system prompt), then 640 drills: the demo two sessions ago",
+                        os.path.join(RECIPES, "captions_drills.yaml"), []),
+    "plain-captions-drills": ("640 plain-template captions, then 352 drills",
+                              os.path.join(RECIPES, "plain_captions_drills.yaml"), []),
+    "ground-plain-captions-drills": ("grounding on 1,600 scenes, 640 plain-template captions, 352 drills",
+                                     os.path.join(RECIPES, "ground_plain_captions_drills.yaml"), []),
+    "ground-plain-captions-drills/b": ("the same with grounding on 3,200, 600 captions at a constant lr 1e-3",
+                                       os.path.join(RECIPES, "ground_plain_captions_drills.yaml"),
+                                       ["stages.0.data.sources.0.miniworld.n=3200",
+                                        "stages.1.data.sources.0.miniworld.n=600", "stages.1.lr=1e-3",
+                                        "stages.1.schedule=constant", "stages.1.warmup_ratio=0"]),
 }
 
 
@@ -51,7 +70,8 @@ def run_variant(name: str, out: str, n: int) -> dict:
     if os.path.isfile(summary_path):
         with open(summary_path) as handle:
             return json.load(handle)
-    return run_miniworld(directory, RECIPE, n, tuple(VARIANTS[name][1]), fresh=False)
+    _, recipe, overrides = VARIANTS[name]
+    return run_miniworld(directory, recipe, n, tuple(overrides), fresh=False)
 
 
 def row(name: str, summary: dict) -> str:
@@ -79,9 +99,9 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     parts = []
     for cpu, rows in results.items():
         parts += [f"**{cpu}**", "", HEADER, *(row(name, summary) for name, summary in rows.items()), ""]
-    lines = [f"- `{name}`: {what}" + (f" (`{' '.join(overrides)}`)" if overrides else "")
-             for name, (what, overrides) in VARIANTS.items()]
-    return "\n".join(parts + ["Variants (overrides of `configs/demo_miniworld.yaml`):", "", *lines])
+    lines = [f"- `{name}`: {what} — `{os.path.relpath(recipe, ROOT)}`" + (f" `{' '.join(overrides)}`" if overrides else "")
+             for name, (what, recipe, overrides) in VARIANTS.items()]
+    return "\n".join(parts + ["Variants (recipe, then dotted overrides):", "", *lines])
 
 
 def write_results(path: str, section: str) -> None:
