@@ -63,6 +63,15 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
 }
 
 
+def compact(summary: dict) -> dict:
+    """The summary without per-sample predictions (those stay in the run's eval.json)."""
+    def strip(scores: dict) -> dict:
+        return {task: {key: value for key, value in entry.items() if key != "predictions"}
+                for task, entry in scores.items()}
+
+    return {**summary, "scores": strip(summary["scores"]), "blind": strip(summary["blind"])}
+
+
 def run_variant(name: str, out: str, n: int) -> dict:
     """Run (or read back) one variant on this CPU."""
     directory = os.path.join(out, name)
@@ -129,15 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     cpu = describe_cpu().split(";")[0].removesuffix(", 1 threads").removesuffix(", 2 threads")
     cpu += ", bf16 native" if "bf16 native" in describe_cpu() else ", bf16 not native (fp32)"
     results = json.load(open(args.json)) if os.path.isfile(args.json) else {}
+    results = {key: {name: compact(summary) for name, summary in rows.items()} for key, rows in results.items()}
     out = os.path.join(args.out, re.sub(r"[^A-Za-z0-9]+", "-", cpu).strip("-").lower())
     if args.record:
         name, path = args.record
         with open(path) as handle:
-            results.setdefault(cpu, {})[name] = json.load(handle)
+            results.setdefault(cpu, {})[name] = compact(json.load(handle))
+        atomic_write_json(args.json, results)
         args.variants = []
     for name in args.variants:
         print(f"\n== {name} on {cpu}", flush=True)
-        results.setdefault(cpu, {})[name] = run_variant(name, out, args.n)
+        results.setdefault(cpu, {})[name] = compact(run_variant(name, out, args.n))
         atomic_write_json(args.json, results)
     print("\n" + table(results))
     write_results(args.results, table(results))
