@@ -37,6 +37,8 @@ FP32 = list(SIZES["fp32"])
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "demo": ("the recipe as shipped: ground 3,200, align 1,000 captions, 640 drills", RECIPE, []),
     "demo-fp32": ("the shipped recipe at the size `make demo` trains where bf16 is not native", RECIPE, FP32),
+    "demo-560-352": ("the shipped recipe with 560 captions and 352 drills (the first fp32 size, 11 min on AVX2)", RECIPE,
+                     ["stages.1.data.sources.0.miniworld.n=560", "stages.2.data.sources.0.miniworld.n=352"]),
     "ground-drills": ("grounding on 3,200 scenes, then 352 drills: no caption stage",
                       os.path.join(RECIPES, "ground_drills.yaml"), []),
     "ground-drills/constant": ("the same, grounding at a constant lr without clipping, weight decay 0.01",

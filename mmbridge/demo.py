@@ -32,8 +32,8 @@ FRESH_TASKS = ["attribute", "existence", "counting", "conversation"]
 BUDGET_S = 15 * 60  # the whole demo, setup included, on a 2-core AVX2-only CPU (README)
 # The recipe as written fits BUDGET_S where bf16 is native (AMX, AVX512-BF16, recent GPUs). Elsewhere every stage
 # trains in fp32, ~3x slower on a 2-core AVX2 EPYC, and the demo trains on fewer captions and drills (measured
-# there: 2.9 captions/s and 1.25 drills/s; benchmarks/RESULTS.md). `--size full` runs the recipe as written.
-SIZES = {"full": (), "fp32": ("stages.1.data.sources.0.miniworld.n=560", "stages.2.data.sources.0.miniworld.n=352")}
+# there: 3.2 captions/s and 1.5 drills/s, evaluation 60 s; ~13.5 min in all with setup; benchmarks/RESULTS.md).
+SIZES = {"full": (), "fp32": ("stages.1.data.sources.0.miniworld.n=800", "stages.2.data.sources.0.miniworld.n=448")}
 # the evaluation's cost in training-token equivalents per test sample of one task (image and blind runs),
 # measured: 4 tasks at n=60 took 99 s where training ran 380 tokens/s
 EVAL_TOKENS_PER_SAMPLE = 157
@@ -53,7 +53,7 @@ def demo_size(size: str) -> tuple[str, tuple[str, ...]]:
 
 
 def size_changes(recipe: str, overrides: tuple[str, ...]) -> str:
-    """``align 1,000 → 560 samples, …``: what ``overrides`` change in the stages' sample counts."""
+    """``align 1,000 → 800 samples, …``: what ``overrides`` change in the stages' sample counts."""
     full, sized = load_run_config(recipe), load_run_config(recipe, list(overrides))
     changes = []
     for before, after in zip(full.stages, sized.stages):

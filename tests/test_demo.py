@@ -49,7 +49,7 @@ def test_the_demo_sizes_itself_by_whether_bf16_is_native(monkeypatch, tmp_path, 
     assert demo.main(["--out", str(tmp_path)]) == 0
     assert calls == [demo.SIZES[size]]
     said = capsys.readouterr().out
-    assert ("align 1,000 → 560 samples, instruct 640 → 352 samples" in said) == (size == "fp32"), said
+    assert ("align 1,000 → 800 samples, instruct 640 → 448 samples" in said) == (size == "fp32"), said
 
 
 def test_sizes_change_only_sample_counts_of_the_shipped_recipe():
@@ -58,7 +58,7 @@ def test_sizes_change_only_sample_counts_of_the_shipped_recipe():
 
     full, small = load_run_config(RECIPE), load_run_config(RECIPE, list(SIZES["fp32"]))
     assert [stage["name"] for stage in full.stages] == [stage["name"] for stage in small.stages]
-    assert size_changes(RECIPE, SIZES["fp32"]) == "align 1,000 → 560 samples, instruct 640 → 352 samples"
+    assert size_changes(RECIPE, SIZES["fp32"]) == "align 1,000 → 800 samples, instruct 640 → 448 samples"
     assert size_changes(RECIPE, SIZES["full"]) == ""
 
 
