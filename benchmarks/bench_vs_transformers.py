@@ -55,7 +55,7 @@ from mmbridge.interop import to_hf_llava
 from mmbridge.model.lora import LoraSpec, inject_lora
 from mmbridge.model.multimodal import ModelConfig, MultimodalModel
 from mmbridge.testing import tiny_tokenizer
-from mmbridge.train.precision import frozen_weights_in_bf16
+from mmbridge.train.precision import bf16_supported, frozen_weights_in_bf16
 from mmbridge.train.recipe import StageConfig, TuneSpec, _set_trainable, apply_stage
 
 IMPLS = ("transformers", "mmbridge", "mmbridge+cache")
@@ -73,6 +73,7 @@ class Setting:
     decode_tokens: int
     repeats: int
     memory_modes: tuple[str, ...] = MODES
+    precisions: tuple[str, ...] = PRECISIONS
 
 
 # -- machine -------------------------------------------------------------------------------------
@@ -275,11 +276,11 @@ def train_results(ours: MultimodalModel, hf_model: nn.Module, setting: Setting,
     rows, parts = [], []
     for mode in MODES:
         our_model, their_model = prepare(ours, hf_model, mode)
-        for precision in PRECISIONS:
+        for precision in setting.precisions:
             rows += _train_rows(our_model, their_model, batch, mode, precision, setting,
                                 memory and mode in setting.memory_modes)
         if mode == "bridge":
-            parts = removable_parts(their_model, batch, setting.repeats)
+            parts = removable_parts(their_model, batch, setting.repeats, setting.precisions)
     return rows, parts
 
 
@@ -303,7 +304,8 @@ def _train_rows(ours: MultimodalModel, hf_model: nn.Module, batch: dict[str, tor
     return rows
 
 
-def removable_parts(hf_model: nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> list[dict]:
+def removable_parts(hf_model: nn.Module, batch: dict[str, torch.Tensor], repeats: int,
+                    precisions: tuple[str, ...] = PRECISIONS) -> list[dict]:
     """Seconds of the parts of transformers' bridge-only step that mmbridge removes, per precision.
 
     ``hf_model`` is set up for the bridge-only stage (LM head frozen: no weight gradient).
@@ -318,7 +320,7 @@ def removable_parts(hf_model: nn.Module, batch: dict[str, torch.Tensor], repeats
     labels = batch["labels"]
     keep = labels[:, 1:] != -100
     rows = []
-    for precision in PRECISIONS:
+    for precision in precisions:
         def vision() -> None:
             with torch.no_grad(), _autocast(precision):
                 hf_model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
@@ -359,7 +361,7 @@ def op_profile(ours: MultimodalModel, hf_model: nn.Module, setting: Setting, row
     batch = training_batch(ours, setting.train_batch)
     our_model, their_model = prepare(ours, hf_model, "bridge")
     tables = []
-    for precision in PRECISIONS:
+    for precision in setting.precisions:
         with frozen_weights_in_bf16(our_model, precision, exclude=set()):
             for impl, model in (("transformers", their_model), ("mmbridge+cache", our_model)):
                 step = Trainer(impl, model, batch, precision)
@@ -492,15 +494,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled peak-memory steps")
     parser.add_argument("--json", default=None, help="also write every measurement to this file")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler op tables of the training steps")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                        help="training precisions to time (default: fp32, and bf16 where this CPU runs it natively; "
+                             "emulated bf16 is slow and says nothing about either implementation)")
     args = parser.parse_args(argv)
+    precisions = tuple(args.precisions or (PRECISIONS if bf16_supported(torch.device("cpu")) else ("fp32",)))
     torch.set_num_threads(args.threads)
     names = args.models or (["tiny"] if args.quick else ["tiny", "smollm2"])
     settings = {"tiny": Setting("tiny", 8, 32, 2 if args.quick else 5),
                 "smollm2": Setting("smollm2", 2, 8, 2, memory_modes=("bridge",))}
-    report = header(args.threads)
+    report = header(args.threads, precisions)
     with tempfile.TemporaryDirectory() as workdir:
         for name in names:
-            setting = dataclasses.replace(settings[name], repeats=args.repeats or settings[name].repeats)
+            setting = dataclasses.replace(settings[name], repeats=args.repeats or settings[name].repeats,
+                                          precisions=precisions)
             report["models"][name] = run_model(name, setting, workdir, not args.no_memory, report, args.profile)
     if args.json:
         with open(args.json, "w") as handle:
@@ -508,11 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def header(threads: int) -> dict[str, Any]:
-    """Print and return the machine, matmul peaks and copy bandwidth."""
+def header(threads: int, precisions: tuple[str, ...] = PRECISIONS) -> dict[str, Any]:
+    """Print and return the machine, matmul peaks (of the precisions timed) and copy bandwidth."""
     info = machine()
-    peaks = {f"{name}/{count}": matmul_peak(dtype, count)
-             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)) for count in (1, 2)}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {f"{name}/{count}": matmul_peak(dtypes[name], count) for name in precisions for count in (1, 2)}
     torch.set_num_threads(threads)
     bandwidth = copy_bandwidth()
     print(f"# mmbridge vs transformers\n\ncommand: {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}")
@@ -529,7 +536,7 @@ def run_model(name: str, setting: Setting, workdir: str, memory: bool, report: d
     threads = torch.get_num_threads()
     peaks = {precision: report["matmul_peak_gflops"].get(f"{precision}/{threads}") or
              matmul_peak(torch.float32 if precision == "fp32" else torch.bfloat16, threads)
-             for precision in PRECISIONS}
+             for precision in setting.precisions}
     train_rows, parts = train_results(ours, hf_model, setting, memory)
     decode_rows = decode_results(ours, hf_model, setting)
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.llm.parameters()) - \
