@@ -48,7 +48,9 @@ class StagePlan:
 
 
 class Forecast:
-    """A training ``on_step`` callback that prints, once, the measured speed and when the job will end.
+    """A training ``on_step`` callback that prints, after the first steps of each stage that runs the LLM, the
+    measured speed and when the job will end (a later stage can run at another speed: a LoRA stage backpropagates
+    into more weights, so its forecast replaces the earlier one).
 
     ``stages`` are the run's stages in order with their token totals; ``after_tokens`` is the work
     that follows training, in training-token equivalents (an evaluation); ``budget_s`` the time the
@@ -59,15 +61,20 @@ class Forecast:
                  say: Callable[[str], None] = tqdm.write) -> None:
         self.stages, self.after_tokens, self.began, self.budget_s = stages, after_tokens, began, budget_s
         self.say = say
-        self.records: list[dict] = []
-        self.estimate_s: float | None = None  # the predicted total, once printed
+        self.records: list[dict] = []  # the current stage's first steps
+        self.said: set[str] = set()  # stages whose forecast was printed
+        self.warned = False
+        self.estimate_s: float | None = None  # the latest predicted total
 
     def __call__(self, record: dict) -> None:
-        if self.estimate_s is not None or not record.get("tokens_per_s"):
+        if record["stage"] in self.said or not record.get("tokens_per_s"):
             return  # said already, or a stage that does not run the LLM (its speed predicts nothing else)
+        if self.records and self.records[-1]["stage"] != record["stage"]:
+            self.records = []  # a new stage: measure it afresh
         self.records.append(record)
         if len(self.records) < WARMUP_STEPS + MEASURED_STEPS:
             return
+        self.said.add(record["stage"])
         measured = self.records[WARMUP_STEPS:]
         tokens_per_s = statistics.median(entry["tokens_per_s"] for entry in measured)
         samples_per_s = statistics.median(entry["samples_per_s"] for entry in measured)
@@ -78,7 +85,8 @@ class Forecast:
         self.say(f"speed: {samples_per_s:.1f} samples/s, {tokens_per_s:.0f} tokens/s in stage '{record['stage']}'; "
                  f"training ends in about {minutes(training_s)}, the rest takes about {minutes(after_s)}: "
                  f"about {minutes(self.estimate_s)} in all")
-        if self.estimate_s > self.budget_s:
+        if self.estimate_s > self.budget_s and not self.warned:
+            self.warned = True
             self.say(f"this CPU is slower than the {minutes(self.budget_s)} this job is planned for "
                      f"({describe_cpu()}): expect about {minutes(self.estimate_s)} in all")
 

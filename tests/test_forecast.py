@@ -49,3 +49,23 @@ def test_describe_cpu_says_whether_bf16_is_native(monkeypatch):
 
 def test_minutes():
     assert minutes(59.6) == "1 min 00 s" and minutes(7) == "7 s" and minutes(-3) == "0 s" and minutes(754) == "12 min 34 s"
+
+
+def test_each_llm_stage_gets_its_own_forecast(monkeypatch):
+    """A LoRA stage runs fewer tokens/s than the bridge-only stage before it: its first steps re-forecast."""
+    lines: list[str] = []
+    clock = {"now": 130.0}
+    monkeypatch.setattr(forecast.time, "perf_counter", lambda: clock["now"])
+    plan = Forecast([StagePlan("ground", 0), StagePlan("align", 10_000), StagePlan("instruct", 20_000)],
+                    after_tokens=3_000, began=100.0, budget_s=900, say=lines.append)
+    plan({**_record("ground", 1, 5, 0.0)})  # runs no LLM layer: not measured
+    for step in range(1, 7):
+        plan(_record("align", step, 10, 100))
+    assert plan.estimate_s == 300 and len(lines) == 1
+    clock["now"] = 200.0
+    for step in range(1, 7):
+        plan(_record("instruct", step, 20, 50))  # 14 of 20 steps left: 14,000 tokens, then 3,000, at 50/s
+    assert len(lines) == 2 and lines[1].startswith("speed: 0.5 samples/s, 50 tokens/s in stage 'instruct'")
+    assert plan.estimate_s == 100 + 280 + 60
+    plan(_record("instruct", 7, 20, 1))
+    assert len(lines) == 2
