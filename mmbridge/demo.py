@@ -185,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_tiny(os.path.join(args.out, "tiny"))
     if not os.path.isfile(args.recipe):
-        raise SystemExit(f"recipe {args.recipe} not found (run from the repository, or pass --recipe)")
-    if args.size is not None and os.path.abspath(args.recipe) != RECIPE:
-        raise SystemExit("--size sizes the default recipe (configs/demo_miniworld.yaml); a recipe given with "
-                         "--recipe runs as written")
+        parser.error(f"recipe {args.recipe} not found (run from the repository, or pass --recipe)")
+    default_recipe = os.path.abspath(args.recipe) == RECIPE
+    if args.size is not None and not default_recipe:
+        parser.error("--size sizes the default recipe (configs/demo_miniworld.yaml); a recipe given with --recipe "
+                     "runs as written")
     overrides: tuple[str, ...] = ()
-    if os.path.abspath(args.recipe) == RECIPE:
+    if default_recipe:
         size, overrides = demo_size(args.size or "auto")
         if size == "fp32":
             print(f"bf16 is not native here, so every stage trains in fp32 (~3x slower); to finish within 15 min the "

@@ -62,13 +62,17 @@ def test_sizes_change_only_sample_counts_of_the_shipped_recipe():
     assert size_changes(RECIPE, SIZES["full"]) == ""
 
 
-def test_size_is_refused_with_another_recipe(tmp_path):
+def test_size_is_refused_with_another_recipe(tmp_path, capsys):
     from mmbridge.demo import main
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stages: []\n")
-    with pytest.raises(SystemExit, match="--size sizes the default recipe"):
+    with pytest.raises(SystemExit) as stopped:
         main(["--recipe", str(recipe), "--size", "fp32"])
+    assert stopped.value.code == 2 and "--size sizes the default recipe" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        main(["--recipe", str(tmp_path / "missing.yaml")])
+    assert stopped.value.code == 2 and f"recipe {tmp_path / 'missing.yaml'} not found" in capsys.readouterr().err
 
 
 def test_stage_summary_reads_the_last_ten_steps_word_accuracy():
