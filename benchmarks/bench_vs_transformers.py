@@ -61,6 +61,7 @@ from mmbridge.train.recipe import StageConfig, TuneSpec, _set_trainable, apply_s
 IMPLS = ("transformers", "mmbridge", "mmbridge+cache")
 MODES = ("bridge", "bridge+lora")
 PRECISIONS = ("fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LORA = LoraSpec(r=8, alpha=16, dropout=0.05)
 
 
@@ -518,8 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 def header(threads: int, precisions: tuple[str, ...] = PRECISIONS) -> dict[str, Any]:
     """Print and return the machine, matmul peaks (of the precisions timed) and copy bandwidth."""
     info = machine()
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {f"{name}/{count}": matmul_peak(dtypes[name], count) for name in precisions for count in (1, 2)}
+    peaks = {f"{name}/{count}": matmul_peak(DTYPES[name], count) for name in precisions for count in (1, 2)}
     torch.set_num_threads(threads)
     bandwidth = copy_bandwidth()
     print(f"# mmbridge vs transformers\n\ncommand: {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}")
@@ -535,7 +535,7 @@ def run_model(name: str, setting: Setting, workdir: str, memory: bool, report: d
     ours, hf_model = build(name, workdir)
     threads = torch.get_num_threads()
     peaks = {precision: report["matmul_peak_gflops"].get(f"{precision}/{threads}") or
-             matmul_peak(torch.float32 if precision == "fp32" else torch.bfloat16, threads)
+             matmul_peak(DTYPES[precision], threads)
              for precision in setting.precisions}
     train_rows, parts = train_results(ours, hf_model, setting, memory)
     decode_rows = decode_results(ours, hf_model, setting)

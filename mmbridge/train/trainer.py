@@ -198,7 +198,8 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
                     else:
                         loss, labelled, counts = region_word_loss(model, batch, words)
                         for name, (right, total) in counts.items():
-                            read[name] = [a + b for a, b in zip(read.get(name, [0, 0]), (right, total))]
+                            sums = read.setdefault(name, [0, 0])
+                            sums[0], sums[1] = sums[0] + right, sums[1] + total
                 accelerator.backward(loss / stage.grad_accum)
                 loss_sum += float(loss.detach())
                 samples += batch["input_ids"].shape[0]
