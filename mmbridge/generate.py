@@ -2,9 +2,12 @@
 
 :func:`generate` takes LLaVA-style inputs (``input_ids`` with ``<image>`` placeholders
 already expanded, LEFT-padded when batched, ``attention_mask``, ``pixel_values``) and
-returns only the new tokens, ``[B, new]``. Position ids always come from the attention
-mask (``cumsum - 1``, clamped at 0), so a left-padded row decodes exactly as the same
-prompt alone. With the cache, the prompt and images go through the model once (prefill)
+returns only the new tokens, ``[B, new]``. Position ids come from the model
+(:meth:`MultimodalModel.position_ids`: the attention mask's running count, clamped at 0, or a
+fusion bridge's own scheme such as CogVLM's one position per image), so a left-padded row
+decodes exactly as the same prompt alone; decoding continues from the prompt's last position.
+What a fusion bridge derives from the prompt (:meth:`MultimodalModel.prompt_context`) is
+computed once and passed to every step. With the cache, the prompt and images go through the model once (prefill)
 and each step feeds one token per row; without it, every step recomputes the whole
 sequence from visual tokens encoded once, and greedy outputs are identical.
 
@@ -108,11 +111,6 @@ def resolve_config(model: nn.Module, generation_config: GenerationConfig | None 
     return config
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` mask → position ids ``[B, L]``: real tokens count from 0, left padding sits at 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 # -- token choice ---------------------------------------------------------------------------------
 def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Keep the ``top_k`` largest logits per row (ties with the k-th kept), ``-inf`` elsewhere; ``[B, V]``."""
@@ -212,9 +210,11 @@ def fast_step_decoder(model: nn.Module) -> nn.Module | None:
     """The LLM's decoder when decode steps may call its layers directly, else ``None``.
 
     Requires a Llama-family HF decoder (:data:`FAST_STEP_MODEL_TYPES`) with SDPA attention,
-    the ``cache`` argument of transformers >= 5.24, and none of its layers replaced (fusion
-    bridges read per-call context through the full forward).
+    the ``cache`` argument of transformers >= 5.24, none of its layers replaced, and no fusion bridge
+    (its hooks read per-call context, which only the full forward sets).
     """
+    if getattr(getattr(model, "bridge", None), "fuses_into_llm", False):
+        return None
     llm = getattr(model, "llm", None)
     config = getattr(llm, "config", None)
     if (config is None or getattr(config, "model_type", None) not in FAST_STEP_MODEL_TYPES
@@ -247,7 +247,9 @@ class _Decoder:
         if pixel_values is not None and pixel_values.shape[0] > 0:  # encoded once, whatever the mode
             self.image_tokens = model.encode_images(pixel_values, **bridge_inputs)  # [n, M, D]
         self.cache: Any = preallocated_cache(model, length + max_new_tokens) if use_cache else None
-        self.next_position = attention_mask.long().sum(-1, keepdim=True)  # [B, 1]
+        self.context = model.prompt_context(input_ids, attention_mask)  # kept for every step
+        self.prompt_positions = model.position_ids(input_ids, attention_mask)  # [B, L]
+        self.next_position = self.prompt_positions[:, -1:] + 1  # [B, 1]
         self.fast = fast_step_decoder(model) if use_cache else None
         self.step_mask = self.full_mask.bool()[:, None, None, :] if self.padded else None  # [B, 1, 1, L + new]
 
@@ -261,8 +263,8 @@ class _Decoder:
         if not self.use_cache:
             return self._full_sequence_logits()
         output = self.model(self.sequence, self.prompt_mask, image_tokens=self.image_tokens,
-                            position_ids=positions_from_mask(self.prompt_mask), cache=self.cache, use_cache=True,
-                            return_logits="last")
+                            position_ids=self.prompt_positions, cache=self.cache, use_cache=True,
+                            return_logits="last", context=self.context)
         self.cache = output.cache
         return output.logits[:, -1]
 
@@ -276,8 +278,8 @@ class _Decoder:
         if self.fast is not None:
             logits = self._fast_step(new_ids)
         else:
-            output = self.model(new_ids, self.attention_mask if self.padded else None,
-                                position_ids=self.next_position, cache=self.cache, use_cache=True, return_logits="last")
+            output = self.model(new_ids, self.attention_mask if self.padded else None, position_ids=self.next_position,
+                                cache=self.cache, use_cache=True, return_logits="last", context=self.context)
             self.cache, logits = output.cache, output.logits[:, -1]
         self.next_position = self.next_position + 1
         return logits
@@ -295,7 +297,7 @@ class _Decoder:
 
     def _full_sequence_logits(self) -> torch.Tensor:
         mask = self.attention_mask
-        output = self.model(self.sequence, mask, position_ids=positions_from_mask(mask),
+        output = self.model(self.sequence, mask, position_ids=self.model.position_ids(self.sequence, mask),
                             image_tokens=self.image_tokens, use_cache=False, return_logits="last")
         return output.logits[:, -1]
 

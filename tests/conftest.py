@@ -6,9 +6,10 @@ import os
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from mmbridge.model.multimodal import MultimodalModel
-from mmbridge.testing import tiny_model_config, tiny_tokenizer
+from mmbridge.testing import tiny_llm_config, tiny_model_config, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # MMBRIDGE_TEST_THREADS runs the suite with another thread count (CI does: results must not depend on it)
@@ -57,3 +58,39 @@ def left_padded_pair(slots: int, image_token_id: int, pad_id: int,
     labels = torch.full_like(input_ids, -100)
     labels[:, -3:] = input_ids[:, -3:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def build_with_llm(tokenizer_dir: str, bridge: dict, family: str = "llama") -> MultimodalModel:
+    """A fresh tiny model (seeded) with ``bridge`` on an LLM of ``family`` (llama, qwen2…)."""
+    torch.manual_seed(0)
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1
+    llm = {"hf_config": tiny_llm_config(vocab, model_type=family)}
+    return MultimodalModel.from_config(tiny_model_config(tokenizer_dir, vocab, bridge=bridge, llm=llm)).eval()
+
+
+def waken(model: MultimodalModel, scale: float = 0.2) -> None:
+    """Move every bridge weight away from its init (zero up-projections, expert copies), so the parts inside
+    the LLM change the output and a test of them can fail."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.bridge.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def image_batch(model: MultimodalModel, left_pad: int = 0) -> dict[str, torch.Tensor]:
+    """Two prompts: text, one image, text; the first row left-padded by ``left_pad``; labels on the last 3."""
+    generator = torch.Generator().manual_seed(2)
+    run = torch.full((model.tokens_per_image,), model.image_token_id)
+    rows = [torch.cat([torch.randint(5, 200, (3,), generator=generator), run,
+                       torch.randint(5, 200, (4,), generator=generator)]) for _ in range(2)]
+    input_ids = torch.stack(rows)
+    attention_mask = torch.ones_like(input_ids)
+    if left_pad:
+        input_ids = torch.cat([torch.full((2, left_pad), model.tokenizer.pad_token_id), input_ids], 1)
+        attention_mask = torch.cat([torch.zeros(2, left_pad, dtype=torch.long), attention_mask], 1)
+        input_ids[1, :left_pad] = torch.randint(5, 200, (left_pad,), generator=generator)  # row 1 unpadded
+        attention_mask[1] = 1
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -3:] = input_ids[:, -3:]
+    pixel_values = torch.randn(2, 3, 16, 16, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}

@@ -28,6 +28,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mmbridge.model.bridges import BRIDGES, build_bridge
+from mmbridge.model.fusion import FusionBridge
 from mmbridge.model.llm import LLMS, build_llm, load_tokenizer
 from mmbridge.model.lora import LoraSpec, inject_lora
 from mmbridge.model.vision import VISION_ENCODERS, build_vision
@@ -39,6 +40,11 @@ CONFIG_FILE, WEIGHTS_FILE, PROCESSOR_FILE, TOKENIZER_DIR = "config.json", "model
 BRIDGE_TOKENIZER_DIR = "bridge_tokenizer"  # the bridge's own text tokenizer (instruction-aware bridges)
 # transformers' names for per-image bridge inputs (InstructBLIP's Q-Former text) → mmbridge's bridge_<name>
 INPUT_ALIASES = {"qformer_input_ids": "bridge_text_ids", "qformer_attention_mask": "bridge_text_mask"}
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` mask → position ids ``[B, L]``: real tokens count from 0, left padding sits at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -70,13 +76,17 @@ class ModelConfig:
 @dataclass
 class MultimodalOutput:
     """``loss`` (mean over label tokens), ``logits`` (per ``return_logits``), ``cache``, ``num_label_tokens``;
-    ``encoder_hidden`` (encoder–decoder LLMs) lets decoding steps reuse the encoded prompt."""
+    ``encoder_hidden`` (encoder–decoder LLMs) lets decoding steps reuse the encoded prompt.
+    With labels and a fusion bridge: ``aux_losses`` (weighted terms already in ``loss``, e.g. MoE load
+    balancing) and ``stats`` (counts to log, e.g. tokens per expert)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: Any = None
     num_label_tokens: int = 0
     encoder_hidden: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class MultimodalModel(nn.Module):
@@ -111,6 +121,8 @@ class MultimodalModel(nn.Module):
         vision = build_vision(config.vision)
         llm = build_llm(config.llm) if tokenizer is None else LLMS.get(config.llm.type).build(config.llm, tokenizer)
         bridge = build_bridge(config.bridge, vision.feature_dim, llm.hidden_size)
+        if isinstance(bridge, FusionBridge):
+            bridge.attach(llm)
         model = cls(vision, bridge, llm, config, processor_settings)
         for adapter in config.adapters:
             spec = {k: v for k, v in adapter.items() if k != "key"}
@@ -216,17 +228,48 @@ class MultimodalModel(nn.Module):
                                 "encoder-decoder LLMs; this model's LLM is decoder-only")
             input_ids = self._needs_ids(input_ids)
             embeds = self.embed(input_ids, pixel_values, image_tokens, bridge_kwargs)
-            call_context = {"image_mask": input_ids == self.image_token_id, **(context or {})}
+            call_context = self.call_context(input_ids, attention_mask, context)
+            if position_ids is None and isinstance(self.bridge, FusionBridge):
+                position_ids = self.bridge.position_ids(call_context["image_mask"], attention_mask,
+                                                        self.tokens_per_image)
             hidden, cache = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids,
                                      cache=cache, use_cache=use_cache, context=call_context)
             output = MultimodalOutput(cache=cache)
             if labels is not None:  # labels align with input_ids: position t predicts the label at t + 1
                 output.loss, output.num_label_tokens = self.target_loss(hidden[:, :-1], labels[:, 1:])
+                if isinstance(self.bridge, FusionBridge):
+                    output.aux_losses, output.stats = self.bridge.training_outputs(call_context)
+                    output.loss = output.loss + sum(output.aux_losses.values())
         if return_logits == "all":
             output.logits = self.llm.logits(hidden)
         elif return_logits == "last":
             output.logits = self.llm.logits(hidden[:, -1:])
         return output
+
+    def call_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     context: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What modules inside the LLM read during one call: ``image_mask`` (``[B, L]``, visual tokens),
+        ``attention_mask``, the fusion bridge's :meth:`~FusionBridge.prompt_context`, then ``context`` (a
+        decoding step passes the prompt's, which wins over what its own single token would say)."""
+        image_mask = input_ids == self.image_token_id
+        derived = self.bridge.prompt_context(image_mask, attention_mask) if isinstance(self.bridge, FusionBridge) else {}
+        return {"image_mask": image_mask, "attention_mask": attention_mask, **derived, **(context or {})}
+
+    def prompt_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
+        """The per-prompt context a fusion bridge needs at every decoding step (empty for other bridges)."""
+        if not isinstance(self.bridge, FusionBridge):
+            return {}
+        return self.bridge.prompt_context(input_ids == self.image_token_id, attention_mask)
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Position ids ``[B, L]`` for a (left-padded) prompt: the bridge's (CogVLM: one per image) or the
+        attention mask's running count."""
+        if isinstance(self.bridge, FusionBridge):
+            positions = self.bridge.position_ids(input_ids == self.image_token_id, attention_mask,
+                                                 self.tokens_per_image)
+            if positions is not None:
+                return positions
+        return positions_from_mask(attention_mask)
 
     def _encoder_decoder_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                                  pixel_values: torch.Tensor | None, labels: torch.Tensor | None,

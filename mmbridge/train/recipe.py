@@ -7,6 +7,10 @@ A stage names, per module key (``vision``, ``bridge``, ``llm``), a tuning mode:
 * ``lora`` — LoRA adapters (peft) are injected once and only they train;
 * ``partial`` — the last ``layers`` blocks of the module's layer stack train.
 
+With ``full``, ``only`` narrows the key to some of its parts: parameter-name prefixes inside the
+key (``bridge: {mode: full, only: [projector]}`` trains a fusion bridge's projector and not its
+experts, as MoE-LLaVA's first stage does).
+
 Each key may carry its own learning rate. :func:`apply_stage` returns (and logs) a
 table of trainable/frozen parameter counts per key.
 """
@@ -41,10 +45,14 @@ class TuneSpec:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] | None = None
+    only: list[str] | None = None  # for full: parameter-name prefixes inside the key that train
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"tuning mode must be one of {MODES}, got {self.mode!r}")
+        if self.only is not None and (self.mode != "full" or not self.only):
+            raise ValueError(f"'only' narrows mode 'full' to a non-empty list of parts (got mode {self.mode!r}, "
+                             f"only {self.only!r})")
         if self.mode == "partial" and not self.layers:
             raise ValueError("tuning mode 'partial' needs 'layers' (how many final layers train)")
 
@@ -75,6 +83,7 @@ class StageConfig:
     save_every: int | None = None  # optimizer steps between checkpoints
     log_every: int = 1
     objective: str = "lm"  # lm: next-token loss on the labels; region_words: bridge-only alignment (region_words.py)
+    upcycle: bool = False  # MoE-tuning: copy each MoE layer's FFN into its experts as this stage starts (moe bridge)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.train) - set(MODULE_KEYS))
@@ -125,16 +134,18 @@ def apply_stage(model: MultimodalModel, stage: StageConfig, log: bool = True) ->
         module = model.get_submodule(key)
         if spec.mode == "lora" and not has_lora(module):
             model.add_lora(key, spec.lora_spec())
-        _set_trainable(module, spec)
+        _set_trainable(module, spec, where=f"stage '{stage.name}' train.{key}")
     rows = parameter_table(model, stage)
     if log:
         logger.info("stage '%s'\n%s", stage.name, format_table(rows))
     return rows
 
 
-def _set_trainable(module: nn.Module, spec: TuneSpec) -> None:
-    module.requires_grad_(spec.mode == "full")
-    if spec.mode == "lora":
+def _set_trainable(module: nn.Module, spec: TuneSpec, where: str = "train") -> None:
+    module.requires_grad_(spec.mode == "full" and not spec.only)
+    if spec.only:
+        _train_only(module, spec.only, where)
+    elif spec.mode == "lora":
         for name, parameter in module.named_parameters():
             parameter.requires_grad_("lora_" in name)
     elif spec.mode == "partial":
@@ -143,6 +154,17 @@ def _set_trainable(module: nn.Module, spec: TuneSpec) -> None:
             raise ValueError(f"partial tuning asks for {spec.layers} layers but the module has {len(layers)}")
         for layer in list(layers)[-spec.layers:]:
             layer.requires_grad_(True)
+
+
+def _train_only(module: nn.Module, prefixes: list[str], where: str) -> None:
+    """Train the parameters whose names (inside ``module``) are or start with one of ``prefixes``."""
+    names = [name for name, _ in module.named_parameters()]
+    for prefix in prefixes:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            parts = sorted({name.split(".", 1)[0] for name in names})
+            raise ValueError(f"{where}: 'only' names {prefix!r}, which holds no parameter; parts: {parts}")
+    for name, parameter in module.named_parameters():
+        parameter.requires_grad_(any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes))
 
 
 def _layer_stack(module: nn.Module) -> nn.ModuleList:

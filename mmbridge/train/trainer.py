@@ -105,11 +105,14 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
     _rewrite_log(run.output_dir, state.history)
     result = TrainResult(model, state.history, output_dir=run.output_dir)
     touched: set[str] = set()
+    check_upcycle(model, stages)
     for index, stage in enumerate(stages):
         resuming = saved is not None and index == state.stage_index
         if resuming and state.step == 0:  # saved at a stage boundary: restore before this stage's LoRA init
             ckpt.load_trainable(saved_path, model)
             ckpt.restore_rng(saved_path, saved)
+        if stage.upcycle:  # copies the FFNs as trained so far; a checkpoint of later training overwrites them
+            model.bridge.upcycle()
         rows = apply_stage(model, stage, log=False)
         touched |= {name for name, p in model.named_parameters() if p.requires_grad}
         if index < state.stage_index:
@@ -186,6 +189,8 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
         for step in range(start, total_steps):
             began = time.perf_counter()
             loss_sum, samples, tokens, seen, empty = 0.0, 0, 0, 0, 0
+            aux: dict[str, float] = {}  # a fusion bridge's auxiliary loss terms, summed over micro-batches
+            counts: dict[str, Any] = {}  # and its statistics (counts), summed likewise
             read: dict[str, list[int]] = {}  # region_words: attribute → [cells read right, cells labelled]
             for _ in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
                 batch, cursor, skipped = _next_batch(data, cursor, world, rank, stage.name)
@@ -195,6 +200,9 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
                         output = trained_model(**model_inputs(batch), return_logits="none")
                         loss, labelled = output.loss, output.num_label_tokens
                         seen += int(batch["attention_mask"].sum())  # positions through the LLM
+                        for name, value in output.aux_losses.items():
+                            aux[name] = aux.get(name, 0.0) + float(value.detach())
+                        add_counts(counts, output.stats)
                     else:
                         loss, labelled, counts = region_word_loss(model, batch, words)
                         for name, (right, total) in counts.items():
@@ -218,6 +226,9 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
                       "tokens_per_s": seen / seconds, "label_tokens": tokens, "seconds": seconds}
             if read:  # how often each visual token reads as its region's word, per attribute
                 record["word_accuracy"] = {name: right / total for name, (right, total) in read.items() if total}
+            if aux:  # already inside "loss"
+                record["aux_losses"] = {name: value / stage.grad_accum for name, value in aux.items()}
+            record.update(counts)
             if empty:
                 record["empty_batches"] = empty  # every sample of these micro-batches was skipped
             result.history.append(record)
@@ -250,6 +261,23 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
     if dataset.skipped:
         result.skipped[stage.name] = dict(dataset.skipped)
         logger.warning("stage '%s' skipped samples: %s", stage.name, dict(dataset.skipped))
+
+
+def check_upcycle(model: MultimodalModel, stages: list[StageConfig]) -> None:
+    """A stage that says ``upcycle`` needs a bridge that can (``moe``); say so before any stage trains."""
+    for stage in stages:
+        if stage.upcycle and not hasattr(model.bridge, "upcycle"):
+            raise ValueError(f"stage '{stage.name}' sets upcycle, which copies FFNs into MoE experts, but the "
+                             f"bridge ({type(model.bridge).__name__}) has none: use bridge type 'moe'")
+
+
+def add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:
+    """Sum ``counts`` (numbers or nested lists of numbers) into ``total`` element by element."""
+    def plus(left: Any, right: Any) -> Any:
+        return [plus(a, b) for a, b in zip(left, right)] if isinstance(left, list) else left + right
+
+    for name, value in counts.items():
+        total[name] = plus(total[name], value) if name in total else value
 
 
 def _region_words(stage: StageConfig, model: MultimodalModel, dataset: Any) -> WordGroups | None:

@@ -1,0 +1,156 @@
+"""Bridges that live inside the LLM: the base class, and the helpers every fusion family shares.
+
+A fusion bridge is an input-token bridge (its ``projector``: any registered bridge spec, which
+makes the visual tokens spliced at ``<image>`` positions) plus modules that act inside the
+frozen LLM's decoder layers. It keeps the contract of ``DESIGN.md`` ("bridges inside the LLM"):
+
+1. *Names.* Every weight it adds is a parameter of the bridge (``bridge.…``). It reaches into
+   the LLM through forward hooks on the decoder's own submodules, or, where the original
+   computation must be skipped, a wrapper that adopts the original module's children under
+   their own names and refers to the bridge's modules without registering them. The ``llm.…``
+   parameter names and tensors stay those of the HF model.
+2. *Identity at init.* Experts are copies, adapters have zero output projections: a fresh
+   model gives the base LLM's logits on text-only input.
+3. *One forward, one generate.* Per-call data comes from :attr:`LanguageModel.context` (set by
+   :meth:`MultimodalModel.forward`): ``image_mask`` ``[B, L]`` (True at visual tokens of this
+   call), ``attention_mask``, and whatever :meth:`FusionBridge.prompt_context` derives from the
+   prompt — computed once per ``generate`` call and passed to every decoding step.
+4. *Same tools.* Recipes, stages, the feature cache (features go through :meth:`forward`, the
+   projector), the eval harness and save/load need nothing special.
+
+:attr:`FusionBridge.fuses_into_llm` tells the decoder's fast path (which calls the layers
+outside the model's forward, without context) to stay off.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmbridge.model.bridges.base import Bridge, build_bridge
+
+
+class FusionBridge(Bridge, abc.ABC):
+    """A ``projector`` for the visual tokens plus parts inside the LLM, added by :meth:`attach`."""
+
+    fuses_into_llm = True
+
+    def __init__(self, projector: Bridge) -> None:
+        super().__init__()
+        self.projector = projector
+        self.__dict__["llm"] = None  # the LanguageModel adapter; referenced, never registered (its weights are llm.…)
+
+    def num_tokens(self, num_features: int) -> int:
+        return self.projector.num_tokens(num_features)
+
+    def forward(self, features: torch.Tensor, **context: Any) -> torch.Tensor:  # [B, N, D_v] -> [B, M, D]
+        return self.projector(features, **context)
+
+    # -- inside the LLM -------------------------------------------------------------------------
+    def attach(self, llm: nn.Module) -> None:
+        """Create the parts inside ``llm`` (a :class:`~mmbridge.model.llm.base.LanguageModel`); once per model."""
+        if self.llm is not None:
+            raise RuntimeError(f"{type(self).__name__} is already attached to an LLM")
+        self.__dict__["llm"] = llm
+        self._attach(llm)
+
+    @abc.abstractmethod
+    def _attach(self, llm: nn.Module) -> None:
+        """Build the modules that act inside ``llm``'s decoder layers and hook them in."""
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """The running call's context (empty outside a call)."""
+        return (self.llm.context if self.llm is not None else None) or {}
+
+    def prompt_context(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
+        """Per-call data derived from the prompt that decoding steps must keep (none by default)."""
+        return {}
+
+    def position_ids(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
+                     tokens_per_image: int) -> torch.Tensor | None:
+        """Position ids ``[B, L]`` this bridge wants for a sequence, or None for the model's default."""
+        return None
+
+    def training_outputs(self, context: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """After a training forward: auxiliary loss terms (already weighted, added to the loss) and statistics
+        to log (lists of counts, summed over micro-batches). None by default."""
+        return {}, {}
+
+    def inactive_parameters_per_token(self) -> int:
+        """Parameters of this bridge (and of the LLM it bypasses) that one token does not use."""
+        return 0
+
+
+def selected_layers(llm: nn.Module, layers: list[int] | None, every: int = 1, where: str = "bridge") -> list[int]:
+    """Indices of the decoder layers a bridge acts in: ``layers`` if given (negatives count from the end),
+    else every ``every``-th layer from the first."""
+    count = len(llm.decoder_layers())
+    if layers is None:
+        if every < 1:
+            raise ValueError(f"{where}: 'every' must be >= 1, got {every}")
+        return list(range(0, count, every))
+    chosen = []
+    for index in layers:
+        if not -count <= index < count:
+            raise ValueError(f"{where}: layer {index} does not exist; the LLM has {count} decoder layers")
+        chosen.append(index % count)
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"{where}: layers {layers} name a layer twice")
+    return sorted(chosen)
+
+
+def submodule(layer: nn.Module, name: str, index: int, where: str) -> nn.Module:
+    """``layer.<name>`` with an error that names the layer and what it does have."""
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        known = sorted(child for child, _ in layer.named_modules() if child)
+        raise ValueError(f"{where}: decoder layer {index} ({type(layer).__name__}) has no submodule {name!r}; "
+                         f"it has {known[:12]}") from None
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` (an LLM submodule) for the bridge to own; stages decide what trains."""
+    copied = copy.deepcopy(module)
+    copied.requires_grad_(False)
+    return copied
+
+
+def projector_of(spec: Any, in_dim: int, out_dim: int) -> Bridge:
+    """The input-token bridge a fusion bridge's ``projector`` field names."""
+    built = build_bridge(spec, in_dim, out_dim)
+    if isinstance(built, FusionBridge):
+        raise ValueError(f"a fusion bridge's projector must be an input-token bridge, got {type(built).__name__}")
+    return built
+
+
+def image_positions(context: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(rows, columns)`` of this call's visual tokens, or None when it has none; computed once per call."""
+    if "image_index" not in context:
+        mask = context.get("image_mask")
+        context["image_index"] = mask.nonzero(as_tuple=True) if mask is not None and bool(mask.any()) else None
+    return context["image_index"]
+
+
+def shared_image_positions(image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
+                           tokens_per_image: int) -> torch.Tensor:
+    """Position ids ``[B, L]`` where all ``tokens_per_image`` tokens of one image share one position (CogVLM).
+
+    Every attended text token and the first token of each image advance the position by one;
+    left padding sits at 0. Consecutive images are told apart by the per-image token count.
+    """
+    attended = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
+    image = image_mask & attended
+    before = torch.nn.functional.pad(image[:, :-1], (1, 0), value=False)  # image token at t - 1
+    seen = image.long().cumsum(-1)  # image tokens up to and including t
+    run_start = image & ~before
+    start_count = torch.where(run_start, seen - 1, torch.zeros_like(seen)).cummax(-1).values
+    index_in_run = seen - 1 - start_count  # 0, 1, 2… inside a run of image tokens
+    first_of_image = image & (index_in_run % tokens_per_image == 0)
+    advances = attended & (~image | first_of_image)
+    return (advances.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,147 @@
+"""The contract for bridges inside the LLM (DESIGN.md), shown for visual_expert, mma and moe on Llama and Qwen2:
+names, identity at init, gradients, one generate (cache = no cache, left padding), save/load, stages, info."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from mmbridge.cli import info_text
+from mmbridge.config import RunConfig
+from mmbridge.model.multimodal import MultimodalModel
+from mmbridge.testing import tiny_model_config, write_shape_dataset
+from mmbridge.train import StageConfig, apply_stage, train
+
+from conftest import build_with_llm as build, image_batch, waken
+
+FUSION = {"visual_expert": {"type": "visual_expert"}, "mma": {"type": "mma"},
+          "moe": {"type": "moe", "every": 1, "num_experts": 3, "top_k": 2}}
+FAMILIES = ["llama", "qwen2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", FUSION)
+def test_llm_names_stay_and_new_weights_live_under_bridge(tokenizer_dir, name, family):
+    base = build(tokenizer_dir, {"type": "mlp"}, family)
+    model = build(tokenizer_dir, FUSION[name], family)
+    assert list(model.llm.state_dict()) == list(base.llm.state_dict())
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == len(set(names))  # nothing registered twice
+    added = set(names) - {n for n, _ in base.named_parameters()}
+    assert added and all(n.startswith("bridge.") for n in added)
+    inside = {n for n in added if not n.startswith("bridge.projector.")}
+    assert inside, f"{name} added nothing inside the LLM"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", FUSION)
+def test_fresh_model_gives_the_base_llm_logits_on_text(tokenizer_dir, name, family):
+    base = build(tokenizer_dir, {"type": "mlp"}, family)
+    model = build(tokenizer_dir, FUSION[name], family)
+    ids = torch.randint(5, 200, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = base(ids, torch.ones_like(ids)).logits
+        got = model(ids, torch.ones_like(ids)).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    waken(model)  # and the test can fail: trained parts change text logits (visual experts excepted)
+    with torch.no_grad():
+        moved = (model(ids, torch.ones_like(ids)).logits - expected).abs().max()
+    assert (moved == 0) if name == "visual_expert" else (moved > 1e-3)
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_gradients_reach_exactly_the_bridge(tokenizer_dir, name):
+    model = build(tokenizer_dir, FUSION[name])
+    apply_stage(model, StageConfig(name="s", train={"bridge": "full"}), log=False)
+    waken(model)
+    model.train()
+    model(**image_batch(model)).loss.backward()
+    # in the last layer only the visual positions' keys/values reach a text token: the expert query, output
+    # projection and FFN there feed visual positions' outputs, which predict nothing
+    dead_ends = tuple(f"bridge.layers.1.experts.{part}." for part in ("q_proj", "o_proj", "mlp"))
+    for parameter_name, parameter in model.named_parameters():
+        if parameter_name.startswith("bridge."):
+            assert parameter.grad is not None, parameter_name
+            assert (parameter.grad.abs().sum() > 0) != parameter_name.startswith(dead_ends), parameter_name
+        else:
+            assert parameter.grad is None, parameter_name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", FUSION)
+def test_greedy_generation_with_cache_equals_without_and_alone(tokenizer_dir, name, family):
+    model = build(tokenizer_dir, FUSION[name], family)
+    waken(model)
+    batch = image_batch(model, left_pad=3)
+    settings = {"max_new_tokens": 8, "eos_token_id": []}
+    cached = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **settings)
+    uncached = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], use_cache=False,
+                              **settings)
+    assert torch.equal(cached, uncached)
+    alone = model.generate(batch["input_ids"][:1, 3:], pixel_values=batch["pixel_values"][:1], **settings)
+    assert torch.equal(cached[:1], alone)
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_save_and_reload_give_identical_logits(tokenizer_dir, tmp_path, name):
+    model = build(tokenizer_dir, FUSION[name])
+    waken(model)
+    batch = image_batch(model)
+    model.save_pretrained(str(tmp_path))
+    loaded = MultimodalModel.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_info_reports_total_and_active_parameters(tokenizer_dir, name):
+    model = build(tokenizer_dir, FUSION[name])
+    total = sum(parameter.numel() for parameter in model.parameters())
+    idle = model.bridge.inactive_parameters_per_token()
+    text = info_text(model)
+    assert f"total {total:,}; active per token {total - idle:,}" in text
+    if name == "mma":
+        assert idle == 0  # every adapter path runs for every token (mixed by the router)
+    else:
+        assert 0 < idle < total
+
+
+def _llm_checksum(model: MultimodalModel) -> str:
+    digest = hashlib.sha256()
+    for parameter_name, tensor in sorted(model.llm.state_dict().items()):
+        digest.update(parameter_name.encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_training_leaves_the_frozen_llm_bit_identical(tokenizer_dir, tmp_path, name):
+    data = write_shape_dataset(str(tmp_path / "shapes"), 8, seed=1)
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1
+    stage = {"name": "s", "train": {"bridge": "full"}, "lr": 1e-2, "steps": 3, "batch_size": 4, "precision": "bf16"}
+    run = RunConfig(model=tiny_model_config(tokenizer_dir, vocab, bridge=FUSION[name]), stages=[stage],
+                    output_dir=str(tmp_path / "run"), data={"sources": [{"path": data}], "max_length": 128})
+    torch.manual_seed(0)
+    model = MultimodalModel.from_config(run.model)
+    before = _llm_checksum(model)
+    bridge_before = {n: p.detach().clone() for n, p in model.bridge.named_parameters()}
+    result = train(run, model=model, progress=False)
+    assert _llm_checksum(result.model) == before
+    changed = [n for n, p in result.model.bridge.named_parameters() if not torch.equal(p, bridge_before[n])]
+    assert changed and any(not n.startswith("projector.") for n in changed)
+    reloaded = MultimodalModel.from_pretrained(str(tmp_path / "run" / "final"))
+    assert _llm_checksum(reloaded) == before
+    with open(tmp_path / "run" / "log.jsonl") as handle:
+        records = [json.loads(line) for line in handle]
+    assert len(records) == 3
+    if name == "moe":  # the load-balancing term and the tokens each expert received, every step
+        assert all(record["aux_losses"]["moe_aux_loss"] > 0 for record in records)
+        loads = records[0]["moe_tokens_per_expert"]
+        assert len(loads) == 2 and all(len(layer) == 3 for layer in loads)
+        attended = round(records[0]["tokens_per_s"] * records[0]["seconds"])  # positions through the LLM
+        assert sum(loads[0]) == sum(loads[1]) == 2 * attended  # every attended token goes to top_k = 2 experts
