@@ -1,18 +1,26 @@
-"""Equal-budget bridge comparison on MiniWorld: MLP, pooled MLP, Perceiver, Q-Former, Qwen resampler.
+"""Equal-budget bridge comparison on MiniWorld: input-token bridges and bridges inside the LLM.
 
-    python benchmarks/compare_bridges.py                      # the bundled backbones, table → RESULTS.md
+    python benchmarks/compare_bridges.py --bridges mlp pooled_mlp perceiver qformer qwen_resampler \
+        --results benchmarks/RESULTS.md                       # input-token bridges, the bundled backbones
+    python benchmarks/compare_bridges.py --bridges mlp visual_expert mma moe --section fusion \
+        --results benchmarks/RESULTS.md                       # deep fusion (CogVLM, LaVIN, MoE-LLaVA) vs mlp
     python benchmarks/compare_bridges.py --bridges mlp qformer --align-n 64 --instruct-n 64 --eval-n 20
 
 Every bridge gets the same training budget — the same samples in the same order, the same
 steps, batch size and precision — between the same frozen encoder and frozen LLM (the base
 recipe's ``model.vision`` / ``model.llm`` / ``processor``, by default ``configs/demo_miniworld.yaml``):
 
-* ``align``: MiniWorld short captions, only the bridge trains;
+* ``align``: MiniWorld short captions, only the bridge trains (a fusion bridge's projector
+  alone, as CogVLM and MoE-LLaVA pretrain it: the parts inside the LLM wait for instructions);
 * ``instruct``: MiniWorld attribute drills (colour/shape/size, a count, balanced existence),
-  only the bridge trains.
+  only the bridge trains (a fusion bridge's parts inside the LLM included).
 
-The LLM stays frozen in both stages, so differences come from the bridge alone and one blind
-baseline (the frozen LLM without the image) serves every row. Each bridge keeps its own
+The LLM's own weights stay frozen in both stages, so differences come from the bridge alone and
+one blind baseline (the frozen LLM without the image) serves every row. A bridge inside the LLM
+can still change how the LLM answers text: the table's *text kept* column asks every trained
+model the same text-only questions (``TEXT_QUESTIONS``) and counts greedy answers identical to
+the frozen LLM's. Parameters are reported as trainable, total, and active per token (MoE runs
+``top_k`` of its experts; a visual expert's token runs either the expert or the original). Each bridge keeps its own
 learning rate (``BRIDGES``, set once, not tuned per run). The table reports accuracy per test
 task, visual tokens per image, trainable parameters and the median training throughput of each
 stage; ``--results`` writes it into ``benchmarks/RESULTS.md`` between markers, with the command
@@ -38,7 +46,7 @@ import torch
 from mmbridge.config import RunConfig, load_run_config
 from mmbridge.eval.harness import run_suite, save_results
 from mmbridge.model.multimodal import MultimodalModel
-from mmbridge.utils import atomic_path, atomic_write_json
+from mmbridge.utils import atomic_path, atomic_write_json, seed_everything
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_RECIPE = os.path.join(ROOT, "configs", "demo_miniworld.yaml")
@@ -55,7 +63,18 @@ BRIDGES: dict[str, tuple[dict, float, float]] = {
     "perceiver": ({"type": "perceiver", "num_latents": QUERIES, "depth": 2, "heads": 8}, 1e-3, 5e-4),
     "qformer": ({"type": "qformer", "num_queries": QUERIES, "init_from": "minilm"}, 1e-3, 5e-4),
     "qwen_resampler": ({"type": "qwen_resampler", "num_queries": QUERIES, "heads": 8}, 1e-3, 5e-4),
+    # inside the LLM: experts copied from the LLM take the smaller rate; LaVIN's zero-initialised adapters the larger
+    "visual_expert": ({"type": "visual_expert"}, 3e-3, 1e-4),
+    "mma": ({"type": "mma"}, 3e-3, 1e-3),
+    "moe": ({"type": "moe"}, 3e-3, 2e-4),
 }
+FUSION = ("visual_expert", "mma", "moe")  # their align stage trains the projector only
+TEXT_QUESTIONS = [
+    "What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?",
+    "What is 12 plus 7?", "Write one sentence about the sea.", "What does a thermometer measure?",
+    "Which planet is closest to the sun?", "Give a synonym for happy.", "What colour is grass?",
+    "Translate 'thank you' into French.", "What is the opposite of cold?", "How many days are in a week?",
+]
 
 
 def comparison_run(base: RunConfig, name: str, out: str, align_n: int, instruct_n: int,
@@ -65,15 +84,16 @@ def comparison_run(base: RunConfig, name: str, out: str, align_n: int, instruct_
     model = copy.deepcopy(base.model)
     model["bridge"] = copy.deepcopy(spec)
 
-    def stage(stage_name: str, task: str, n: int, lr: float) -> dict:
+    def stage(stage_name: str, task: str, n: int, lr: float, train: dict | str) -> dict:
         return {"name": stage_name, "data": {"sources": [{"miniworld": {"task": task, "split": "train", "n": n}}]},
-                "train": {"bridge": "full"}, "lr": lr, "epochs": 1, "batch_size": batch_size,
+                "train": {"bridge": train}, "lr": lr, "epochs": 1, "batch_size": batch_size,
                 "warmup_ratio": 0.05, "precision": "bf16", "save_every": 25}
 
+    align = {"mode": "full", "only": ["projector"]} if name in FUSION else "full"
     return RunConfig(model=model, processor=copy.deepcopy(base.processor), seed=base.seed,
                      output_dir=os.path.join(out, name),
-                     stages=[stage("align", "caption", align_n, align_lr),
-                             stage("instruct", "attribute_drill", instruct_n, instruct_lr)])
+                     stages=[stage("align", "caption", align_n, align_lr, align),
+                             stage("instruct", "attribute_drill", instruct_n, instruct_lr, "full")])
 
 
 def median_speed(history: list[dict], stage: str) -> float:
@@ -82,8 +102,23 @@ def median_speed(history: list[dict], stage: str) -> float:
     return statistics.median(speeds) if speeds else float("nan")
 
 
-def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = True) -> dict:
-    """Train (or resume) one bridge, evaluate it, and return its summary (also written to summary.json)."""
+def text_answers(model: MultimodalModel, questions: list[str] = TEXT_QUESTIONS, max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers to text-only questions (no image), through the model's chat template."""
+    return [model.chat(question, [], max_new_tokens=max_new_tokens) for question in questions]
+
+
+def parameter_summary(model: MultimodalModel) -> dict[str, int]:
+    """Trainable (the bridge: only it trains here), total, and active per token."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    idle = model.bridge.inactive_parameters_per_token() if hasattr(model.bridge, "inactive_parameters_per_token") else 0
+    return {"trainable": sum(parameter.numel() for parameter in model.bridge.parameters()), "total": total,
+            "active": total - idle}
+
+
+def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = True,
+                base_answers: list[str] | None = None) -> dict:
+    """Train (or resume) one bridge, evaluate it, and return its summary (also written to summary.json);
+    with ``base_answers`` (the frozen LLM's), also how many text-only answers stayed the same."""
     from mmbridge.train import train
 
     summary_path = os.path.join(run.output_dir, "summary.json")
@@ -97,11 +132,17 @@ def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = 
     model = MultimodalModel.from_pretrained(final)
     results = run_suite(model, "miniworld", tasks, n=eval_n, progress=progress, model_dir=final)
     save_results(os.path.join(run.output_dir, "eval.json"), results)
+    parameters = parameter_summary(model)
+    answers = text_answers(model) if base_answers is not None else None
     summary = {
         "settings": settings,
         "bridge": run.model["bridge"],
         "visual_tokens": model.tokens_per_image,
-        "trainable_parameters": sum(parameter.numel() for parameter in model.bridge.parameters()),
+        "trainable_parameters": parameters["trainable"],
+        "total_parameters": parameters["total"],
+        "active_parameters": parameters["active"],
+        "text_answers": answers,
+        "text_kept": None if answers is None else sum(a == b for a, b in zip(answers, base_answers)),
         "samples_per_s": {stage: median_speed(result.history, stage) for stage in ("align", "instruct")},
         "train_seconds": train_seconds,
         "steps": len(result.history),
@@ -112,17 +153,21 @@ def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = 
     return summary
 
 
-def blind_baseline(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = True) -> dict[str, float]:
-    """The frozen LLM's accuracy without the image (one row: the LLM is frozen in every comparison run)."""
+def blind_baseline(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = True) -> dict:
+    """The frozen LLM without the image (one row: the LLM's weights are frozen in every comparison run):
+    ``accuracy`` per task and ``text_answers``, its greedy answers to ``TEXT_QUESTIONS``."""
     path = os.path.join(os.path.dirname(run.output_dir), "blind.json")
-    settings = {"llm": run.model["llm"], "processor": run.processor, "tasks": tasks, "eval_n": eval_n}
+    settings = {"llm": run.model["llm"], "processor": run.processor, "tasks": tasks, "eval_n": eval_n,
+                "questions": TEXT_QUESTIONS}
     if os.path.isfile(path):
-        return _reuse(path, settings)["accuracy"]
+        return _reuse(path, settings)
+    seed_everything(run.seed)  # random test backbones come out as in the training runs
     model = MultimodalModel.from_config(run.model, processor_settings=run.processor)
     results = run_suite(model, "miniworld", tasks, n=eval_n, blind=True, progress=progress)
-    accuracy = {task: entry["accuracy"] for task, entry in results["tasks"].items()}
-    atomic_write_json(path, {"settings": settings, "accuracy": accuracy})
-    return accuracy
+    blind = {"settings": settings, "accuracy": {task: entry["accuracy"] for task, entry in results["tasks"].items()},
+             "text_answers": text_answers(model)}
+    atomic_write_json(path, blind)
+    return blind
 
 
 def _reuse(path: str, settings: dict) -> dict:
@@ -136,36 +181,51 @@ def _reuse(path: str, settings: dict) -> dict:
 
 
 def comparison_table(rows: dict[str, dict], blind: dict[str, float]) -> str:
-    """Markdown: one row per bridge plus the blind baseline; a column per evaluated task split."""
+    """Markdown: one row per bridge plus the blind baseline (``blind``: its accuracy per task); a column per
+    evaluated task split, then tokens, parameters, text answers kept and speeds."""
     tasks = list(blind)
-    header = ["bridge", *tasks, "visual tokens / image", "trainable params", "align samples/s",
-              "instruct samples/s"]
+    header = ["bridge", *tasks, "visual tokens / image", "trainable params", "total params", "active params",
+              "text kept", "align samples/s", "instruct samples/s"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, row in rows.items():
         cells = [f"{row['accuracy'][task]:.1%}" for task in tasks]
         speed = row["samples_per_s"]
+        kept = "–" if row.get("text_kept") is None else f"{row['text_kept']}/{len(row['text_answers'])}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['visual_tokens']} | "
-                     f"{row['trainable_parameters']:,} | {speed['align']:.2f} | {speed['instruct']:.2f} |")
-    lines.append("| *blind (no image)* | " + " | ".join(f"{blind[task]:.1%}" for task in tasks) + " | 0 | – | – | – |")
+                     f"{row['trainable_parameters']:,} | {row.get('total_parameters', 0):,} | "
+                     f"{row.get('active_parameters', 0):,} | {kept} | {speed['align']:.2f} | {speed['instruct']:.2f} |")
+    lines.append("| *blind (no image)* | " + " | ".join(f"{blind[task]:.1%}" for task in tasks) +
+                 " | 0 | – | – | – | – | – | – |")
     return "\n".join(lines)
 
 
-def results_section(table: str, command: str, budget: str) -> str:
+def markers(section: str = "") -> tuple[str, str]:
+    """The begin/end comments around a section of RESULTS.md (``section`` names a second table)."""
+    if not section:
+        return MARK_BEGIN, MARK_END
+    return f"<!-- compare_bridges {section}: begin -->", f"<!-- compare_bridges {section}: end -->"
+
+
+def results_section(table: str, command: str, budget: str, section: str = "") -> str:
     """The RESULTS.md section: markers, command, machine, budget, table."""
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads, {datetime.now(timezone.utc):%Y-%m-%d}")
-    return "\n".join([MARK_BEGIN, f"Command: `{command}`  ", f"Machine: {machine}  ", f"Budget: {budget}", "",
-                      table, MARK_END])
+    begin, end = markers(section)
+    return "\n".join([begin, f"Command: `{command}`  ", f"Machine: {machine}  ", f"Budget: {budget}", "",
+                      table, end])
 
 
-def write_results(path: str, section: str) -> None:
+def write_results(path: str, text_of_section: str, section: str = "") -> None:
     """Replace the marked section of ``path`` (or append it under a heading if there is none)."""
     text = open(path).read() if os.path.isfile(path) else ""
-    pattern = re.compile(re.escape(MARK_BEGIN) + r".*?" + re.escape(MARK_END), re.S)
+    begin, end = markers(section)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
+        text = pattern.sub(lambda _: text_of_section, text)
     else:
-        text = text.rstrip("\n") + "\n\n## Bridge comparison on MiniWorld (equal budget)\n\n" + section + "\n"
+        title = f"Bridge comparison on MiniWorld ({section}, equal budget)" if section else \
+            "Bridge comparison on MiniWorld (equal budget)"
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + text_of_section + "\n"
     with atomic_path(path) as temporary, open(temporary, "w") as handle:
         handle.write(text)
 
@@ -181,25 +241,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-n", type=int, default=48, help="test samples per task")
     parser.add_argument("--out", default=os.path.join("runs", "compare_bridges"))
     parser.add_argument("--results", default=None, help="write the table into this markdown file (RESULTS.md)")
+    parser.add_argument("--section", default="", help="name of the RESULTS.md section to write (another table)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     base = load_run_config(args.recipe)
     progress = not args.no_progress
     rows = {}
-    for name in args.bridges:
+    runs = {name: comparison_run(base, name, args.out, args.align_n, args.instruct_n, args.batch_size)
+            for name in args.bridges}
+    blind = blind_baseline(next(iter(runs.values())), args.tasks, args.eval_n, progress)
+    for name, run in runs.items():
         print(f"\n== {name}", flush=True)
-        run = comparison_run(base, name, args.out, args.align_n, args.instruct_n, args.batch_size)
-        rows[name] = compare_one(run, args.tasks, args.eval_n, progress)
-    blind = blind_baseline(run, args.tasks, args.eval_n, progress)
-    table = comparison_table(rows, blind)
+        rows[name] = compare_one(run, args.tasks, args.eval_n, progress, blind["text_answers"])
+    table = comparison_table(rows, blind["accuracy"])
     print("\n" + table)
     if args.results:
         command = "python benchmarks/compare_bridges.py " + " ".join(argv if argv is not None else sys.argv[1:])
         budget = (f"align {args.align_n} caption samples, instruct {args.instruct_n} attribute-drill samples, "
-                  f"batch {args.batch_size}, bf16, bridge only (encoder and LLM frozen); test n={args.eval_n} per "
-                  f"task; per-bridge learning rates in `BRIDGES`")
-        write_results(args.results, results_section(table, command.strip(), budget))
+                  f"batch {args.batch_size}, bf16, bridge only (encoder and LLM frozen; a fusion bridge's align "
+                  f"stage trains its projector only); test n={args.eval_n} per task; per-bridge learning rates in "
+                  f"`BRIDGES`; text kept: greedy answers to {len(TEXT_QUESTIONS)} text-only questions identical "
+                  f"to the frozen LLM's")
+        write_results(args.results, results_section(table, command.strip(), budget, args.section), args.section)
         print(f"\nwrote the table to {args.results}")
     return 0
 

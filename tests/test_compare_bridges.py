@@ -1,4 +1,4 @@
-"""benchmarks/compare_bridges.py end to end on tiny random backbones: five bridges, one table, resume."""
+"""benchmarks/compare_bridges.py end to end on tiny random backbones: every bridge, one table, resume."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_every_bridge_trains_at_the_same_budget_and_lands_in_one_table(compare, 
     tokens = {name: summary["visual_tokens"] for name, summary in summaries.items()}
     # tiny CLIP: 16x16 image, 4x4 patches → 16 tokens; pool 2x2 → 4; the query bridges → QUERIES
     assert tokens == {"mlp": 16, "pooled_mlp": 4, "perceiver": compare.QUERIES, "qformer": compare.QUERIES,
-                      "qwen_resampler": compare.QUERIES}
+                      "qwen_resampler": compare.QUERIES, "visual_expert": 16, "mma": 16, "moe": 16}
     for name, summary in summaries.items():
         assert summary["steps"] == 4, name  # 8 + 8 samples at batch 4: the same steps for every bridge
         assert summary["trainable_parameters"] > 0
@@ -54,6 +54,12 @@ def test_every_bridge_trains_at_the_same_budget_and_lands_in_one_table(compare, 
         assert summary["samples_per_s"]["align"] > 0 and summary["samples_per_s"]["instruct"] > 0
         assert summary["lr"] == {"align": compare.BRIDGES[name][1], "instruct": compare.BRIDGES[name][2]}
     assert summaries["qformer"]["trainable_parameters"] > summaries["mlp"]["trainable_parameters"]
+    # the frozen LLM answers text as before through an input-token bridge, and through a visual expert by
+    # construction (text positions never reach an expert); MoE's active count leaves out idle experts
+    assert summaries["mlp"]["text_kept"] == summaries["visual_expert"]["text_kept"] == len(compare.TEXT_QUESTIONS)
+    for name, summary in summaries.items():
+        idle = summary["total_parameters"] - summary["active_parameters"]
+        assert (idle > 0) == (name in ("visual_expert", "moe")), name
 
     text = results.read_text()
     assert "earlier text stays" in text

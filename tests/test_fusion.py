@@ -3,6 +3,8 @@ names, identity at init, gradients, one generate (cache = no cache, left padding
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,6 +15,7 @@ from transformers import AutoTokenizer
 
 from mmbridge.cli import info_text
 from mmbridge.config import RunConfig
+from mmbridge.model.bridges import build_bridge
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.testing import tiny_model_config, write_shape_dataset
 from mmbridge.train import StageConfig, apply_stage, train
@@ -145,3 +148,85 @@ def test_training_leaves_the_frozen_llm_bit_identical(tokenizer_dir, tmp_path, n
         assert len(loads) == 2 and all(len(layer) == 3 for layer in loads)
         attended = round(records[0]["tokens_per_s"] * records[0]["seconds"])  # positions through the LLM
         assert sum(loads[0]) == sum(loads[1]) == 2 * attended  # every attended token goes to top_k = 2 experts
+
+
+@pytest.fixture(scope="module")
+def smollm2_with_mlp(tokenizer_dir):
+    """The bundled SmolLM2 (real weights) behind a tiny encoder, with the default mlp bridge."""
+    config = tiny_model_config(tokenizer_dir, 0)
+    config["llm"] = {"type": "smollm2"}
+    torch.manual_seed(0)
+    return MultimodalModel.from_config(config)
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_defaults_build_on_the_bundled_smollm2_and_start_as_it(smollm2_with_mlp, name):
+    base = smollm2_with_mlp
+    llm = copy.deepcopy(base.llm)
+    bridge = build_bridge({"type": name}, base.vision.feature_dim, llm.hidden_size)
+    bridge.attach(llm)
+    model = MultimodalModel(base.vision, bridge, llm, dataclasses.replace(base.config, bridge={"type": name})).eval()
+    ids = llm.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected, got = base(ids).logits, model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert llm.tokenizer.decode([int(got[0, -1].argmax())]).strip() == "Paris"
+    llm_size = sum(parameter.numel() for parameter in llm.parameters())
+    inside = sum(parameter.numel() for n, parameter in bridge.named_parameters() if not n.startswith("projector."))
+    layers = len(llm.decoder_layers())
+    if name == "visual_expert":  # QKV, O and FFN copies in all 30 layers: about the LLM's size minus embeddings
+        assert len(bridge.layers) == layers and 0.5 * llm_size < inside < llm_size
+    elif name == "mma":  # LaVIN's point: a tiny trainable part (about 1% of the LLM)
+        assert len(bridge.adapters) == 2 * layers and inside < 0.015 * llm_size
+    else:  # 4 experts in every other layer
+        assert sorted(map(int, bridge.moe_layers)) == list(range(0, layers, 2))
+        assert bridge.inactive_parameters_per_token() > 0
+
+
+@pytest.mark.parametrize("name", ["visual_expert", "moe"])
+def test_training_from_the_feature_cache_matches_pixels(tokenizer_dir, tmp_path, name):
+    data = write_shape_dataset(str(tmp_path / "shapes"), 8, seed=3)
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1
+    stage = {"name": "s", "train": {"bridge": "full"}, "lr": 1e-2, "steps": 3, "batch_size": 4, "precision": "fp32"}
+
+    def run(output: str, cache: str | None) -> RunConfig:
+        return RunConfig(model=tiny_model_config(tokenizer_dir, vocab, bridge=FUSION[name]), stages=[stage],
+                         output_dir=str(tmp_path / output), seed=0,
+                         data={"sources": [{"path": data}], "max_length": 128, "feature_cache": cache})
+
+    plain = train(run("plain", None), progress=False)
+    cached = train(run("cached", str(tmp_path / "cache")), progress=False)
+    assert os.listdir(tmp_path / "cache")
+    # the cache encodes several images per call, training fewer: rounding may differ in the last bits
+    assert [r["loss"] for r in cached.history] == pytest.approx([r["loss"] for r in plain.history], abs=1e-5, rel=0)
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_lora_on_the_llm_composes_with_the_parts_inside_it(tokenizer_dir, tmp_path, name):
+    model = build(tokenizer_dir, FUSION[name])
+    waken(model)
+    stage = StageConfig(name="s", train={"bridge": "full", "llm": {"mode": "lora", "r": 4}})
+    apply_stage(model, stage, log=False)
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all(n.startswith("llm.") for n in lora)
+    with torch.no_grad():
+        for n, parameter in model.named_parameters():
+            if "lora_B" in n:
+                parameter.normal_(std=0.1)  # LoRA's B starts at zero; make the adapters matter
+    model.train()
+    batch = image_batch(model)
+    model(**batch).loss.backward()
+    # a MoE layer's dense FFN (and LoRA on it) is idle once its experts route: no gradient reaches it
+    idle = tuple(f".layers.{index}.mlp." for index in getattr(model.bridge, "moe_layers", {}))
+    for n, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert (parameter.grad is None) == (bool(idle) and any(part in n for part in idle)), n
+    model.eval()
+    model.save_pretrained(str(tmp_path))
+    loaded = MultimodalModel.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+    settings = {"max_new_tokens": 6, "eos_token_id": []}
+    assert torch.equal(loaded.generate(batch["input_ids"], pixel_values=batch["pixel_values"], **settings),
+                       loaded.generate(batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=False,
+                                       **settings))
