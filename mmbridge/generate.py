@@ -6,9 +6,10 @@ returns only the new tokens, ``[B, new]``. Position ids come from the model
 (:meth:`MultimodalModel.position_ids`: the attention mask's running count, clamped at 0, or a
 fusion bridge's own scheme such as CogVLM's one position per image), so a left-padded row
 decodes exactly as the same prompt alone; decoding continues from the prompt's last position.
-What a fusion bridge derives from the prompt (:meth:`MultimodalModel.prompt_context`) is
-computed once and passed to every step. With the cache, the prompt and images go through the model once (prefill)
-and each step feeds one token per row; without it, every step recomputes the whole
+What a fusion bridge derives from the prompt and its images
+(:meth:`MultimodalModel.decode_context`) is computed once and passed to the prefill and every
+step. With the cache, the prompt and images go through the model once (prefill) and each step
+feeds one token per row; without it, every step recomputes the whole
 sequence from visual tokens encoded once, and greedy outputs are identical.
 
 The cached loop does little per token: the KV cache of every full-attention layer is
@@ -247,7 +248,7 @@ class _Decoder:
         if pixel_values is not None and pixel_values.shape[0] > 0:  # encoded once, whatever the mode
             self.image_tokens = model.encode_images(pixel_values, **bridge_inputs)  # [n, M, D]
         self.cache: Any = preallocated_cache(model, length + max_new_tokens) if use_cache else None
-        self.context = model.prompt_context(input_ids, attention_mask)  # kept for every step
+        self.context = model.decode_context(input_ids, attention_mask, self.image_tokens)  # for every call
         self.prompt_positions = model.position_ids(input_ids, attention_mask)  # [B, L]
         self.next_position = self.prompt_positions[:, -1:] + 1  # [B, 1]
         self.fast = fast_step_decoder(model) if use_cache else None
@@ -298,7 +299,8 @@ class _Decoder:
     def _full_sequence_logits(self) -> torch.Tensor:
         mask = self.attention_mask
         output = self.model(self.sequence, mask, position_ids=self.model.position_ids(self.sequence, mask),
-                            image_tokens=self.image_tokens, use_cache=False, return_logits="last")
+                            image_tokens=self.image_tokens, use_cache=False, return_logits="last",
+                            context=self.context)
         return output.logits[:, -1]
 
 

@@ -41,13 +41,13 @@ def test_decoding_keeps_the_prompts_modality(tokenizer_dir):
     uncached = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], use_cache=False,
                               **settings)
     assert torch.equal(cached, uncached)
-    forgetful = model.prompt_context
-    model.prompt_context = lambda *args: {}  # a decoder that forgets: steps would route as text-only
+    forgetful = model.decode_context
+    model.decode_context = lambda *args: {}  # a decoder that forgets: steps would route as text-only
     try:
         assert not torch.equal(model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                               **settings), cached)
     finally:
-        model.prompt_context = forgetful
+        model.decode_context = forgetful
 
 
 def test_trainable_part_is_the_adapters_routers_modality_tokens_and_projector(tokenizer_dir):

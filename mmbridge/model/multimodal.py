@@ -175,6 +175,11 @@ class MultimodalModel(nn.Module):
             if slots:
                 raise ValueError(f"input_ids hold {slots} <image> token positions but no pixel_values were given")
             return embeds
+        if isinstance(self.bridge, FusionBridge) and not self.bridge.splices_tokens:
+            if image_tokens.shape[0] != slots:
+                raise ValueError(f"input_ids hold {slots} <image> token(s) but {image_tokens.shape[0]} image(s) were "
+                                 f"given")
+            return self.bridge.embed_markers(input_ids, embeds, image_mask)
         count, per_image = image_tokens.shape[:2]
         if count * per_image != slots:
             raise ValueError(f"input_ids hold {slots} <image> token positions but {count} image(s) × "
@@ -227,8 +232,12 @@ class MultimodalModel(nn.Module):
                 raise TypeError("decoder_input_ids, decoder_attention_mask and encoder_hidden are for "
                                 "encoder-decoder LLMs; this model's LLM is decoder-only")
             input_ids = self._needs_ids(input_ids)
+            if image_tokens is None and pixel_values is not None and pixel_values.shape[0] > 0:
+                image_tokens = self.encode_images(pixel_values, **bridge_kwargs)  # [n, M, D]
             embeds = self.embed(input_ids, pixel_values, image_tokens, bridge_kwargs)
             call_context = self.call_context(input_ids, attention_mask, context)
+            if image_tokens is not None and "visual_tokens" not in call_context:
+                call_context["visual_tokens"] = image_tokens  # read by bridges that do not splice them in
             if position_ids is None and isinstance(self.bridge, FusionBridge):
                 position_ids = self.bridge.position_ids(call_context["image_mask"], attention_mask,
                                                         self.tokens_per_image)
@@ -255,11 +264,13 @@ class MultimodalModel(nn.Module):
         derived = self.bridge.prompt_context(image_mask, attention_mask) if isinstance(self.bridge, FusionBridge) else {}
         return {"image_mask": image_mask, "attention_mask": attention_mask, **derived, **(context or {})}
 
-    def prompt_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
-        """The per-prompt context a fusion bridge needs at every decoding step (empty for other bridges)."""
+    def decode_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       image_tokens: torch.Tensor | None = None) -> dict[str, Any]:
+        """What a fusion bridge needs at every call of one ``generate`` run, from the prompt ``[B, L]`` and its
+        encoded images (empty for other bridges)."""
         if not isinstance(self.bridge, FusionBridge):
             return {}
-        return self.bridge.prompt_context(input_ids == self.image_token_id, attention_mask)
+        return self.bridge.decode_context(input_ids == self.image_token_id, attention_mask, image_tokens)
 
     def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Position ids ``[B, L]`` for a (left-padded) prompt: the bridge's (CogVLM: one per image) or the

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mmbridge.config import RunConfig, save_run_config
 from mmbridge.data import DataConfig, MixtureDataset, Processor, batch_indices, collate, model_inputs
+from mmbridge.eval.plots import plot_gates
 from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.feature_cache import CachedFeatureDataset, build_feature_cache
@@ -229,6 +230,8 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
             if aux:  # already inside "loss"
                 record["aux_losses"] = {name: value / stage.grad_accum for name, value in aux.items()}
             record.update(counts)
+            if hasattr(model.bridge, "step_report"):  # e.g. the tanh gates of gated cross-attention, every step
+                record.update(model.bridge.step_report())
             if empty:
                 record["empty_batches"] = empty  # every sample of these micro-batches was skipped
             result.history.append(record)
@@ -258,6 +261,11 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
                     f"in all); checkpoint {written}; resume with --resume", written)
     bar.close()
     model.eval()
+    stage_records = [record for record in result.history if record["stage_index"] == index]
+    if accelerator.is_main_process and any("gates" in record for record in stage_records):
+        path = plot_gates(stage_records, os.path.join(run.output_dir, f"gates-{index + 1}-{stage.name}.png"),
+                          title=f"stage {index + 1} '{stage.name}'")
+        logger.info("gate plot: %s", path)
     if dataset.skipped:
         result.skipped[stage.name] = dict(dataset.skipped)
         logger.warning("stage '%s' skipped samples: %s", stage.name, dict(dataset.skipped))

@@ -13,8 +13,11 @@ frozen LLM's decoder layers. It keeps the contract of ``DESIGN.md`` ("bridges in
    model gives the base LLM's logits on text-only input.
 3. *One forward, one generate.* Per-call data comes from :attr:`LanguageModel.context` (set by
    :meth:`MultimodalModel.forward`): ``image_mask`` ``[B, L]`` (True at visual tokens of this
-   call), ``attention_mask``, and whatever :meth:`FusionBridge.prompt_context` derives from the
-   prompt — computed once per ``generate`` call and passed to every decoding step.
+   call), ``attention_mask``, whatever :meth:`FusionBridge.prompt_context` derives from the
+   call's ids, and what :meth:`FusionBridge.decode_context` derives from the prompt — computed
+   once per ``generate`` call and passed to the prefill and every decoding step. A bridge whose
+   ``splices_tokens`` is False (gated cross-attention) keeps each ``<image>`` as one token and
+   finds the bridge's outputs in the context as ``visual_tokens``.
 4. *Same tools.* Recipes, stages, the feature cache (features go through :meth:`forward`, the
    projector), the eval harness and save/load need nothing special.
 
@@ -38,6 +41,7 @@ class FusionBridge(Bridge, abc.ABC):
     """A ``projector`` for the visual tokens plus parts inside the LLM, added by :meth:`attach`."""
 
     fuses_into_llm = True
+    splices_tokens = True  # False: <image> stays one token and the visual tokens reach the LLM another way
 
     def __init__(self, projector: Bridge) -> None:
         super().__init__()
@@ -70,6 +74,11 @@ class FusionBridge(Bridge, abc.ABC):
     def prompt_context(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
         """Per-call data derived from the prompt that decoding steps must keep (none by default)."""
         return {}
+
+    def decode_context(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
+                       image_tokens: torch.Tensor | None) -> dict[str, Any]:
+        """What every call of one ``generate`` run passes (prefill and steps): by default the prompt context."""
+        return self.prompt_context(image_mask, attention_mask)
 
     def position_ids(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
                      tokens_per_image: int) -> torch.Tensor | None:
