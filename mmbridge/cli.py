@@ -5,7 +5,7 @@
     mmbridge generate --model DIR --image PATH --prompt TEXT [--max-new-tokens N] [--do-sample ...]
     mmbridge info --model DIR
     mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S]
-    mmbridge eval --model DIR --suite miniworld [--tasks T ...] [--n N] [--out FILE] [--blind | --with-blind]
+    mmbridge eval --model DIR --suite miniworld [--tasks T ...] [--n N] [--shots K] [--out FILE] [--blind | --with-blind]
     mmbridge eval --compare A.json B.json ...
 """
 
@@ -91,8 +91,9 @@ def _eval(args: argparse.Namespace) -> int:
     model = MultimodalModel.from_pretrained(args.model)
     results = run_suite(model, args.suite, args.tasks, n=args.n, seed=args.seed, blind=args.blind,
                         with_blind=args.with_blind, batch_size=args.batch_size, progress=not args.no_progress,
-                        model_dir=args.model)
-    out = args.out or os.path.join(args.model, f"eval-{args.suite}{'-blind' if args.blind else ''}.json")
+                        model_dir=args.model, shots=args.shots)
+    shots = f"-{args.shots}shot" if args.shots else ""
+    out = args.out or os.path.join(args.model, f"eval-{args.suite}{shots}{'-blind' if args.blind else ''}.json")
     save_results(out, results)
     print(results_table(results))
     print(f"results written to {out}")
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, default=100, help="samples per task")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the suite's sample generator")
     evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--shots", type=int, default=0,
+                          help="solved examples from each task's train split before every query (in-context)")
     evaluate.add_argument("--out", help="results JSON (default: DIR/eval-SUITE.json)")
     baseline = evaluate.add_mutually_exclusive_group()
     baseline.add_argument("--blind", action="store_true", help="only the blind baseline (no image)")

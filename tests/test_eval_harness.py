@@ -311,3 +311,67 @@ def test_miniworld_suite_runs_when_the_generator_is_present(make_model) -> None:
     results = harness.run_suite(model, "miniworld", n=1, progress=False)
     assert list(results["tasks"]) == [spec.key for spec in tasks.get_suite("miniworld").tasks]
     assert all(entry["n"] == 1 for entry in results["tasks"].values())
+
+
+# -- in-context few-shot --------------------------------------------------------------------------
+def test_choose_shots_is_fixed_by_seed_and_query_and_checks_its_pool() -> None:
+    pool = [make_pair("short", f"Question {index}?", str(index)) for index in range(6)]
+    first = harness.choose_shots(pool, 2, 5, seed=1)
+    assert first == harness.choose_shots(pool, 2, 5, seed=1) and first != harness.choose_shots(pool, 2, 5, seed=2)
+    assert all(len(shots) == 2 and shots[0] is not shots[1] for shots in first)
+    assert len({tuple(id(pair) for pair in shots) for shots in first}) > 1  # queries get different examples
+    with pytest.raises(ValueError, match="3 shots asked for but the pool holds 2 samples"):
+        harness.choose_shots(pool[:2], 3, 1, seed=0)
+    with pytest.raises(ValueError, match="shots must be >= 0"):
+        harness.choose_shots(pool, -1, 1, seed=0)
+
+
+def test_shots_precede_the_query_as_solved_turns_with_their_images(make_model, monkeypatch) -> None:
+    model = make_model()
+    seen = []
+
+    def answer_for(prompt: str) -> str:
+        seen.append(prompt)
+        return "red"
+
+    monkeypatch.setattr(model, "generate", fixed_generate(model, answer_for))
+    shots = [[make_pair("short", "Which shape is it?", "circle"), make_pair("yesno", "Is it blue?", "no")]]
+    query = [make_pair("short", "What colour is the shape?", "red")]
+    entry = harness.evaluate(model, query, progress=False, shots=shots)
+    assert entry["accuracy"] == 1.0
+    prompt = seen[0]
+    order = [prompt.index("Which shape is it?"), prompt.index("circle<|im_end|>"), prompt.index("Is it blue?"),
+             prompt.index("no<|im_end|>"), prompt.index("What colour is the shape?")]
+    assert order == sorted(order)  # shot, its answer, shot, its answer, then the query
+    processor = model.processor()
+    built = harness._prompt(tasks.user_text(query[0][0]), query[0][1], False, model.config.image_token, shots[0])
+    ids = harness._encode_prompt(processor, built, 0)
+    assert int((ids["input_ids"] == model.image_token_id).sum()) == 3 * model.tokens_per_image
+    assert ids["pixel_values"].shape[0] == 3
+    blind = harness._prompt(tasks.user_text(query[0][0]), query[0][1], True, model.config.image_token, shots[0])
+    assert blind.images == [] and all("<image>" not in turn["content"] for turn in blind.history)
+    assert entry["prompt_example"].startswith("user: ") and "assistant: circle" in entry["prompt_example"]
+
+
+def test_multiple_choice_shots_answer_with_the_gold_letter_and_rank_with_history(make_model) -> None:
+    sample, _ = make_pair("mc", "Which colour?", "B", choices=["green", "red", "blue"])
+    assert tasks.shot_answer(sample) == "B"
+    model = make_model()
+    results = harness.run_suite(model, handmade_suite(), ["mc"], n=2, shots=1, progress=False)
+    entry = results["tasks"]["mc"]
+    assert results["settings"]["shots"] == 1 and entry["n"] == 2
+    assert entry["prompt_example"].count("user: ") == 2 and "likelihood_accuracy" in entry
+
+
+def test_cli_eval_shots_names_its_results_file(make_model, tmp_path, monkeypatch, capsys) -> None:
+    model = make_model()
+    model_dir = str(tmp_path / "model")
+    model.save_pretrained(model_dir)
+    monkeypatch.setitem(tasks.SUITES, "handmade", handmade_suite())
+    assert main(["eval", "--model", model_dir, "--suite", "handmade", "--tasks", "existence", "--n", "2",
+                 "--shots", "2", "--no-progress"]) == 0
+    results = json.loads(open(os.path.join(model_dir, "eval-handmade-2shot.json")).read())
+    assert results["settings"]["shots"] == 2
+    assert main(["eval", "--model", model_dir, "--suite", "handmade", "--tasks", "existence", "--shots", "9",
+                 "--no-progress"]) == 2
+    assert "9 shots asked for but the pool holds 3 samples" in capsys.readouterr().err

@@ -148,3 +148,13 @@ def test_training_logs_gates_every_step_and_plots_them_per_stage(tokenizer_dir, 
     for name in ("gates-1-first.png", "gates-2-second.png"):
         with open(tmp_path / "run" / name, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_few_shot_evaluation_runs_with_interleaved_images(tokenizer_dir):
+    from mmbridge.eval.harness import run_suite
+
+    model = build(tokenizer_dir, SPEC)
+    open_gates(model)
+    results = run_suite(model, "miniworld", ["attribute"], n=2, shots=2, progress=False)
+    entry = results["tasks"]["attribute"]
+    assert entry["n"] == 2 and entry["prompt_example"].count("<image>") == 3  # two shots' images and the query's

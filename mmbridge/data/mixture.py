@@ -16,19 +16,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mmbridge.data.formats.llava import Sample, load_llava_json
+from mmbridge.data.formats import Sample, is_document, load_interleaved, load_llava_json, read_records
 from mmbridge.data.processor import TEMPLATES, Processor, SampleError
 from mmbridge.registry import config_from_dict
 
+SOURCE_FORMATS = ("auto", "llava", "interleaved")
+LABELS = ("assistant", "all")
 MEGABATCH_FACTOR = 50  # LLaVA's length grouping sorts windows of batch_size * 50 samples
 
 
 @dataclass
 class SourceConfig:
-    """One LLaVA JSON file; ``weight`` scales how many of its samples an epoch draws (1 = each once).
+    """One data file; ``weight`` scales how many of its samples an epoch draws (1 = each once).
 
-    Instead of ``path``, ``miniworld: {task, split, n, seed}`` streams a MiniWorld task: its
-    samples are generated in memory and their images drawn when loaded.
+    ``format``: ``llava`` (conversations), ``interleaved`` (image–text documents, MMC4 fields
+    accepted) or ``auto`` (the default: the first record decides). Instead of ``path``,
+    ``miniworld: {task, split, n, seed}`` streams a MiniWorld task: its samples are generated in
+    memory and their images drawn when loaded.
     """
 
     path: str | None = None
@@ -36,8 +40,12 @@ class SourceConfig:
     weight: float = 1.0
     name: str | None = None
     miniworld: dict | None = None
+    format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ValueError(f"source {self.path or self.stem}: format must be one of {SOURCE_FORMATS}, "
+                             f"got {self.format!r}")
         if (self.path is None) == (self.miniworld is None):
             raise ValueError(f"a data source needs exactly one of 'path' (a LLaVA JSON file) or 'miniworld' "
                              f"({{task, split, n, seed}}); got path={self.path!r}, miniworld={self.miniworld!r}")
@@ -64,8 +72,11 @@ class DataConfig:
     feature_cache: str | None = None  # a directory: stages with a frozen encoder train from cached features
     prefix_lm: bool = False  # encoder-decoder LLMs: BLIP-2's prefix LM, part of each reply moves into the encoder
     template: str = "chat"  # "plain": LLaVA's pretraining format, image tokens + reply (no chat markup)
+    labels: str = "assistant"  # "all": next-token loss on every text token (Flamingo's objective), not only replies
 
     def __post_init__(self) -> None:
+        if self.labels not in LABELS:
+            raise ValueError(f"data labels must be one of {LABELS}, got {self.labels!r}")
         if self.template not in TEMPLATES:
             raise ValueError(f"data template must be one of {TEMPLATES}, got {self.template!r}")
         self.sources = [source if isinstance(source, SourceConfig)
@@ -91,7 +102,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.samples: list[Sample] = []
         self.source_ranges: list[range] = []
         for source, name in zip(config.sources, self.source_names):
-            loaded = _load_source(source, name)
+            loaded = load_source(source, name)
             self.source_ranges.append(range(len(self.samples), len(self.samples) + len(loaded)))
             self.samples.extend(loaded)
         self.skipped: dict[str, int] = Counter()
@@ -161,13 +172,17 @@ def batch_indices(dataset: MixtureDataset, epoch: int, seed: int, batch_size: in
     return [batches[position] for position in generator.permutation(len(batches))]
 
 
-def _load_source(source: SourceConfig, name: str) -> list[Sample]:
+def load_source(source: SourceConfig, name: str) -> list[Sample]:
     """A source's samples: read from its LLaVA file, or generated from its MiniWorld spec."""
     if source.miniworld is not None:
         from mmbridge.worlds.miniworld.stream import load_samples  # imported here: the world imports this package
 
         return load_samples(source.miniworld, source=name)
-    return load_llava_json(source.path, source.image_root, source=name)
+    records = read_records(source.path)  # read once, whichever format parses them
+    interleaved = source.format == "interleaved" or (source.format == "auto" and bool(records)
+                                                     and is_document(records[0]))
+    loader = load_interleaved if interleaved else load_llava_json
+    return loader(source.path, source.image_root, source=name, records=records)
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:

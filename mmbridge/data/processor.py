@@ -66,7 +66,7 @@ class Processor:
                  image_token_id: int | None = None, max_length: int = 2048,
                  system_prompt: str | None = None, bridge_tokenizer: Any = None,
                  encoder_decoder: bool = False, prefix_lm: bool = False, template: str = "chat",
-                 text: bool = True) -> None:
+                 text: bool = True, label_all: bool = False, chunk_token: str | None = None) -> None:
         if tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be at least 1, got {tokens_per_image}")
         if max_length < 1:
@@ -91,6 +91,8 @@ class Processor:
                              "in the encoder)")
         self.template = template  # a training stage's data setting, not saved
         self.text = bool(text)  # False: examples carry images (and regions) only, for losses that read no text
+        self.label_all = bool(label_all)  # a stage's data setting: every text token is a target, not only replies
+        self.chunk_token = chunk_token  # the model's end-of-chunk token for interleaved documents (Flamingo), or None
         self._probed_suffix: str | None = None
 
     @property
@@ -114,6 +116,8 @@ class Processor:
         (a feature cache supplies the encoder outputs instead).
         """
         image_count = len(sample.images) if images is None else len(images)
+        if sample.document is not None:
+            return self._document_example(sample, images, image_count, pixels)
         self._check_conversation(sample, image_count)
         messages = self._with_system_prompt(sample.conversation)
         if not self.text:
@@ -125,12 +129,40 @@ class Processor:
         else:
             text, spans = self._render_with_reply_spans(messages, sample.id)
             input_ids, labels = self._tokenize(text, spans)
+            if self.label_all:  # Flamingo's objective: every text token (the model never predicts image tokens)
+                labels = list(input_ids)
             input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id)
             input_ids, labels = self._truncate(input_ids, labels, sample.id)
         example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
                    "labels": torch.tensor(labels, dtype=torch.long), **self.bridge_text_inputs(messages)}
         if sample.regions is not None:
             example["regions"] = sample.regions
+        if pixels:
+            example["pixel_values"] = self.transform.batch(self.load_images(sample) if images is None else images)
+        return example
+
+    def _document_example(self, sample: Sample, images: list[Image.Image] | None, image_count: int,
+                          pixels: bool) -> dict:
+        """An interleaved document: ``<image>`` + text per chunk (and the chunk token where the model has one),
+        led by the tokens the LLM saw first, ended by EOS; every text token is labelled."""
+        placed = sum(1 for chunk in sample.document if chunk["image"])
+        if placed != image_count:
+            raise SampleError(f"document {sample.id!r} places {placed} image(s) but {image_count} were given",
+                              sample.id, "placeholders")
+        input_ids = [] if not self.text else self._leading_ids()
+        if self.text:
+            for chunk in sample.document:
+                end = self.chunk_token if chunk["image"] and self.chunk_token else "\n"
+                text = (self.image_token if chunk["image"] else "") + chunk["text"] + end
+                input_ids += list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if self.tokenizer.eos_token_id is not None:
+                input_ids.append(int(self.tokenizer.eos_token_id))
+        labels = [IGNORE_INDEX if token == self.placeholder_id else token for token in input_ids]
+        if self.text:
+            input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id)
+            input_ids, labels = self._truncate(input_ids, labels, sample.id)
+        example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
+                   "labels": torch.tensor(labels, dtype=torch.long)}
         if pixels:
             example["pixel_values"] = self.transform.batch(self.load_images(sample) if images is None else images)
         return example
@@ -153,7 +185,9 @@ class Processor:
 
         Counts the tokens of every turn's text plus ``tokens_per_image - 1`` per placeholder.
         """
-        texts = ["\n".join(turn["content"] for turn in sample.conversation) for sample in samples]
+        texts = ["\n".join(turn["content"] for turn in sample.conversation) if sample.document is None
+                 else "\n".join((self.image_token if chunk["image"] else "") + chunk["text"] for chunk in sample.document)
+                 for sample in samples]
         if not texts:
             return []
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -10,6 +10,11 @@ suite's tasks and returns the results document::
 
 Metric values are the float entries of a task's dict. The *blind* baseline asks the same
 model the same prompts with the image placeholders removed and no pixels.
+
+*In-context few-shot* (``shots=k``, any model): before each query the prompt holds ``k`` solved
+examples of the same task from its ``train`` split — each a user turn with its image(s) and the
+gold answer as the assistant's reply — drawn per query from a pool of ``max(16, 4k)`` samples by
+a generator seeded with ``(seed, query index)``, so the same command always shows the same shots.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,13 +39,20 @@ from mmbridge.eval.tasks import Pair, Suite, TaskSpec
 from mmbridge.generate import resolve_config
 from mmbridge.utils import atomic_write_json, eval_mode
 
+SHOT_SPLIT = "train"  # where in-context examples come from
+
 
 @dataclass
 class Prompt:
-    """One user turn to answer and the images its placeholders stand for."""
+    """One user turn to answer, the earlier turns (``{"role", "content"}``: in-context examples) and the images
+    every placeholder of both stands for, in order."""
 
     text: str
     images: list[Image.Image]
+    history: list[dict] = field(default_factory=list)
+
+
+Shots = list[list["Pair"]]  # per query, the solved examples shown before it
 
 
 # -- model calls ----------------------------------------------------------------------------------
@@ -51,8 +64,8 @@ def _device(model: nn.Module) -> torch.device:
 def _encode_prompt(processor: Any, prompt: Prompt, index: int) -> dict:
     """A processed generation example: prompt ids ``[L]`` and pixel values ``[n, 3, H, W]`` (or None)."""
     pixel_values = processor.encode_images(prompt.images) if prompt.images else None
-    return {"id": str(index), "input_ids": processor.prompt(prompt.text, num_images=len(prompt.images)),
-            "pixel_values": pixel_values}
+    input_ids = processor.prompt(prompt.text, num_images=len(prompt.images), history=prompt.history)
+    return {"id": str(index), "input_ids": input_ids, "pixel_values": pixel_values}
 
 
 def generate_answers(model: nn.Module, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 8,
@@ -91,7 +104,7 @@ def continuation_log_likelihoods(model: nn.Module, prompt: Prompt, continuations
     prompt in its encoder and scores the continuation as its decoder's answer.
     """
     processor, device = model.processor(), _device(model)
-    prompt_ids = processor.prompt(prompt.text, num_images=len(prompt.images))  # [P]
+    prompt_ids = processor.prompt(prompt.text, num_images=len(prompt.images), history=prompt.history)  # [P]
     targets = [torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
                for text in continuations]
     if model.llm.is_encoder_decoder:
@@ -117,89 +130,122 @@ def continuation_log_likelihoods(model: nn.Module, prompt: Prompt, continuations
 
 
 # -- one task -------------------------------------------------------------------------------------
-def _prompt(text: str, images: list[Image.Image], blind: bool, image_token: str) -> Prompt:
-    """The prompt as sent: the model's placeholder token, or no placeholders and no images when blind."""
+def _prompt(text: str, images: list[Image.Image], blind: bool, image_token: str,
+            shots: list[Pair] | None = None) -> Prompt:
+    """The prompt as sent: the model's placeholder token, or no placeholders and no images when blind; with
+    ``shots``, their solved turns first (their images before the query's)."""
+    history: list[dict] = []
+    shown: list[Image.Image] = []
+    for sample, shot_images in shots or []:
+        turn = _prompt(tasks.user_text(sample), shot_images, blind, image_token)
+        history += [{"role": "user", "content": turn.text}, {"role": "assistant", "content": tasks.shot_answer(sample)}]
+        shown += turn.images
     if blind:
-        return Prompt(tasks.blind_text(text), [])
-    return Prompt(text.replace(tasks.SAMPLE_IMAGE_TOKEN, image_token), list(images))
+        return Prompt(tasks.blind_text(text), [], history)
+    return Prompt(text.replace(tasks.SAMPLE_IMAGE_TOKEN, image_token), shown + list(images), history)
+
+
+def choose_shots(pool: list[Pair], count: int, queries: int, seed: int) -> Shots:
+    """``count`` examples from ``pool`` for each of ``queries`` queries, fixed by ``(seed, query index)``."""
+    if count < 0:
+        raise ValueError(f"shots must be >= 0, got {count}")
+    if count > len(pool):
+        raise ValueError(f"{count} shots asked for but the pool holds {len(pool)} samples")
+    return [[pool[index] for index in random.Random(seed * 100003 + query).sample(range(len(pool)), count)]
+            for query in range(queries)]
 
 
 def _evaluate_generated(model: nn.Module, pairs: list[Pair], answer_format: str, spec: TaskSpec, blind: bool,
-                        batch_size: int, progress: tqdm) -> tuple[dict[str, float], list[dict], str]:
+                        batch_size: int, progress: tqdm, shots: Shots) -> tuple[dict[str, float], list[dict], str]:
     """Metrics, per-sample records and a prompt example for a format scored on generated answers."""
     image_token = model.config.image_token
-    prompts = [_prompt(tasks.user_text(sample), images, blind, image_token) for sample, images in pairs]
+    prompts = [_prompt(tasks.user_text(sample), images, blind, image_token, shown)
+               for (sample, images), shown in zip(pairs, shots)]
     progress.total += len(prompts)
     answers = generate_answers(model, prompts, spec.new_tokens(answer_format), batch_size, progress)
     samples = [sample for sample, _ in pairs]
     scorer = tasks.SCORERS[tasks.format_settings(answer_format).metric]
     records = [{"id": sample.get("id"), "prediction": answer, "gold": sample.get("answer")}
                for sample, answer in zip(samples, answers)]
-    return scorer(samples, answers), records, prompts[0].text
+    return scorer(samples, answers), records, _example(prompts[0])
+
+
+def _example(prompt: Prompt) -> str:
+    """A prompt's text as a results file shows it: the in-context turns, then the query."""
+    turns = [f"{turn['role']}: {turn['content']}" for turn in prompt.history]
+    return "\n".join(turns + [f"user: {prompt.text}"]) if turns else prompt.text
 
 
 def _evaluate_multiple_choice(model: nn.Module, pairs: list[Pair], spec: TaskSpec, blind: bool,
-                              batch_size: int, progress: tqdm) -> tuple[dict[str, float], list[dict], str]:
+                              batch_size: int, progress: tqdm, shots: Shots) -> tuple[dict[str, float], list[dict], str]:
     """Letter answers for every asked rotation, optional likelihood ranking, and their metrics."""
     image_token = model.config.image_token
     asked = [(index, shift) for index, (sample, _) in enumerate(pairs)
              for shift in range(len(sample["choices"]) if spec.circular else 1)]
-    prompts = [_prompt(tasks.rotated_prompt(pairs[index][0], shift)[0], pairs[index][1], blind, image_token)
-               for index, shift in asked]
+    prompts = [_prompt(tasks.rotated_prompt(pairs[index][0], shift)[0], pairs[index][1], blind, image_token,
+                       shots[index]) for index, shift in asked]
     progress.total += len(prompts) + (len(pairs) if spec.likelihood else 0)
     answers = generate_answers(model, prompts, spec.new_tokens("mc"), batch_size, progress)
     per_sample: list[list[str]] = [[] for _ in pairs]
     for (index, _), answer in zip(asked, answers):
         per_sample[index].append(answer)
-    ranked = _rank_options(model, pairs, spec, blind, progress) if spec.likelihood else None
+    ranked = _rank_options(model, pairs, spec, blind, progress, shots) if spec.likelihood else None
     samples = [sample for sample, _ in pairs]
     records = [{"id": sample.get("id"), "prediction": rotations[0], "gold": sample.get("answer"),
                 "rotations": rotations} for sample, rotations in zip(samples, per_sample)]
     for record, letter in zip(records, ranked or []):
         record["likelihood_choice"] = letter
-    return tasks.score_multiple_choice(samples, per_sample, ranked), records, prompts[0].text
+    return tasks.score_multiple_choice(samples, per_sample, ranked), records, _example(prompts[0])
 
 
-def _rank_options(model: nn.Module, pairs: list[Pair], spec: TaskSpec, blind: bool, progress: tqdm) -> list[str]:
+def _rank_options(model: nn.Module, pairs: list[Pair], spec: TaskSpec, blind: bool, progress: tqdm,
+                  shots: Shots) -> list[str]:
     """The letter of the most likely option per sample (ties go to the first)."""
     letters = []
-    for sample, images in pairs:
+    for (sample, images), shown in zip(pairs, shots):
         text, continuations = tasks.likelihood_prompt(sample, spec.likelihood_target)
-        scores = continuation_log_likelihoods(model, _prompt(text, images, blind, model.config.image_token),
+        scores = continuation_log_likelihoods(model, _prompt(text, images, blind, model.config.image_token, shown),
                                               continuations)
         letters.append(LETTERS[max(range(len(scores)), key=scores.__getitem__)])
         progress.update(1)
     return letters
 
 
-def _group_by_format(pairs: list[Pair]) -> dict[str, list[Pair]]:
-    groups: dict[str, list[Pair]] = {}
-    for sample, images in pairs:
+def _group_by_format(pairs: list[Pair], shots: Shots) -> dict[str, tuple[list[Pair], Shots]]:
+    groups: dict[str, tuple[list[Pair], Shots]] = {}
+    for (sample, images), shown in zip(pairs, shots):
         tasks.format_settings(sample["format"])  # an unknown format fails before any generation
-        groups.setdefault(sample["format"], []).append((sample, images))
+        group = groups.setdefault(sample["format"], ([], []))
+        group[0].append((sample, images))
+        group[1].append(shown)
     return groups
 
 
 def evaluate(model: nn.Module, pairs: list[Pair], spec: TaskSpec | None = None, blind: bool = False,
-             batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 8, progress: bool = True, shots: Shots | None = None) -> dict[str, Any]:
     """Score one task: ``{metric: float, ..., "n", "prompt_example", "max_new_tokens", "data_hash", "predictions"}``.
 
     Samples are grouped by answer format; with several formats, metric names get a
     ``format/`` prefix. ``blind`` removes the image placeholders and passes no pixels.
+    ``shots`` gives, per sample, the solved examples shown before it (:func:`choose_shots`).
     """
     if not pairs:
         raise ValueError("evaluate needs at least one sample")
+    shots = shots if shots is not None else [[] for _ in pairs]
+    if len(shots) != len(pairs):
+        raise ValueError(f"{len(shots)} lists of shots for {len(pairs)} samples")
     spec = spec or TaskSpec(str(pairs[0][0].get("task", "task")))
-    groups = _group_by_format(pairs)
+    groups = _group_by_format(pairs, shots)
     entry: dict[str, Any] = {}
     examples, budgets, records = {}, {}, []
     with tqdm(total=0, desc=spec.key + (" (blind)" if blind else ""), disable=not progress, unit="prompt") as bar:
-        for answer_format, group in groups.items():
+        for answer_format, (group, group_shots) in groups.items():
             if answer_format == "mc":
-                scores, group_records, example = _evaluate_multiple_choice(model, group, spec, blind, batch_size, bar)
+                scores, group_records, example = _evaluate_multiple_choice(model, group, spec, blind, batch_size, bar,
+                                                                           group_shots)
             else:
                 scores, group_records, example = _evaluate_generated(model, group, answer_format, spec, blind,
-                                                                     batch_size, bar)
+                                                                     batch_size, bar, group_shots)
             prefix = f"{answer_format}/" if len(groups) > 1 else ""
             entry.update({prefix + name: float(value) for name, value in scores.items()})
             examples[answer_format], budgets[answer_format] = example, spec.new_tokens(answer_format)
@@ -207,7 +253,7 @@ def evaluate(model: nn.Module, pairs: list[Pair], spec: TaskSpec | None = None, 
     entry.update({"n": len(pairs), "prompt_example": next(iter(examples.values())) if len(examples) == 1 else examples,
                   "max_new_tokens": budgets, "data_hash": samples_hash(pairs), "predictions": records})
     if spec.likelihood and "mc" in groups:
-        text, _ = tasks.likelihood_prompt(groups["mc"][0][0], spec.likelihood_target)
+        text, _ = tasks.likelihood_prompt(groups["mc"][0][0][0], spec.likelihood_target)  # the first sample
         entry["likelihood_target"] = spec.likelihood_target
         entry["likelihood_prompt_example"] = tasks.blind_text(text) if blind else text
     return entry
@@ -269,28 +315,36 @@ def state_hash(model: nn.Module) -> str:
 # -- suites ---------------------------------------------------------------------------------------
 def run_suite(model: nn.Module, suite: Suite | str, task_names: list[str] | None = None, n: int = 100,
               seed: int = 0, blind: bool = False, with_blind: bool = False, batch_size: int = 8,
-              progress: bool = True, model_dir: str | None = None) -> dict[str, Any]:
+              progress: bool = True, model_dir: str | None = None, shots: int = 0) -> dict[str, Any]:
     """Evaluate ``model`` on a suite's tasks (all, or those named); returns the results document.
 
     ``blind`` evaluates only the blind baseline; ``with_blind`` adds it as ``blind_tasks``.
     The model hash is over ``model_dir``'s safetensors when given, else over the state dict.
+    ``shots`` solved examples from each task's ``train`` split precede every query (module docstring).
     """
     suite = tasks.get_suite(suite) if isinstance(suite, str) else suite
     specs = suite.select(task_names)
     data = {spec.key: suite.load(spec.task, spec.split, n, seed) for spec in specs}
+    shown: dict[str, Shots | None] = {spec.key: None for spec in specs}
+    if shots:
+        for spec in specs:
+            pool = suite.load(spec.task, SHOT_SPLIT, max(16, 4 * shots), seed)
+            shown[spec.key] = choose_shots(pool, shots, len(data[spec.key]), seed)
     results: dict[str, Any] = {
         "model": model_dir, "model_hash": weights_hash(model_dir) if model_dir else state_hash(model),
         "data_hash": samples_hash([pair for pairs in data.values() for pair in pairs]), "suite": suite.name,
         "settings": {"n": n, "seed": seed, "blind": blind, "with_blind": with_blind, "batch_size": batch_size,
+                     "shots": shots,
                      "generation": {"do_sample": False, "max_new_tokens": {
                          name: settings.max_new_tokens for name, settings in tasks.FORMAT_SETTINGS.items()}},
                      "processor": dict(getattr(model, "processor_settings", {})),
                      "tasks": [asdict(spec) for spec in specs]},
-        "tasks": {spec.key: evaluate(model, data[spec.key], spec, blind, batch_size, progress) for spec in specs},
+        "tasks": {spec.key: evaluate(model, data[spec.key], spec, blind, batch_size, progress, shown[spec.key])
+                  for spec in specs},
     }
     if with_blind and not blind:
-        results["blind_tasks"] = {spec.key: evaluate(model, data[spec.key], spec, True, batch_size, progress)
-                                  for spec in specs}
+        results["blind_tasks"] = {spec.key: evaluate(model, data[spec.key], spec, True, batch_size, progress,
+                                                     shown[spec.key]) for spec in specs}
     results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return results
 

@@ -137,6 +137,14 @@ def likelihood_prompt(sample: dict, target: str) -> tuple[str, list[str]]:
     return _with_question_text(sample, format_prompt(sample["question"], "short")), choices
 
 
+def shot_answer(sample: dict) -> str:
+    """The reply a solved in-context example shows: the gold letter of a multiple-choice sample (options as
+    :func:`user_text` lists them), else the gold answer."""
+    if sample.get("format") == "mc":
+        return rotated_prompt(sample, 0)[2]
+    return str(sample["answer"])
+
+
 # -- gold answers ---------------------------------------------------------------------------------
 def gold_answers(sample: dict) -> list[str]:
     """The accepted answers: the gold answer and its alternatives (``answers``)."""

@@ -14,7 +14,8 @@ import os
 from typing import Any
 
 from mmbridge.config import RunConfig
-from mmbridge.data import DataConfig, SourceConfig, load_llava_json
+from mmbridge.data import DataConfig, SourceConfig
+from mmbridge.data.mixture import load_source
 from mmbridge.registry import config_from_dict
 from mmbridge.train.recipe import StageConfig
 
@@ -94,11 +95,11 @@ def check_source(source: SourceConfig, label: str) -> None:
             raise ValueError(f"{label}: {error}") from None
         return
     if not os.path.isfile(source.path):
-        what = "is a directory, not a LLaVA JSON file" if os.path.isdir(source.path) else "does not exist"
+        what = "is a directory, not a data file" if os.path.isdir(source.path) else "does not exist"
         raise FileNotFoundError(f"{label}: data file {source.path} {what}")
     if source.image_root is not None and not os.path.isdir(source.image_root):
         raise FileNotFoundError(f"{label}: image_root {source.image_root} is not a directory")
-    load_llava_json(source.path, source.image_root)  # its errors name the file, the sample and the field
+    load_source(source, label)  # LLaVA or interleaved documents; the errors name the file, the sample and the field
 
 
 def check_model(model: Any, components: tuple[str, ...] = ("vision", "llm", "bridge")) -> None:

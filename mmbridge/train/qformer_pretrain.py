@@ -51,7 +51,7 @@ from transformers.activations import ACT2FN
 
 from mmbridge.config import RunConfig, save_run_config
 from mmbridge.data.formats.llava import Sample
-from mmbridge.data.mixture import DataConfig, _load_source, _source_names
+from mmbridge.data.mixture import DataConfig, load_source, _source_names
 from mmbridge.model.bridges import BRIDGES
 from mmbridge.model.bridges.qformer import (QFormer, QFormerBridgeConfig, build_qformer, load_text_tokenizer,
                                             resolve_config, save_qformer)
@@ -279,7 +279,7 @@ class CaptionBatches:
     def __init__(self, data: DataConfig, model: QFormerPretrainModel, batch_size: int, seed: int) -> None:
         self.samples: list[Sample] = []
         for source, name in zip(data.sources, _source_names(data.sources)):
-            self.samples += _load_source(source, name)
+            self.samples += load_source(source, name)
         bad = [sample.id for sample in self.samples if len(sample.images) != 1]
         if bad:
             raise ValueError(f"Q-Former pretraining needs one image per sample; samples {bad[:5]} have another count")

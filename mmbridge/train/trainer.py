@@ -161,6 +161,8 @@ def stage_processor(model: MultimodalModel, data: DataConfig, stage: str, object
         overrides["prefix_lm"] = True
     if data.template != "chat":
         overrides["template"] = data.template
+    if data.labels == "all":
+        overrides["label_all"] = True
     return model.processor(**overrides)
 
 

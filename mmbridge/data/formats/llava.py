@@ -46,21 +46,23 @@ class Sample:
     source: str = ""
     image_loader: Callable[[], list[Image.Image]] | None = field(default=None, repr=False, compare=False)
     regions: list[dict] | None = None
+    document: list[dict] | None = None  # an interleaved document's chunks {"image", "text"} (formats/interleaved.py)
 
 
-def load_llava_json(path: str, image_root: str | None = None, source: str = "") -> list[Sample]:
+def load_llava_json(path: str, image_root: str | None = None, source: str = "",
+                    records: list[Any] | None = None) -> list[Sample]:
     """Read a LLaVA JSON (or ``.jsonl``) file; image paths are resolved against ``image_root``.
 
-    ``image_root`` defaults to the directory holding the file. Raises ``ValueError`` naming
-    the file, the sample and the field for any malformed entry.
+    ``image_root`` defaults to the directory holding the file; ``records`` are the file's entries when
+    already read. Raises ``ValueError`` naming the file, the sample and the field for any malformed entry.
     """
-    records = _read_records(path)
+    records = read_records(path) if records is None else records
     root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
     stem = os.path.splitext(os.path.basename(path))[0]
     return [_parse_record(record, index, path, root, source, stem) for index, record in enumerate(records)]
 
 
-def _read_records(path: str) -> list[Any]:
+def read_records(path: str) -> list[Any]:
     """The file's entries: a JSON list, or one JSON value per non-empty line for ``.jsonl``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: LLaVA data file not found")
