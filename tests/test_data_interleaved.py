@@ -121,3 +121,50 @@ def test_training_on_documents_lowers_their_loss(documents, tokenizer_dir, tmp_p
     result = train(run, progress=False)
     losses = [record["loss"] for record in result.history]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.9 * losses[0]
+
+
+def test_miniworld_documents_stream_and_write_as_interleaved_files(tmp_path, tokenizer_dir):
+    from mmbridge.worlds.miniworld import write_task
+
+    model = build_with_llm(tokenizer_dir, GATED)
+    streamed = MixtureDataset(DataConfig(sources=[{"miniworld": {"task": "interleaved_document", "split": "train",
+                                                                 "n": 3}}]), model.processor())
+    path = write_task("interleaved_document", "train", 3, str(tmp_path), progress=False)
+    written = MixtureDataset(DataConfig(sources=[{"path": path}]), model.processor())
+    for stream_sample, file_sample in zip(streamed.samples, written.samples):
+        assert [c["text"] for c in stream_sample.document] == [c["text"] for c in file_sample.document]
+    example = streamed[0]
+    images = int((example["input_ids"] == model.image_token_id).sum())
+    assert images == example["pixel_values"].shape[0] == len(streamed.samples[0].document) >= 2
+    assert torch.equal(example["pixel_values"], written[0]["pixel_values"])  # rendered = written PNGs
+
+
+def test_in_context_examples_come_first_and_only_the_own_reply_is_labelled(tmp_path, tokenizer_dir):
+    for index, colour in enumerate(["red", "blue", "green"]):
+        shape_image(colour, "star", size=16, seed=index).save(tmp_path / f"{index}.png")
+
+    def record(identifier: str, image: str, answer: str, **extra) -> dict:
+        return {"id": identifier, "image": image, "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the star?"}, {"from": "gpt", "value": answer}], **extra}
+
+    path = tmp_path / "mimic.json"
+    path.write_text(json.dumps([record("a", "0.png", "Red."), record("b", "1.png", "Blue."),
+                                record("c", "2.png", "Green.", in_context=["a", "b"]),
+                                record("d", "2.png", "Green.", rel_ins_ids=["b"])]))
+    samples = {sample.id: sample for sample in load_llava_json(str(path))}
+    query = samples["c"]
+    assert [turn["content"] for turn in query.conversation if turn["role"] == "assistant"] == ["Red.", "Blue.",
+                                                                                             "Green."]
+    assert [os.path.basename(image) for image in query.images] == ["0.png", "1.png", "2.png"]
+    assert query.context_turns == 4 and samples["d"].context_turns == 2  # MIMIC-IT's field name works too
+    model = build_with_llm(tokenizer_dir, {"type": "mlp"})
+    example = model.processor(system_prompt="Be brief.")(query)
+    labelled = [token for token in example["labels"].tolist() if token != IGNORE_INDEX]
+    assert model.tokenizer.decode(labelled).strip().startswith("Green.")  # not Red. or Blue.
+    assert int((example["input_ids"] == model.image_token_id).sum()) == 3 * model.tokens_per_image
+    path.write_text(json.dumps([record("a", "0.png", "Red.", in_context=["zzz"])]))
+    with pytest.raises(ValueError, match=r"sample #0 \(id 'a'\): 'in_context' names unknown id\(s\) \['zzz'\]"):
+        load_llava_json(str(path))
+    path.write_text(json.dumps([record("a", "0.png", "Red.", in_context=["a"])]))
+    with pytest.raises(ValueError, match="'in_context' names the sample itself"):
+        load_llava_json(str(path))

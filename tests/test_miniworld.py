@@ -111,7 +111,8 @@ def test_held_out_pairs_never_occur_outside_the_compositional_split():
             for index in range(12):
                 record = make_record(task, split, index)
                 assert not set(scene_pairs(record["scene"])) & set(HELD_OUT_PAIRS), (task, split, index)
-                text = " ".join(turn["value"] for turn in record["conversations"])
+                text = " ".join([turn["value"] for turn in record.get("conversations", [])]
+                                + record.get("texts", []))  # conversations, or a document's texts
                 assert not any(phrase in text for phrase in phrases), (task, split, index, text)
 
 
@@ -147,6 +148,10 @@ def test_records_are_well_formed(task):
         for index in range(4):
             record, images = make_sample(task, split, index)
             assert record["id"] == f"{task}-{split}-{index:06d}" and record["task"] == task
+            if "texts" in record:  # an interleaved document: one sentence after each image, no placeholders
+                assert record["images"] == record["image"] and len(record["texts"]) == len(images) >= 2
+                assert all(text.strip() and "<image>" not in text for text in record["texts"])
+                continue
             assert record["format"] in FORMATS
             names = [record["image"]] if isinstance(record["image"], str) else record["image"]
             assert len(names) == len(images) >= 1

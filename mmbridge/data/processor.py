@@ -128,6 +128,8 @@ class Processor:
             input_ids, labels = self._plain_ids(sample, image_count)
         else:
             text, spans = self._render_with_reply_spans(messages, sample.id)
+            context = sample.context_turns + len(messages) - len(sample.conversation)  # + a system prompt added
+            spans = spans[sum(1 for message in messages[:context] if message["role"] == "assistant"):]
             input_ids, labels = self._tokenize(text, spans)
             if self.label_all:  # Flamingo's objective: every text token (the model never predicts image tokens)
                 labels = list(input_ids)

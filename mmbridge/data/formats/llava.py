@@ -5,19 +5,23 @@ The LLaVA format is a JSON list (or JSON Lines, one object per line) of::
     {"id": "000001", "image": "coco/000001.jpg" | ["a.jpg", "b.jpg"],   # optional: text-only allowed
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}],
-     "regions": [{"box": [120, 80, 560, 700], "words": {"colour": "grey", "animal": "cat"}}]}   # optional
+     "regions": [{"box": [120, 80, 560, 700], "words": {"colour": "grey", "animal": "cat"}}],  # optional
+     "in_context": ["000007", "000012"]}                      # optional (MIMIC-IT's ``rel_ins_ids`` too)
 
 Roles ``human``/``user`` become ``user``, ``gpt``/``assistant`` become ``assistant``,
 ``system`` stays. A trainable conversation is: an optional leading system turn, then
 user and assistant turns alternating, starting with a user turn and ending with an
 assistant turn (so there is at least one answer to train on, and every chat template
 accepts it). ``regions`` (optional) say which words describe which box of the first image,
-for region–word alignment (:mod:`mmbridge.train.region_words`). Every error names the file,
-the sample index and id, and the field.
+for region–word alignment (:mod:`mmbridge.train.region_words`). ``in_context`` (or MIMIC-IT's
+``rel_ins_ids``) names other samples of the same file whose turns and images come first, as
+solved in-context examples (MIMIC-IT, arXiv 2306.05425): the model sees them, and only the
+sample's own replies are labelled. Every error names the file, the sample index and id, and the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ class Sample:
     source: str = ""
     image_loader: Callable[[], list[Image.Image]] | None = field(default=None, repr=False, compare=False)
     regions: list[dict] | None = None
+    context_turns: int = 0  # leading turns shown as in-context examples (``in_context``): seen, never labelled
     document: list[dict] | None = None  # an interleaved document's chunks {"image", "text"} (formats/interleaved.py)
 
 
@@ -59,7 +64,38 @@ def load_llava_json(path: str, image_root: str | None = None, source: str = "",
     records = read_records(path) if records is None else records
     root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
     stem = os.path.splitext(os.path.basename(path))[0]
-    return [_parse_record(record, index, path, root, source, stem) for index, record in enumerate(records)]
+    samples = [_parse_record(record, index, path, root, source, stem) for index, record in enumerate(records)]
+    return _with_in_context_examples(samples, records, path)
+
+
+def _with_in_context_examples(samples: list[Sample], records: list[Any], path: str) -> list[Sample]:
+    """Samples whose ``in_context`` ids put those samples' turns and images first (their own, not nested)."""
+    by_id = {sample.id: sample for sample in samples}
+    result = []
+    for index, (sample, record) in enumerate(zip(samples, records)):
+        named = record.get("in_context", record.get("rel_ins_ids"))
+        if not named:
+            result.append(sample)
+            continue
+        where = f"{path}: sample #{index} (id {sample.id!r})"
+        if not isinstance(named, list) or not all(isinstance(item, (str, int)) for item in named):
+            raise ValueError(f"{where}: 'in_context' must be a list of sample ids, got {named!r}")
+        missing = [str(item) for item in named if str(item) not in by_id]
+        if missing or sample.id in map(str, named):
+            problem = f"names unknown id(s) {missing}" if missing else "names the sample itself"
+            raise ValueError(f"{where}: 'in_context' {problem}; ids must be other samples of this file")
+        turns, images = [], []
+        for item in map(str, named):
+            example = by_id[item]
+            turns += [turn for turn in example.conversation if turn["role"] != "system"]
+            images += example.images
+        own = sample.conversation
+        system = own[:1] if own and own[0]["role"] == "system" else []
+        conversation = system + turns + own[len(system):]
+        result.append(dataclasses.replace(sample, conversation=conversation, images=images + sample.images,
+                                          context_turns=len(system) + len(turns),
+                                          regions=None))  # regions describe the own first image, no longer first
+    return result
 
 
 def read_records(path: str) -> list[Any]:

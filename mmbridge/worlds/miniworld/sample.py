@@ -54,9 +54,14 @@ def image_prefix(episode: Episode) -> str:
 
 
 def episode_record(task: str, split: str, index: int, seed: int, episode: Episode) -> dict:
-    """The LLaVA-format record with evaluation fields for ``episode``."""
+    """The LLaVA-format record with evaluation fields for ``episode`` (an interleaved document's ``texts`` and
+    ``images`` for layout ``document``)."""
     identifier = sample_id(task, split, index)
     names = image_names(identifier, episode)
+    if episode.layout == "document":
+        return {"id": identifier, "image": names, "texts": [question.answer for question in episode.questions],
+                "images": names, "task": task, "split": split, "index": index, "seed": seed,
+                "scene": episode.scene()}
     conversations = []
     instructed: set[str] = set()  # a format's instruction is given at its first turn and holds for the rest
     for position, question in enumerate(episode.questions):

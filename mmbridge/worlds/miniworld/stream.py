@@ -26,11 +26,16 @@ def load_samples(spec: dict, source: str = "") -> list[Sample]:
     for index in range(count):
         record = make_record(task, split, index, seed)
         names = [record["image"]] if isinstance(record["image"], str) else record["image"]
+        images = [f"miniworld://{seed}/{name}" for name in names]
+        loader = functools.partial(render_images, task, split, index, seed)
+        if "texts" in record:  # an interleaved document: image i, then text i
+            chunks = [{"image": image, "text": text} for image, text in zip(images, record["texts"])]
+            samples.append(Sample(id=record["id"], conversation=[], images=images, source=source,
+                                  image_loader=loader, document=chunks))
+            continue
         conversation = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
-        samples.append(Sample(id=record["id"], conversation=conversation,
-                              images=[f"miniworld://{seed}/{name}" for name in names], source=source,
-                              image_loader=functools.partial(render_images, task, split, index, seed),
-                              regions=scene_regions(record)))
+        samples.append(Sample(id=record["id"], conversation=conversation, images=images, source=source,
+                              image_loader=loader, regions=scene_regions(record)))
     return samples
 
 

@@ -2,7 +2,8 @@
 
 An episode holds the drawables (scenes or charts) of one sample, in image order, the
 question(s) about them with answers derived from them, and how the images are laid
-out in the prompt (one image, several interleaved images, or video frames).
+out in the prompt (one image, several interleaved images, video frames, or an interleaved
+document: each image followed by its question's answer as plain text).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from mmbridge.worlds.miniworld.questions import Question
 from mmbridge.worlds.miniworld.scene import LayoutError, Scene
 from mmbridge.worlds.miniworld.splits import World
 
-LAYOUTS = ("single", "multi", "video")
+LAYOUTS = ("single", "multi", "video", "document")
 MAX_ATTEMPTS = 500
 
 

@@ -1,14 +1,14 @@
 """Every MiniWorld task, by name: captions, VQA, POPE existence, multiple choice, grounding, reading,
-small objects, multi-image, video, charts and conversations."""
+small objects, multi-image, video, charts, conversations and interleaved documents."""
 
 from __future__ import annotations
 
 from mmbridge.worlds.miniworld.task import Task
-from mmbridge.worlds.miniworld.tasks import (captions, charts, choice, conversation, existence, grounding,
-                                             multi_image, reading, small_objects, video, vqa)
+from mmbridge.worlds.miniworld.tasks import (captions, charts, choice, conversation, documents, existence,
+                                             grounding, multi_image, reading, small_objects, video, vqa)
 
 _MODULES = (captions, vqa, existence, choice, grounding, reading, small_objects, multi_image, video, charts,
-            conversation)
+            conversation, documents)
 TASKS: dict[str, Task] = {task.name: task for module in _MODULES for task in module.TASKS}
 
 
