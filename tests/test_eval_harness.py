@@ -116,7 +116,7 @@ def test_suite_selection_and_miniworld_spec() -> None:
     suite = tasks.get_suite("miniworld")
     keys = [spec.key for spec in suite.tasks]
     assert keys == ["attribute", "attribute:compositional", "counting", "spatial", "existence", "multiple_choice",
-                    "grounding", "text_reading", "caption"]
+                    "grounding", "text_reading", "caption", "multi_image", "video"]
     assert [spec.key for spec in suite.select(["attribute"])] == ["attribute", "attribute:compositional"]
     mc = suite.select(["multiple_choice"])[0]
     assert mc.circular and mc.likelihood

@@ -73,6 +73,7 @@ class DataConfig:
     prefix_lm: bool = False  # encoder-decoder LLMs: BLIP-2's prefix LM, part of each reply moves into the encoder
     template: str = "chat"  # "plain": LLaVA's pretraining format, image tokens + reply (no chat markup)
     labels: str = "assistant"  # "all": next-token loss on every text token (Flamingo's objective), not only replies
+    video_stride: int = 1  # models that take video: keep every n-th frame of a video sample (then at most max_frames)
 
     def __post_init__(self) -> None:
         if self.labels not in LABELS:

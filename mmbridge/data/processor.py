@@ -26,6 +26,7 @@ short ``reason`` that datasets use to count skipped samples.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from typing import Any
@@ -66,7 +67,8 @@ class Processor:
                  image_token_id: int | None = None, max_length: int = 2048,
                  system_prompt: str | None = None, bridge_tokenizer: Any = None,
                  encoder_decoder: bool = False, prefix_lm: bool = False, template: str = "chat",
-                 text: bool = True, label_all: bool = False, chunk_token: str | None = None) -> None:
+                 text: bool = True, label_all: bool = False, chunk_token: str | None = None,
+                 video_as_media: bool = False, max_video_frames: int | None = None, video_stride: int = 1) -> None:
         if tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be at least 1, got {tokens_per_image}")
         if max_length < 1:
@@ -93,6 +95,12 @@ class Processor:
         self.text = bool(text)  # False: examples carry images (and regions) only, for losses that read no text
         self.label_all = bool(label_all)  # a stage's data setting: every text token is a target, not only replies
         self.chunk_token = chunk_token  # the model's end-of-chunk token for interleaved documents (Flamingo), or None
+        # a model whose bridge takes video reads a video sample's frames as one media behind one placeholder:
+        # every video_stride-th frame, at most max_video_frames of them (spread evenly); examples then carry
+        # bridge_media_frames [n_media, 1], the frames of each media
+        if video_stride < 1:
+            raise ValueError(f"video_stride must be >= 1, got {video_stride}")
+        self.video_as_media, self.max_video_frames, self.video_stride = bool(video_as_media), max_video_frames, video_stride
         self._probed_suffix: str | None = None
 
     @property
@@ -118,6 +126,10 @@ class Processor:
         image_count = len(sample.images) if images is None else len(images)
         if sample.document is not None:
             return self._document_example(sample, images, image_count, pixels)
+        frames = self.video_frames(image_count) if self.video_as_media and sample.video and image_count else None
+        if frames is not None:  # one media: one placeholder, the chosen frames
+            sample = dataclasses.replace(sample, conversation=_one_placeholder(sample.conversation, self.image_token))
+            image_count = 1
         self._check_conversation(sample, image_count)
         messages = self._with_system_prompt(sample.conversation)
         if not self.text:
@@ -139,9 +151,43 @@ class Processor:
                    "labels": torch.tensor(labels, dtype=torch.long), **self.bridge_text_inputs(messages)}
         if sample.regions is not None:
             example["regions"] = sample.regions
+        if self.video_as_media and image_count:
+            example["bridge_media_frames"] = self.media_frames(image_count, frames)
         if pixels:
-            example["pixel_values"] = self.transform.batch(self.load_images(sample) if images is None else images)
+            loaded = self.load_images(sample) if images is None else images
+            example["pixel_values"] = self.transform.batch([loaded[i] for i in frames] if frames else loaded)
         return example
+
+    def video_frames(self, count: int) -> list[int]:
+        """Which of a video's ``count`` frames a media keeps: every ``video_stride``-th, then at most
+        ``max_video_frames`` of those, spread evenly from the first to the last."""
+        kept = list(range(0, count, self.video_stride))
+        most = self.max_video_frames
+        if most and len(kept) > most:
+            kept = [kept[round(step * (len(kept) - 1) / max(most - 1, 1))] for step in range(most)]
+        return kept
+
+    @staticmethod
+    def media_frames(image_count: int, frames: list[int] | None) -> torch.Tensor:
+        """``[n_media, 1]``: the frames behind each placeholder (one video, or one per image)."""
+        return torch.tensor([[len(frames)]] if frames else [[1]] * image_count, dtype=torch.long)
+
+    def prompt_inputs(self, text: str, images: list, history: list[dict] | None = None,
+                      video: bool = False) -> dict[str, torch.Tensor | None]:
+        """A generation prompt's ``input_ids`` ``[L]``, ``pixel_values`` and, for a model that takes video,
+        ``bridge_media_frames``; ``video``: ``images`` are one clip's frames (placeholders in ``text`` or
+        ``history`` stand for frames and become one)."""
+        frames = self.video_frames(len(images)) if self.video_as_media and video and images else None
+        if frames is not None:
+            messages = _one_placeholder([*(history or []), {"role": "user", "content": text}], self.image_token)
+            history, text = messages[:-1], messages[-1]["content"]
+            images = [images[index] for index in frames]
+        count = 1 if frames else len(images)
+        inputs = {"input_ids": self.prompt(text, num_images=count, history=history),
+                  "pixel_values": self.encode_images(images) if images else None}
+        if self.video_as_media and images:
+            inputs["bridge_media_frames"] = self.media_frames(count, frames)
+        return inputs
 
     def _document_example(self, sample: Sample, images: list[Image.Image] | None, image_count: int,
                           pixels: bool) -> dict:
@@ -439,6 +485,21 @@ class Processor:
                               f"tokens) but max_length is {self.max_length}; truncation would cut an image",
                               sample_id, "too_long")
         return input_ids[:self.max_length]
+
+
+def _one_placeholder(turns: list[dict], placeholder: str) -> list[dict]:
+    """``turns`` with only the first ``placeholder`` kept (a video's frames become one media); if none is
+    present the processor adds one as for any image."""
+    result, seen = [], False
+    for turn in turns:
+        parts = turn["content"].split(placeholder)
+        if len(parts) > 1:
+            content = parts[0] + ("" if seen else placeholder) + "".join(parts[1:])
+            seen = True
+        else:
+            content = turn["content"]
+        result.append({**turn, "content": content})
+    return result
 
 
 def _prefix_split(reply: str, sample_id: str) -> tuple[str, str]:

@@ -50,6 +50,7 @@ class Prompt:
     text: str
     images: list[Image.Image]
     history: list[dict] = field(default_factory=list)
+    video: bool = False  # the images are one clip's frames (a model that takes video reads them as one media)
 
 
 Shots = list[list["Pair"]]  # per query, the solved examples shown before it
@@ -63,9 +64,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def _encode_prompt(processor: Any, prompt: Prompt, index: int) -> dict:
     """A processed generation example: prompt ids ``[L]`` and pixel values ``[n, 3, H, W]`` (or None)."""
-    pixel_values = processor.encode_images(prompt.images) if prompt.images else None
-    input_ids = processor.prompt(prompt.text, num_images=len(prompt.images), history=prompt.history)
-    return {"id": str(index), "input_ids": input_ids, "pixel_values": pixel_values}
+    return {"id": str(index), **processor.prompt_inputs(prompt.text, prompt.images, prompt.history, prompt.video)}
 
 
 def generate_answers(model: nn.Module, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 8,
@@ -81,8 +80,10 @@ def generate_answers(model: nn.Module, prompts: list[Prompt], max_new_tokens: in
         batch = collate([_encode_prompt(processor, prompt, start + offset) for offset, prompt in enumerate(chunk)],
                         processor.pad_token_id, padding_side="left")
         pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+        bridge_inputs = {key: value.to(device) for key, value in batch.items()
+                         if key.startswith("bridge_") and value is not None}  # e.g. a video's frame count
         new_tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    pixel_values=pixel_values, generation_config=config)  # [B, new]
+                                    pixel_values=pixel_values, generation_config=config, **bridge_inputs)  # [B, new]
         answers += [_decode(model.tokenizer, row.cpu(), eos_ids) for row in new_tokens]
         if progress is not None:
             progress.update(len(chunk))
@@ -104,7 +105,8 @@ def continuation_log_likelihoods(model: nn.Module, prompt: Prompt, continuations
     prompt in its encoder and scores the continuation as its decoder's answer.
     """
     processor, device = model.processor(), _device(model)
-    prompt_ids = processor.prompt(prompt.text, num_images=len(prompt.images), history=prompt.history)  # [P]
+    encoded = processor.prompt_inputs(prompt.text, prompt.images, prompt.history, prompt.video)
+    prompt_ids = encoded["input_ids"]  # [P]
     targets = [torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
                for text in continuations]
     if model.llm.is_encoder_decoder:
@@ -118,7 +120,9 @@ def continuation_log_likelihoods(model: nn.Module, prompt: Prompt, continuations
     with torch.inference_mode(), eval_mode(model):
         image_tokens = None
         if prompt.images:
-            image_tokens = model.encode_images(processor.encode_images(prompt.images).to(device))  # [n, M, D]
+            bridge_inputs = {key[len("bridge_"):]: value.to(device) for key, value in encoded.items()
+                             if key.startswith("bridge_")}
+            image_tokens = model.encode_images(encoded["pixel_values"].to(device), **bridge_inputs)  # [n, M, D]
             image_tokens = image_tokens.repeat(len(rows), 1, 1)  # [N * n, M, D]
         logits = model(input_ids, attention_mask, image_tokens=image_tokens, labels=labels, return_logits="all").logits
     if labels is not None:  # logits[:, t] scores labels[:, t]
@@ -131,18 +135,20 @@ def continuation_log_likelihoods(model: nn.Module, prompt: Prompt, continuations
 
 # -- one task -------------------------------------------------------------------------------------
 def _prompt(text: str, images: list[Image.Image], blind: bool, image_token: str,
-            shots: list[Pair] | None = None) -> Prompt:
+            shots: list[Pair] | None = None, video: bool = False) -> Prompt:
     """The prompt as sent: the model's placeholder token, or no placeholders and no images when blind; with
     ``shots``, their solved turns first (their images before the query's)."""
     history: list[dict] = []
     shown: list[Image.Image] = []
     for sample, shot_images in shots or []:
+        if sample.get("video"):
+            raise ValueError("in-context shots of video samples are not supported (one prompt holds one video)")
         turn = _prompt(tasks.user_text(sample), shot_images, blind, image_token)
         history += [{"role": "user", "content": turn.text}, {"role": "assistant", "content": tasks.shot_answer(sample)}]
         shown += turn.images
     if blind:
         return Prompt(tasks.blind_text(text), [], history)
-    return Prompt(text.replace(tasks.SAMPLE_IMAGE_TOKEN, image_token), shown + list(images), history)
+    return Prompt(text.replace(tasks.SAMPLE_IMAGE_TOKEN, image_token), shown + list(images), history, video)
 
 
 def choose_shots(pool: list[Pair], count: int, queries: int, seed: int) -> Shots:
@@ -159,7 +165,7 @@ def _evaluate_generated(model: nn.Module, pairs: list[Pair], answer_format: str,
                         batch_size: int, progress: tqdm, shots: Shots) -> tuple[dict[str, float], list[dict], str]:
     """Metrics, per-sample records and a prompt example for a format scored on generated answers."""
     image_token = model.config.image_token
-    prompts = [_prompt(tasks.user_text(sample), images, blind, image_token, shown)
+    prompts = [_prompt(tasks.user_text(sample), images, blind, image_token, shown, bool(sample.get("video")))
                for (sample, images), shown in zip(pairs, shots)]
     progress.total += len(prompts)
     answers = generate_answers(model, prompts, spec.new_tokens(answer_format), batch_size, progress)
@@ -183,7 +189,7 @@ def _evaluate_multiple_choice(model: nn.Module, pairs: list[Pair], spec: TaskSpe
     asked = [(index, shift) for index, (sample, _) in enumerate(pairs)
              for shift in range(len(sample["choices"]) if spec.circular else 1)]
     prompts = [_prompt(tasks.rotated_prompt(pairs[index][0], shift)[0], pairs[index][1], blind, image_token,
-                       shots[index]) for index, shift in asked]
+                       shots[index], bool(pairs[index][0].get("video"))) for index, shift in asked]
     progress.total += len(prompts) + (len(pairs) if spec.likelihood else 0)
     answers = generate_answers(model, prompts, spec.new_tokens("mc"), batch_size, progress)
     per_sample: list[list[str]] = [[] for _ in pairs]
@@ -204,8 +210,9 @@ def _rank_options(model: nn.Module, pairs: list[Pair], spec: TaskSpec, blind: bo
     letters = []
     for (sample, images), shown in zip(pairs, shots):
         text, continuations = tasks.likelihood_prompt(sample, spec.likelihood_target)
-        scores = continuation_log_likelihoods(model, _prompt(text, images, blind, model.config.image_token, shown),
-                                              continuations)
+        scores = continuation_log_likelihoods(
+            model, _prompt(text, images, blind, model.config.image_token, shown, bool(sample.get("video"))),
+            continuations)
         letters.append(LETTERS[max(range(len(scores)), key=scores.__getitem__)])
         progress.update(1)
     return letters

@@ -275,6 +275,8 @@ MINIWORLD = Suite("miniworld", (
     TaskSpec("grounding"),
     TaskSpec("text_reading"),
     TaskSpec("caption"),
+    TaskSpec("multi_image"),
+    TaskSpec("video"),
 ), load_miniworld)
 
 SUITES: dict[str, Suite] = {"miniworld": MINIWORLD}

@@ -144,9 +144,11 @@ class MultimodalModel(nn.Module):
 
         settings = {**self.processor_settings, **overrides}
         chunk = getattr(getattr(self.bridge, "cfg", None), "chunk_token", None)  # gated cross-attention's <|endofchunk|>
+        video = {"video_as_media": True, "max_video_frames": getattr(self.bridge, "max_frames", None)} \
+            if getattr(self.bridge, "takes_video", False) else {}
         return Processor(self.tokenizer, self.vision.transform, self.tokens_per_image, self.config.image_token,
                          self.image_token_id, bridge_tokenizer=getattr(self.bridge, "tokenizer", None),
-                         encoder_decoder=self.llm.is_encoder_decoder, chunk_token=chunk, **settings)
+                         encoder_decoder=self.llm.is_encoder_decoder, chunk_token=chunk, **video, **settings)
 
     def add_lora(self, key: str, spec: LoraSpec) -> None:
         """Inject LoRA into module ``key`` and record it in the config (used by stages with ``lora``)."""

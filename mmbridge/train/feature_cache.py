@@ -307,8 +307,11 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         if reason is not None:
             raise SampleError(f"sample {sample.id!r}: its images could not be loaded when the feature cache "
                               f"{self.cache.directory} was built ({reason})", sample.id, reason)
-        example = self.dataset.processor(sample, pixels=False)
+        processor = self.dataset.processor
+        example = processor(sample, pixels=False)
         features = self.cache.features(index)
+        if features is not None and processor.video_as_media and sample.video and len(features):
+            features = features[processor.video_frames(len(features))]  # the frames the processor keeps
         if features is not None:
             example["image_features"] = features  # [n_images, N, D_v]
         return example

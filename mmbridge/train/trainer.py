@@ -163,6 +163,8 @@ def stage_processor(model: MultimodalModel, data: DataConfig, stage: str, object
         overrides["template"] = data.template
     if data.labels == "all":
         overrides["label_all"] = True
+    if data.video_stride != 1:
+        overrides["video_stride"] = data.video_stride
     return model.processor(**overrides)
 
 

@@ -6,7 +6,8 @@ The LLaVA format is a JSON list (or JSON Lines, one object per line) of::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}],
      "regions": [{"box": [120, 80, 560, 700], "words": {"colour": "grey", "animal": "cat"}}],  # optional
-     "in_context": ["000007", "000012"]}                      # optional (MIMIC-IT's ``rel_ins_ids`` too)
+     "in_context": ["000007", "000012"],                      # optional (MIMIC-IT's ``rel_ins_ids`` too)
+     "video": false}                                          # optional: true when the images are one clip's frames
 
 Roles ``human``/``user`` become ``user``, ``gpt``/``assistant`` become ``assistant``,
 ``system`` stays. A trainable conversation is: an optional leading system turn, then
@@ -50,6 +51,7 @@ class Sample:
     source: str = ""
     image_loader: Callable[[], list[Image.Image]] | None = field(default=None, repr=False, compare=False)
     regions: list[dict] | None = None
+    video: bool = False  # the images are the frames of one video (a model that takes video reads them as one)
     context_turns: int = 0  # leading turns shown as in-context examples (``in_context``): seen, never labelled
     document: list[dict] | None = None  # an interleaved document's chunks {"image", "text"} (formats/interleaved.py)
 
@@ -131,7 +133,11 @@ def _parse_record(record: Any, index: int, path: str, root: str, source: str, st
     conversation = _parse_conversation(record, where)
     images = [os.path.join(root, name) for name in _parse_images(record, where)]
     regions = check_regions(record["regions"], where) if record.get("regions") is not None else None
-    return Sample(id=sample_id, conversation=conversation, images=images, source=source, regions=regions)
+    video = record.get("video", False)
+    if not isinstance(video, bool):
+        raise ValueError(f"{where}: field 'video' must be true or false, got {video!r}")
+    return Sample(id=sample_id, conversation=conversation, images=images, source=source, regions=regions,
+                  video=video)
 
 
 def check_regions(regions: Any, where: str) -> list[dict]:

@@ -91,6 +91,8 @@ class PerceiverLayer(nn.Module):
 class PerceiverResampler(Bridge):
     """Learned latents cross-attend to (time × space) features; ``num_latents`` tokens out for any input."""
 
+    takes_video = True  # the processor may send a video's frames as one media (``media_frames``)
+
     def __init__(self, in_dim: int, out_dim: int, num_latents: int, depth: int, heads: int, hidden_dim: int,
                  ff_mult: int, max_frames: int) -> None:
         super().__init__()
@@ -123,7 +125,19 @@ class PerceiverResampler(Bridge):
         media = self.input_proj(frames) + self.time_embeddings[:count, None, :]  # [B, T, N, H]
         return media.flatten(1, 2)  # [B, T·N, H]
 
-    def forward(self, features: torch.Tensor, **context: Any) -> torch.Tensor:  # [B, (T,) N, D_v] -> [B, L, D]
+    def forward(self, features: torch.Tensor, media_frames: torch.Tensor | None = None,
+                **context: Any) -> torch.Tensor:  # [B, (T,) N, D_v] -> [B, L, D]
+        """``media_frames`` (``[n_media, 1]``, what the processor sends with video) groups the rows of
+        ``features`` ``[n_frames, N, D_v]`` into media of that many consecutive frames; one output per media."""
+        if media_frames is not None and features.dim() == 3:
+            counts = [int(count) for count in media_frames.reshape(-1).tolist()]
+            if sum(counts) != features.shape[0]:
+                raise ValueError(f"media_frames add up to {sum(counts)} frames but {features.shape[0]} were encoded")
+            if any(count != 1 for count in counts):
+                return torch.cat([self.resample(chunk.unsqueeze(0)) for chunk in features.split(counts)])
+        return self.resample(features)
+
+    def resample(self, features: torch.Tensor) -> torch.Tensor:  # [B, (T,) N, D_v] -> [B, L, D]
         media = self.media_sequence(features)  # [B, T·N, H]
         latents = self.latents.unsqueeze(0).expand(media.shape[0], -1, -1)  # [B, L, H]
         for layer in self.layers:

@@ -137,6 +137,15 @@ class GatedXAttnBridge(FusionBridge):
     def num_tokens(self, num_features: int) -> int:
         return 1  # each <image> is one ordinary token
 
+    @property
+    def takes_video(self) -> bool:
+        """Whether a video's frames reach the resampler together (the Perceiver's temporal embeddings)."""
+        return bool(getattr(self.projector, "takes_video", False))
+
+    @property
+    def max_frames(self) -> int | None:
+        return getattr(self.projector, "max_frames", None)
+
     def latents_per_image(self, num_features: int) -> int:
         return self.projector.num_tokens(num_features)
 

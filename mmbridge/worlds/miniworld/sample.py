@@ -76,6 +76,8 @@ def episode_record(task: str, split: str, index: int, seed: int, episode: Episod
                        "turns": [question.fields() for question in episode.questions]})
     else:
         record.update(episode.questions[0].fields())
+    if episode.layout == "video":
+        record["video"] = True  # the images are the frames of one clip, in order
     record["scene"] = episode.scene()
     return record
 

@@ -35,7 +35,7 @@ def load_samples(spec: dict, source: str = "") -> list[Sample]:
             continue
         conversation = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
         samples.append(Sample(id=record["id"], conversation=conversation, images=images, source=source,
-                              image_loader=loader, regions=scene_regions(record)))
+                              image_loader=loader, regions=scene_regions(record), video=bool(record.get("video"))))
     return samples
 
 
