@@ -4,6 +4,9 @@
         --results benchmarks/RESULTS.md                       # input-token bridges, the bundled backbones
     python benchmarks/compare_bridges.py --bridges mlp visual_expert mma moe --section fusion \
         --results benchmarks/RESULTS.md                       # deep fusion (CogVLM, LaVIN, MoE-LLaVA) vs mlp
+    python benchmarks/compare_bridges.py --bridges mlp gated_xattn --section flamingo \
+        --tasks attribute multi_image video --instruct-tasks attribute_drill multi_image video --shots 2 4 \
+        --max-length 1024 --results benchmarks/RESULTS.md      # Flamingo's gated cross-attention vs mlp
     python benchmarks/compare_bridges.py --bridges mlp qformer --align-n 64 --instruct-n 64 --eval-n 20
 
 Every bridge gets the same training budget — the same samples in the same order, the same
@@ -13,7 +16,10 @@ recipe's ``model.vision`` / ``model.llm`` / ``processor``, by default ``configs/
 * ``align``: MiniWorld short captions, only the bridge trains (a fusion bridge's projector
   alone, as CogVLM and MoE-LLaVA pretrain it: the parts inside the LLM wait for instructions);
 * ``instruct``: MiniWorld attribute drills (colour/shape/size, a count, balanced existence),
-  only the bridge trains (a fusion bridge's parts inside the LLM included).
+  or the ``--instruct-tasks`` named, in equal shares; only the bridge trains (a fusion bridge's
+  parts inside the LLM included).
+
+``--shots K …`` adds the first test task evaluated with K solved in-context examples per query.
 
 The LLM's own weights stay frozen in both stages, so differences come from the bridge alone and
 one blind baseline (the frozen LLM without the image) serves every row. A bridge inside the LLM
@@ -67,6 +73,10 @@ BRIDGES: dict[str, tuple[dict, float, float]] = {
     "visual_expert": ({"type": "visual_expert"}, 3e-3, 1e-4),
     "mma": ({"type": "mma"}, 3e-3, 1e-3),
     "moe": ({"type": "moe"}, 3e-3, 2e-4),
+    # Flamingo: a Perceiver Resampler and a gated block before every third layer; its gates start closed, so
+    # its align stage trains all of it (a closed gate passes no signal to the resampler)
+    "gated_xattn": ({"type": "gated_xattn", "every": 3,
+                     "resampler": {"type": "perceiver", "num_latents": QUERIES, "depth": 2, "heads": 8}}, 3e-3, 1e-3),
 }
 FUSION = ("visual_expert", "mma", "moe")  # their align stage trains the projector only
 TEXT_QUESTIONS = [
@@ -78,22 +88,27 @@ TEXT_QUESTIONS = [
 
 
 def comparison_run(base: RunConfig, name: str, out: str, align_n: int, instruct_n: int,
-                   batch_size: int, bridges: dict[str, tuple[dict, float, float]] = BRIDGES) -> RunConfig:
-    """The base recipe's backbones and processor with bridge ``name`` and the comparison's two stages."""
+                   batch_size: int, bridges: dict[str, tuple[dict, float, float]] = BRIDGES,
+                   instruct_tasks: tuple[str, ...] = ("attribute_drill",), max_length: int | None = None) -> RunConfig:
+    """The base recipe's backbones and processor with bridge ``name`` and the comparison's two stages
+    (``instruct_n`` samples shared equally by ``instruct_tasks``)."""
     spec, align_lr, instruct_lr = bridges[name]
     model = copy.deepcopy(base.model)
     model["bridge"] = copy.deepcopy(spec)
 
-    def stage(stage_name: str, task: str, n: int, lr: float, train: dict | str) -> dict:
-        return {"name": stage_name, "data": {"sources": [{"miniworld": {"task": task, "split": "train", "n": n}}]},
-                "train": {"bridge": train}, "lr": lr, "epochs": 1, "batch_size": batch_size,
-                "warmup_ratio": 0.05, "precision": "bf16", "save_every": 25}
+    def stage(stage_name: str, tasks: dict[str, int], lr: float, train: dict | str) -> dict:
+        sources = [{"miniworld": {"task": task, "split": "train", "n": n}} for task, n in tasks.items()]
+        return {"name": stage_name, "data": {"sources": sources}, "train": {"bridge": train}, "lr": lr, "epochs": 1,
+                "batch_size": batch_size, "warmup_ratio": 0.05, "precision": "bf16", "save_every": 25}
 
     align = {"mode": "full", "only": ["projector"]} if name in FUSION else "full"
-    return RunConfig(model=model, processor=copy.deepcopy(base.processor), seed=base.seed,
-                     output_dir=os.path.join(out, name),
-                     stages=[stage("align", "caption", align_n, align_lr, align),
-                             stage("instruct", "attribute_drill", instruct_n, instruct_lr, "full")])
+    share = max(1, instruct_n // len(instruct_tasks))
+    processor = copy.deepcopy(base.processor)
+    if max_length:
+        processor["max_length"] = max_length
+    return RunConfig(model=model, processor=processor, seed=base.seed, output_dir=os.path.join(out, name),
+                     stages=[stage("align", {"caption": align_n}, align_lr, align),
+                             stage("instruct", {task: share for task in instruct_tasks}, instruct_lr, "full")])
 
 
 def median_speed(history: list[dict], stage: str) -> float:
@@ -116,13 +131,13 @@ def parameter_summary(model: MultimodalModel) -> dict[str, int]:
 
 
 def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = True,
-                base_answers: list[str] | None = None) -> dict:
+                base_answers: list[str] | None = None, shots: tuple[int, ...] = ()) -> dict:
     """Train (or resume) one bridge, evaluate it, and return its summary (also written to summary.json);
     with ``base_answers`` (the frozen LLM's), also how many text-only answers stayed the same."""
     from mmbridge.train import train
 
     summary_path = os.path.join(run.output_dir, "summary.json")
-    settings = {"run": run.to_dict(), "tasks": tasks, "eval_n": eval_n}
+    settings = {"run": run.to_dict(), "tasks": tasks, "eval_n": eval_n, **({"shots": list(shots)} if shots else {})}
     if os.path.isfile(summary_path):
         return _reuse(summary_path, settings)
     began = time.perf_counter()
@@ -132,6 +147,12 @@ def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = 
     model = MultimodalModel.from_pretrained(final)
     results = run_suite(model, "miniworld", tasks, n=eval_n, progress=progress, model_dir=final)
     save_results(os.path.join(run.output_dir, "eval.json"), results)
+    accuracy = {task: entry["accuracy"] for task, entry in results["tasks"].items()}
+    for count in shots:  # the first task again, with in-context examples
+        shot_results = run_suite(model, "miniworld", tasks[:1], n=eval_n, progress=progress, model_dir=final,
+                                 shots=count)
+        save_results(os.path.join(run.output_dir, f"eval-{count}shot.json"), shot_results)
+        accuracy.update({f"{task} ({count}-shot)": entry["accuracy"] for task, entry in shot_results["tasks"].items()})
     parameters = parameter_summary(model)
     answers = text_answers(model) if base_answers is not None else None
     summary = {
@@ -147,7 +168,7 @@ def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = 
         "train_seconds": train_seconds,
         "steps": len(result.history),
         "lr": {stage["name"]: stage["lr"] for stage in run.stages},
-        "accuracy": {task: entry["accuracy"] for task, entry in results["tasks"].items()},
+        "accuracy": accuracy,
     }
     atomic_write_json(summary_path, summary)
     return summary
@@ -182,19 +203,19 @@ def _reuse(path: str, settings: dict) -> dict:
 
 def comparison_table(rows: dict[str, dict], blind: dict[str, float]) -> str:
     """Markdown: one row per bridge plus the blind baseline (``blind``: its accuracy per task); a column per
-    evaluated task split, then tokens, parameters, text answers kept and speeds."""
-    tasks = list(blind)
+    evaluated task split (and few-shot run), then tokens, parameters, text answers kept and speeds."""
+    tasks = list(dict.fromkeys([task for row in rows.values() for task in row["accuracy"]] + list(blind)))
     header = ["bridge", *tasks, "visual tokens / image", "trainable params", "total params", "active params",
               "text kept", "align samples/s", "instruct samples/s"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, row in rows.items():
-        cells = [f"{row['accuracy'][task]:.1%}" for task in tasks]
+        cells = [f"{row['accuracy'][task]:.1%}" if task in row["accuracy"] else "–" for task in tasks]
         speed = row["samples_per_s"]
         kept = "–" if row.get("text_kept") is None else f"{row['text_kept']}/{len(row['text_answers'])}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['visual_tokens']} | "
                      f"{row['trainable_parameters']:,} | {row.get('total_parameters', 0):,} | "
                      f"{row.get('active_parameters', 0):,} | {kept} | {speed['align']:.2f} | {speed['instruct']:.2f} |")
-    lines.append("| *blind (no image)* | " + " | ".join(f"{blind[task]:.1%}" for task in tasks) +
+    lines.append("| *blind (no image)* | " + " | ".join(f"{blind[task]:.1%}" if task in blind else "–" for task in tasks) +
                  " | 0 | – | – | – | – | – | – |")
     return "\n".join(lines)
 
@@ -235,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=BASE_RECIPE, help="base recipe: backbones and processor settings")
     parser.add_argument("--bridges", nargs="+", default=list(BRIDGES), choices=list(BRIDGES))
     parser.add_argument("--align-n", type=int, default=320, help="caption samples (align stage)")
-    parser.add_argument("--instruct-n", type=int, default=320, help="attribute-drill samples (instruct stage)")
+    parser.add_argument("--instruct-n", type=int, default=320, help="instruct-stage samples (all instruct tasks)")
+    parser.add_argument("--instruct-tasks", nargs="+", default=["attribute_drill"],
+                        help="MiniWorld train tasks of the instruct stage, equal shares")
+    parser.add_argument("--shots", nargs="+", type=int, default=[], help="also the first test task with K shots")
+    parser.add_argument("--max-length", type=int, default=None, help="processor max_length (video needs more)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tasks", nargs="+", default=TASKS, help="MiniWorld test tasks")
     parser.add_argument("--eval-n", type=int, default=48, help="test samples per task")
@@ -248,17 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     base = load_run_config(args.recipe)
     progress = not args.no_progress
     rows = {}
-    runs = {name: comparison_run(base, name, args.out, args.align_n, args.instruct_n, args.batch_size)
+    runs = {name: comparison_run(base, name, args.out, args.align_n, args.instruct_n, args.batch_size,
+                                 instruct_tasks=tuple(args.instruct_tasks), max_length=args.max_length)
             for name in args.bridges}
     blind = blind_baseline(next(iter(runs.values())), args.tasks, args.eval_n, progress)
     for name, run in runs.items():
         print(f"\n== {name}", flush=True)
-        rows[name] = compare_one(run, args.tasks, args.eval_n, progress, blind["text_answers"])
+        rows[name] = compare_one(run, args.tasks, args.eval_n, progress, blind["text_answers"], tuple(args.shots))
     table = comparison_table(rows, blind["accuracy"])
     print("\n" + table)
     if args.results:
         command = "python benchmarks/compare_bridges.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        budget = (f"align {args.align_n} caption samples, instruct {args.instruct_n} attribute-drill samples, "
+        budget = (f"align {args.align_n} caption samples, instruct {args.instruct_n} samples of "
+                  f"{' + '.join(args.instruct_tasks)}, "
                   f"batch {args.batch_size}, bf16, bridge only (encoder and LLM frozen; a fusion bridge's align "
                   f"stage trains its projector only); test n={args.eval_n} per task; per-bridge learning rates in "
                   f"`BRIDGES`; text kept: greedy answers to {len(TEXT_QUESTIONS)} text-only questions identical "

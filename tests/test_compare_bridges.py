@@ -46,7 +46,8 @@ def test_every_bridge_trains_at_the_same_budget_and_lands_in_one_table(compare, 
     tokens = {name: summary["visual_tokens"] for name, summary in summaries.items()}
     # tiny CLIP: 16x16 image, 4x4 patches → 16 tokens; pool 2x2 → 4; the query bridges → QUERIES
     assert tokens == {"mlp": 16, "pooled_mlp": 4, "perceiver": compare.QUERIES, "qformer": compare.QUERIES,
-                      "qwen_resampler": compare.QUERIES, "visual_expert": 16, "mma": 16, "moe": 16}
+                      "qwen_resampler": compare.QUERIES, "visual_expert": 16, "mma": 16, "moe": 16,
+                      "gated_xattn": 1}  # one <image> token; its latents are read by cross-attention
     for name, summary in summaries.items():
         assert summary["steps"] == 4, name  # 8 + 8 samples at batch 4: the same steps for every bridge
         assert summary["trainable_parameters"] > 0
@@ -123,3 +124,27 @@ def test_attribute_breakdown_splits_by_kind_and_object_count(make_model, monkeyp
         key = (breakdown.question_kind(record["conversations"][0]["value"], golds[index]),
                len(record["scene"]["objects"]))
         assert key in counts
+
+
+def test_instruct_tasks_shots_and_a_named_section(compare, tiny_recipe):
+    root, recipe = tiny_recipe
+    results = root / "RESULTS-flamingo.md"
+    out = root / "flamingo"
+    argv = ["--recipe", recipe, "--bridges", "mlp", "gated_xattn", "--align-n", "4", "--instruct-n", "4",
+            "--batch-size", "2", "--eval-n", "2", "--tasks", "attribute", "video", "--instruct-tasks",
+            "attribute_drill", "video", "--shots", "1", "--max-length", "600", "--section", "flamingo",
+            "--out", str(out), "--results", str(results), "--no-progress"]
+    assert compare.main(argv) == 0
+    summary = json.loads((out / "gated_xattn" / "summary.json").read_text())
+    stages = summary["settings"]["run"]["stages"]
+    assert [source["miniworld"]["task"] for source in stages[1]["data"]["sources"]] == ["attribute_drill", "video"]
+    assert [source["miniworld"]["n"] for source in stages[1]["data"]["sources"]] == [2, 2]
+    assert summary["settings"]["run"]["processor"]["max_length"] == 600
+    assert set(summary["accuracy"]) == {"attribute", "attribute:compositional", "video", "attribute (1-shot)",
+                                        "attribute:compositional (1-shot)"}
+    text = results.read_text()
+    begin, end = compare.markers("flamingo")
+    section = text[text.index(begin):text.index(end)]
+    header = [line for line in section.splitlines() if line.startswith("| bridge")][0]
+    assert "attribute (1-shot)" in header and "video" in header
+    assert "| *blind (no image)* |" in section and "attribute_drill + video" in section
