@@ -375,3 +375,15 @@ def test_cli_eval_shots_names_its_results_file(make_model, tmp_path, monkeypatch
     assert main(["eval", "--model", model_dir, "--suite", "handmade", "--tasks", "existence", "--shots", "9",
                  "--no-progress"]) == 2
     assert "9 shots asked for but the pool holds 3 samples" in capsys.readouterr().err
+
+
+def test_several_formats_also_get_one_sample_weighted_accuracy(make_model, monkeypatch) -> None:
+    model = make_model()
+    monkeypatch.setattr(model, "generate", fixed_generate(model, lambda prompt: "red"))
+    pairs = [make_pair("short", "What colour?", "red"), make_pair("short", "Which colour?", "red"),
+             make_pair("yesno", "Is it red?", "no")]  # "red" is right twice, wrong once
+    entry = harness.evaluate(model, pairs, progress=False)
+    assert entry["short/accuracy"] == 1.0 and entry["yesno/accuracy"] == 0.0
+    assert entry["accuracy"] == pytest.approx(2 / 3)
+    with_caption = harness.evaluate(model, mixed_pairs(), progress=False)
+    assert "accuracy" not in with_caption  # a caption scores CIDEr, not accuracy: no headline to weigh

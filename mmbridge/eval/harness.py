@@ -233,7 +233,7 @@ def evaluate(model: nn.Module, pairs: list[Pair], spec: TaskSpec | None = None, 
     """Score one task: ``{metric: float, ..., "n", "prompt_example", "max_new_tokens", "data_hash", "predictions"}``.
 
     Samples are grouped by answer format; with several formats, metric names get a
-    ``format/`` prefix. ``blind`` removes the image placeholders and passes no pixels.
+    ``format/`` prefix and ``accuracy`` is their sample-weighted mean (when every format has one). ``blind`` removes the image placeholders and passes no pixels.
     ``shots`` gives, per sample, the solved examples shown before it (:func:`choose_shots`).
     """
     if not pairs:
@@ -257,6 +257,9 @@ def evaluate(model: nn.Module, pairs: list[Pair], spec: TaskSpec | None = None, 
             entry.update({prefix + name: float(value) for name, value in scores.items()})
             examples[answer_format], budgets[answer_format] = example, spec.new_tokens(answer_format)
             records += group_records
+    if len(groups) > 1 and all(f"{name}/accuracy" in entry for name in groups):  # one headline over the formats
+        entry["accuracy"] = sum(entry[f"{name}/accuracy"] * len(group) for name, (group, _) in groups.items()) \
+            / len(pairs)
     entry.update({"n": len(pairs), "prompt_example": next(iter(examples.values())) if len(examples) == 1 else examples,
                   "max_new_tokens": budgets, "data_hash": samples_hash(pairs), "predictions": records})
     if spec.likelihood and "mc" in groups:
