@@ -469,9 +469,9 @@ class Processor:
         input_ids = self._truncate_prompt(input_ids, sample_id)
         labels = labels[:len(input_ids)]
         if all(label == IGNORE_INDEX for label in labels):
-            raise SampleError(f"sample {sample_id!r}: no assistant token is left to train on within max_length "
-                              f"{self.max_length} (the sample has no answer or it was truncated away)",
-                              sample_id, "no_labels")
+            raise SampleError(f"sample {sample_id!r}: no labelled token (an assistant reply, or any text of a "
+                              f"document) is left to train on within max_length {self.max_length} (the sample has "
+                              f"none or it was truncated away)", sample_id, "no_labels")
         return input_ids, labels
 
     def _truncate_prompt(self, input_ids: list[int], sample_id: str) -> list[int]:

@@ -100,7 +100,8 @@ class GatedCrossAttentionBlock(nn.Module):
             attended = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))  # [B, L, D]
             attended = attended * layout["sees_image"][..., None].to(attended.dtype)  # no image yet: nothing read
             hidden = hidden + torch.tanh(self.alpha_attn).to(hidden.dtype) * attended.to(hidden.dtype)
-        dense = self.down_proj(self.act(self.gate_proj(self.ff_norm(hidden))) * self.up_proj(self.ff_norm(hidden)))
+        normed = self.ff_norm(hidden)
+        dense = self.down_proj(self.act(self.gate_proj(normed)) * self.up_proj(normed))
         return hidden + torch.tanh(self.alpha_ff).to(hidden.dtype) * dense.to(hidden.dtype)
 
     def keys_values(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
