@@ -357,15 +357,18 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     ``max_new_tokens``. ``streamer(tokens)`` receives each step's ``[B]`` ids.
     """
     bridge_inputs = {key[len("bridge_"):]: settings.pop(key) for key in list(settings) if key.startswith("bridge_")}
+    image_attention_mask = settings.pop("image_attention_mask", None)  # transformers' IDEFICS layout
     config = resolve_config(model, generation_config, **settings)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids)
     with torch.inference_mode(), eval_mode(model):
-        return _decode(model, input_ids, attention_mask, pixel_values, streamer, config, bridge_inputs)
+        return _decode(model, input_ids, attention_mask, pixel_values, streamer, config, bridge_inputs,
+                       image_attention_mask)
 
 
 def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             pixel_values: torch.Tensor | None, streamer: Streamer | None,
-            config: GenerationConfig, bridge_inputs: dict[str, Any]) -> torch.LongTensor:
+            config: GenerationConfig, bridge_inputs: dict[str, Any],
+            image_attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
     """The decoding loop behind :func:`generate` (already under inference mode and eval mode)."""
     batch, device = input_ids.shape[0], input_ids.device
     if config.max_new_tokens == 0:
@@ -376,6 +379,8 @@ def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     run_class = _EncoderDecoderRun if getattr(model.llm, "is_encoder_decoder", False) else _Decoder
     decoder = run_class(model, input_ids, attention_mask, pixel_values, config.use_cache, bridge_inputs,
                         config.max_new_tokens)
+    if image_attention_mask is not None:  # read by gated cross-attention at the prefill and every step
+        decoder.context = {**getattr(decoder, "context", {}), "image_attention_mask": image_attention_mask}
     logits = decoder.prefill()  # [B, V]
     banned = _banned_ids(model, logits.shape[-1])
     eos_ids = _eos_tensor(config, logits.shape[-1], device)

@@ -161,14 +161,18 @@ class MultimodalModel(nn.Module):
 
         The encoder runs without autograd when none of its parameters train.
         """
+        if pixel_values.dim() == 5:  # [B, N_images, 3, H, W], as transformers' IDEFICS takes them
+            pixel_values = pixel_values.flatten(0, 1)
         vision_trains = any(parameter.requires_grad for parameter in self.vision.parameters())
         with torch.set_grad_enabled(vision_trains and torch.is_grad_enabled()):
             features = self.vision(pixel_values)  # [n, N, D_v]
         return self.bridge(features, **context)  # [n, M, D]
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_tokens: torch.Tensor | None = None, bridge_inputs: dict[str, Any] | None = None) -> torch.Tensor:
-        """Token embeddings with the visual tokens written at the ``<image>`` positions, ``[B, L, D]``."""
+              image_tokens: torch.Tensor | None = None, bridge_inputs: dict[str, Any] | None = None,
+              slots_given: bool = False) -> torch.Tensor:
+        """Token embeddings with the visual tokens written at the ``<image>`` positions, ``[B, L, D]``.
+        ``slots_given``: images come in per-row slots (an ``image_attention_mask``), not one per ``<image>``."""
         image_mask = input_ids == self.image_token_id  # [B, L]
         embeds = self.llm.embed_tokens(input_ids.masked_fill(image_mask, 0))
         slots = int(image_mask.sum())
@@ -179,7 +183,7 @@ class MultimodalModel(nn.Module):
                 raise ValueError(f"input_ids hold {slots} <image> token positions but no pixel_values were given")
             return embeds
         if isinstance(self.bridge, FusionBridge) and not self.bridge.splices_tokens:
-            if image_tokens.shape[0] != slots:
+            if image_tokens.shape[0] != slots and not slots_given:
                 raise ValueError(f"input_ids hold {slots} <image> token(s) but {image_tokens.shape[0]} image(s) were "
                                  f"given")
             return self.bridge.embed_markers(input_ids, embeds, image_mask)
@@ -195,14 +199,17 @@ class MultimodalModel(nn.Module):
                 image_tokens: torch.Tensor | None = None, return_logits: str = "all",
                 context: dict[str, Any] | None = None, image_features: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                encoder_hidden: torch.Tensor | None = None, **bridge_inputs: Any) -> MultimodalOutput:
+                encoder_hidden: torch.Tensor | None = None, image_attention_mask: torch.Tensor | None = None,
+                **bridge_inputs: Any) -> MultimodalOutput:
         """LLaVA-compatible forward (and BLIP-2-FlanT5-compatible with an encoder–decoder LLM).
 
         ``return_logits``: ``"all"`` (``[B, L, V]``, as transformers), ``"last"`` (``[B, 1, V]``,
         for decoding) or ``"none"`` (training: only the loss). ``image_tokens`` may replace
         ``pixel_values`` with bridge outputs computed elsewhere (decoding); ``image_features``
         (``[n_images, N, D_v]``, vision-encoder outputs, e.g. from a feature cache) skip the
-        encoder and go through the bridge.
+        encoder and go through the bridge. ``image_attention_mask`` ``[B, L, N]`` with ``pixel_values``
+        ``[B, N, 3, H, W]`` (transformers' IDEFICS tensors; gated cross-attention) says which image slots
+        each position reads, in place of the ``<image>`` tokens' φ layout.
         ``context`` is per-call data for modules inside the LLM (fusion bridges); they read it,
         together with ``image_mask`` (``[B, L]``, True at visual tokens), from ``llm.context``.
         Keyword inputs named ``bridge_<name>`` (per-image tensors a batch carries, e.g. the
@@ -237,8 +244,13 @@ class MultimodalModel(nn.Module):
             input_ids = self._needs_ids(input_ids)
             if image_tokens is None and pixel_values is not None and pixel_values.shape[0] > 0:
                 image_tokens = self.encode_images(pixel_values, **bridge_kwargs)  # [n, M, D]
-            embeds = self.embed(input_ids, pixel_values, image_tokens, bridge_kwargs)
+            if image_attention_mask is None:  # decoding passes it in the context
+                image_attention_mask = (context or {}).get("image_attention_mask")
+            embeds = self.embed(input_ids, pixel_values, image_tokens, bridge_kwargs,
+                                slots_given=image_attention_mask is not None)
             call_context = self.call_context(input_ids, attention_mask, context)
+            if image_attention_mask is not None:
+                call_context["image_attention_mask"] = image_attention_mask
             if image_tokens is not None and "visual_tokens" not in call_context:
                 call_context["visual_tokens"] = image_tokens  # read by bridges that do not splice them in
             if position_ids is None and isinstance(self.bridge, FusionBridge):

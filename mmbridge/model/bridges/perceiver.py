@@ -10,6 +10,11 @@ Keys and values are the features *and* the latents, as in the paper. Features fi
 linear input projection to ``hidden_dim`` (default ``min(LLM width, 1024)``); the latents leave
 through a LayerNorm and a linear map to the LLM width.
 
+IDEFICS' layout (for :mod:`mmbridge.interop.idefics`) is a matter of options: ``head_dim`` apart from
+``hidden_dim / heads``, ``activation: relu``, and ``project: false`` — no input or output projection,
+the latents stay at the encoder's width (``output_dim``), for a consumer that maps them itself
+(gated cross-attention's keys and values).
+
 Video: ``forward`` takes ``[B, N, D_v]`` (one frame) or ``[B, T, N, D_v]`` with ``T ≤ max_frames``;
 a learned temporal embedding is added to every feature of frame ``t`` and time × space is flattened
 before the latents attend, so frame order changes the output. ``num_tokens(N) == num_latents``.
@@ -39,23 +44,27 @@ class PerceiverConfig:
     hidden_dim: int | None = None
     ff_mult: int = 4
     max_frames: int = 8
+    head_dim: int | None = None  # None: hidden_dim // heads
+    activation: str = "gelu"  # the FFN's: gelu (Flamingo) or relu (IDEFICS)
+    project: bool = True  # False: no input/output projection; hidden_dim is the encoder's width, and so is the output
 
 
 class PerceiverAttention(nn.Module):
     """Multi-head attention from normalised latents to ``concat(normalised features, normalised latents)``."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int | None = None) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"perceiver hidden_dim {dim} must be divisible by heads ({heads})")
+        if head_dim is None and dim % heads:
+            raise ValueError(f"perceiver hidden_dim {dim} must be divisible by heads ({heads}), or give head_dim")
         self.heads = heads
+        inner = heads * (head_dim or dim // heads)
         self.norm_media = nn.LayerNorm(dim)
         self.norm_latents = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def split_heads(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, L, H] -> [B, heads, L, H/heads]
+    def split_heads(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, L, inner] -> [B, heads, L, inner/heads]
         batch, length, width = tokens.shape
         return tokens.reshape(batch, length, self.heads, width // self.heads).transpose(1, 2)
 
@@ -69,19 +78,25 @@ class PerceiverAttention(nn.Module):
         return self.to_out(attended.transpose(1, 2).flatten(2))  # [B, L, H]
 
 
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    """Flamingo's FFN: ``LN → Linear(dim, mult·dim) → GELU → Linear(mult·dim, dim)``, bias-free."""
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mult * dim, bias=False), nn.GELU(),
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def feed_forward(dim: int, mult: int, activation: str = "gelu") -> nn.Sequential:
+    """Flamingo's FFN: ``LN → Linear(dim, mult·dim) → GELU (or ReLU) → Linear(mult·dim, dim)``, bias-free."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"perceiver activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mult * dim, bias=False), ACTIVATIONS[activation](),
                          nn.Linear(mult * dim, dim, bias=False))
 
 
 class PerceiverLayer(nn.Module):
     """One resampler layer: residual cross-attention, then residual FFN."""
 
-    def __init__(self, dim: int, heads: int, ff_mult: int) -> None:
+    def __init__(self, dim: int, heads: int, ff_mult: int, head_dim: int | None = None,
+                 activation: str = "gelu") -> None:
         super().__init__()
-        self.attention = PerceiverAttention(dim, heads)
-        self.feed_forward = feed_forward(dim, ff_mult)
+        self.attention = PerceiverAttention(dim, heads, head_dim)
+        self.feed_forward = feed_forward(dim, ff_mult, activation)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:  # [B, S, H], [B, L, H] -> [B, L, H]
         latents = latents + self.attention(media, latents)  # [B, L, H]
@@ -94,7 +109,8 @@ class PerceiverResampler(Bridge):
     takes_video = True  # the processor may send a video's frames as one media (``media_frames``)
 
     def __init__(self, in_dim: int, out_dim: int, num_latents: int, depth: int, heads: int, hidden_dim: int,
-                 ff_mult: int, max_frames: int) -> None:
+                 ff_mult: int, max_frames: int, head_dim: int | None = None, activation: str = "gelu",
+                 project: bool = True) -> None:
         super().__init__()
         for name, value in (("num_latents", num_latents), ("depth", depth), ("ff_mult", ff_mult),
                             ("max_frames", max_frames)):
@@ -102,14 +118,18 @@ class PerceiverResampler(Bridge):
                 raise ValueError(f"perceiver {name} must be >= 1, got {value}")
         self.num_latents = num_latents
         self.max_frames = max_frames
-        self.input_proj = nn.Linear(in_dim, hidden_dim)
+        if not project:
+            hidden_dim = out_dim = in_dim
+        self.output_dim = out_dim
+        self.input_proj = nn.Linear(in_dim, hidden_dim) if project else nn.Identity()
         self.latents = nn.Parameter(torch.empty(num_latents, hidden_dim))
         self.time_embeddings = nn.Parameter(torch.empty(max_frames, hidden_dim))
         nn.init.normal_(self.latents, std=0.02)
         nn.init.normal_(self.time_embeddings, std=0.02)
-        self.layers = nn.ModuleList(PerceiverLayer(hidden_dim, heads, ff_mult) for _ in range(depth))
+        self.layers = nn.ModuleList(PerceiverLayer(hidden_dim, heads, ff_mult, head_dim, activation)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(hidden_dim)
-        self.output_proj = nn.Linear(hidden_dim, out_dim)
+        self.output_proj = nn.Linear(hidden_dim, out_dim) if project else nn.Identity()
 
     def num_tokens(self, num_features: int) -> int:
         return self.num_latents
@@ -149,4 +169,4 @@ class PerceiverResampler(Bridge):
 def build_perceiver(cfg: PerceiverConfig, in_dim: int, out_dim: int) -> PerceiverResampler:
     hidden_dim = cfg.hidden_dim or min(out_dim, DEFAULT_MAX_HIDDEN)
     return PerceiverResampler(in_dim, out_dim, cfg.num_latents, cfg.depth, cfg.heads, hidden_dim, cfg.ff_mult,
-                              cfg.max_frames)
+                              cfg.max_frames, cfg.head_dim, cfg.activation, cfg.project)

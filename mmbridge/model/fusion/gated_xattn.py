@@ -49,7 +49,7 @@ class GatedXAttnConfig:
     intermediate_size: int | None = None
     attend: str = "last"
     alpha_init: float = 0.0
-    chunk_token: str = CHUNK_TOKEN
+    chunk_token: str | None = CHUNK_TOKEN  # None: no chunk token (IDEFICS has none)
 
 
 class RMSNorm(nn.Module):
@@ -71,14 +71,15 @@ class GatedCrossAttentionBlock(nn.Module):
     """One GATED XATTN-DENSE block: cross-attention to the latents and a SwiGLU FFW, each behind a tanh gate."""
 
     def __init__(self, dim: int, heads: int, intermediate: int, activation: str, eps: float, alpha_init: float,
-                 bridge: "GatedXAttnBridge", key: str) -> None:
+                 bridge: "GatedXAttnBridge", key: str, kv_dim: int | None = None) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"gated_xattn: width {dim} is not divisible by {heads} heads")
         self.heads, self.head_dim = heads, dim // heads
         self.attn_norm = RMSNorm(dim, eps)
-        self.q_proj, self.k_proj = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
-        self.v_proj, self.o_proj = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        kv_dim = kv_dim or dim  # the latents' width (the resampler's output)
+        self.q_proj, self.k_proj = nn.Linear(dim, dim, bias=False), nn.Linear(kv_dim, dim, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(kv_dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
         self.ff_norm = RMSNorm(dim, eps)
         self.gate_proj = nn.Linear(dim, intermediate, bias=False)
         self.up_proj = nn.Linear(dim, intermediate, bias=False)
@@ -152,7 +153,7 @@ class GatedXAttnBridge(FusionBridge):
 
     def _attach(self, llm: nn.Module) -> None:
         config = llm.config
-        self.chunk_token_id = llm.add_tokens([self.cfg.chunk_token])[0]
+        self.chunk_token_id = llm.add_tokens([self.cfg.chunk_token])[0] if self.cfg.chunk_token else None
         with torch.no_grad():  # start from the mean of the LLM's rows, as a resized embedding would
             self.marker_embeddings.weight.copy_(llm.model.get_input_embeddings().weight.float().mean(0))
         heads = self.cfg.heads or config.num_attention_heads
@@ -160,16 +161,17 @@ class GatedXAttnBridge(FusionBridge):
         eps = getattr(config, "rms_norm_eps", 1e-6)
         activation = getattr(config, "hidden_act", "silu")
         decoder_layers = llm.decoder_layers()
+        kv_dim = getattr(self.projector, "output_dim", llm.hidden_size)
         for index in selected_layers(llm, self.cfg.layers, self.cfg.every, where="gated_xattn"):
             block = GatedCrossAttentionBlock(llm.hidden_size, heads, intermediate, activation, eps,
-                                             self.cfg.alpha_init, self, key=str(index))
+                                             self.cfg.alpha_init, self, key=str(index), kv_dim=kv_dim)
             self.blocks[str(index)] = block
             decoder_layers[index].register_forward_pre_hook(block.pre_hook, with_kwargs=True)
 
     # -- the sequence -----------------------------------------------------------------------------
     def embed_markers(self, input_ids: torch.Tensor, embeds: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         """Write the bridge's own ``<image>`` and ``<|endofchunk|>`` embeddings into ``embeds`` ``[B, L, D]``."""
-        chunk_mask = input_ids == self.chunk_token_id
+        chunk_mask = input_ids == self.chunk_token_id if self.chunk_token_id is not None else torch.zeros_like(image_mask)
         markers = chunk_mask.long()  # 0 at <image>, 1 at <|endofchunk|>
         replace = (image_mask | chunk_mask).unsqueeze(-1)
         return torch.where(replace, self.marker_embeddings(markers).to(embeds.dtype), embeds)
@@ -179,6 +181,26 @@ class GatedXAttnBridge(FusionBridge):
         """What decoding steps keep: the latents, each row's image count, and the keys/values memo."""
         return {"visual_tokens": image_tokens, "image_counts": image_mask.sum(-1), "xattn_memo": {}}
 
+    def idefics_layout(self, latents: torch.Tensor, image_attention_mask: torch.Tensor,
+                       length: int) -> dict[str, torch.Tensor]:
+        """The layout transformers' IDEFICS takes instead of φ: ``image_attention_mask`` ``[B, L, N]`` (1 where a
+        position reads image slot ``n`` of its row; padded slots hold any pixels and are never read) and latents
+        for ``B·N`` slots. Generated positions read as the mask's last row (as transformers' ``generate`` extends it)."""
+        batch, rows, slots = image_attention_mask.shape
+        mask = image_attention_mask.bool()
+        if rows > length:  # a cached decoding step: the new positions read as the last one
+            mask = mask[:, -1:, :].expand(batch, length, slots)
+        elif rows < length:  # the prompt and the tokens generated since, which read as its last position
+            mask = torch.cat([mask, mask[:, -1:, :].expand(batch, length - rows, slots)], dim=1)
+        if latents.shape[0] != batch * slots:
+            raise ValueError(f"image_attention_mask has {slots} image slot(s) per row for {batch} row(s) but "
+                             f"{latents.shape[0]} image(s) were given")
+        per_image = latents.shape[1]
+        sees_image = mask.any(-1)  # [B, L]
+        allowed = (mask | ~sees_image[..., None]).repeat_interleave(per_image, dim=-1)  # [B, L, N·M]
+        return {"latents": latents.reshape(batch, slots * per_image, -1), "allowed": allowed,
+                "sees_image": sees_image}
+
     def layout(self, batch: int, length: int) -> dict[str, torch.Tensor] | None:
         """This call's latents per row ``[B, I·M, D]``, which of them each position may read ``[B, L, I·M]``,
         and whether it reads any ``[B, L]``; None when no row holds an image. Computed once per call."""
@@ -187,7 +209,9 @@ class GatedXAttnBridge(FusionBridge):
             return context["xattn_layout"]
         latents, image_mask = context.get("visual_tokens"), context.get("image_mask")
         layout = None
-        if latents is not None and latents.shape[0] > 0 and image_mask is not None:
+        if latents is not None and latents.shape[0] > 0 and context.get("image_attention_mask") is not None:
+            layout = self.idefics_layout(latents, context["image_attention_mask"], length)
+        elif latents is not None and latents.shape[0] > 0 and image_mask is not None:
             layout = self._build_layout(latents, image_mask, context.get("image_counts"))
         context["xattn_layout"] = layout
         return layout
