@@ -56,7 +56,7 @@ from mmbridge.model.lora import LoraSpec, inject_lora
 from mmbridge.model.multimodal import ModelConfig, MultimodalModel
 from mmbridge.testing import tiny_tokenizer
 from mmbridge.train.precision import bf16_supported, frozen_weights_in_bf16
-from mmbridge.train.recipe import StageConfig, TuneSpec, _set_trainable, apply_stage
+from mmbridge.train.recipe import StageConfig, TuneSpec, apply_stage, set_trainable
 
 IMPLS = ("transformers", "mmbridge", "mmbridge+cache")
 MODES = ("bridge", "bridge+lora")
@@ -206,8 +206,8 @@ def prepare(ours: MultimodalModel, hf_model: nn.Module, mode: str) -> tuple[Mult
         torch.manual_seed(1)
         inject_lora(hf_model.model.language_model, LORA)
     for key, module in hf_parts(hf_model).items():
-        _set_trainable(module, TuneSpec(mode={"bridge": "full", "llm": "lora" if mode == "bridge+lora" else "frozen"}
-                                        .get(key, "frozen")))
+        set_trainable(module, TuneSpec(mode={"bridge": "full", "llm": "lora" if mode == "bridge+lora" else "frozen"}
+                                       .get(key, "frozen")))
     ours.train()
     hf_model.train()
     ours.vision.eval()  # frozen encoders run in eval mode on both sides (no dropout either way)

@@ -125,7 +125,7 @@ def text_answers(model: MultimodalModel, questions: list[str] = TEXT_QUESTIONS, 
 def parameter_summary(model: MultimodalModel) -> dict[str, int]:
     """Trainable (the bridge: only it trains here), total, and active per token."""
     total = sum(parameter.numel() for parameter in model.parameters())
-    idle = model.bridge.inactive_parameters_per_token() if hasattr(model.bridge, "inactive_parameters_per_token") else 0
+    idle = model.inactive_parameters_per_token()
     return {"trainable": sum(parameter.numel() for parameter in model.bridge.parameters()), "total": total,
             "active": total - idle}
 

@@ -130,7 +130,7 @@ def info_text(model) -> str:
     for key in MODULE_KEYS:
         lines.append(f"{key:<8}{counts[key]['trainable']:>14,}{counts[key]['frozen']:>14,}")
     total = sum(counts[key]["trainable"] + counts[key]["frozen"] for key in MODULE_KEYS)
-    idle = model.bridge.inactive_parameters_per_token() if hasattr(model.bridge, "inactive_parameters_per_token") else 0
+    idle = model.inactive_parameters_per_token()
     lines.append(f"total {total:,}; active per token {total - idle:,}"
                  + (f" ({idle:,} the bridge routes around per token)" if idle else ""))
     return "\n".join(lines)

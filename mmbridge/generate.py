@@ -233,7 +233,7 @@ class _Decoder:
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None, use_cache: bool, bridge_inputs: dict[str, Any],
-                 max_new_tokens: int) -> None:
+                 max_new_tokens: int, image_attention_mask: torch.Tensor | None = None) -> None:
         self.model = model
         self.use_cache = use_cache
         self.sequence = input_ids  # [B, L]; grows only without the cache
@@ -248,7 +248,8 @@ class _Decoder:
         if pixel_values is not None and pixel_values.shape[0] > 0:  # encoded once, whatever the mode
             self.image_tokens = model.encode_images(pixel_values, **bridge_inputs)  # [n, M, D]
         self.cache: Any = preallocated_cache(model, length + max_new_tokens) if use_cache else None
-        self.context = model.decode_context(input_ids, attention_mask, self.image_tokens)  # for every call
+        self.context = model.decode_context(input_ids, attention_mask, self.image_tokens,  # for every call
+                                            image_attention_mask)
         self.prompt_positions = model.position_ids(input_ids, attention_mask)  # [B, L]
         self.next_position = self.prompt_positions[:, -1:] + 1  # [B, 1]
         self.fast = fast_step_decoder(model) if use_cache else None
@@ -311,7 +312,9 @@ class _EncoderDecoderRun:
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None, use_cache: bool, bridge_inputs: dict[str, Any],
-                 max_new_tokens: int) -> None:
+                 max_new_tokens: int, image_attention_mask: torch.Tensor | None = None) -> None:
+        if image_attention_mask is not None:
+            raise ValueError("image_attention_mask is for gated cross-attention; an encoder-decoder LLM takes none")
         self.model, self.use_cache = model, use_cache
         self.input_ids, self.encoder_mask = input_ids, attention_mask  # [B, L], the encoder's
         self.image_tokens = None
@@ -378,9 +381,7 @@ def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
     run_class = _EncoderDecoderRun if getattr(model.llm, "is_encoder_decoder", False) else _Decoder
     decoder = run_class(model, input_ids, attention_mask, pixel_values, config.use_cache, bridge_inputs,
-                        config.max_new_tokens)
-    if image_attention_mask is not None:  # read by gated cross-attention at the prefill and every step
-        decoder.context = {**getattr(decoder, "context", {}), "image_attention_mask": image_attention_mask}
+                        config.max_new_tokens, image_attention_mask)
     logits = decoder.prefill()  # [B, V]
     banned = _banned_ids(model, logits.shape[-1])
     eos_ids = _eos_tensor(config, logits.shape[-1], device)

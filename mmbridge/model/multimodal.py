@@ -280,12 +280,19 @@ class MultimodalModel(nn.Module):
         return {"image_mask": image_mask, "attention_mask": attention_mask, **derived, **(context or {})}
 
     def decode_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       image_tokens: torch.Tensor | None = None) -> dict[str, Any]:
-        """What a fusion bridge needs at every call of one ``generate`` run, from the prompt ``[B, L]`` and its
-        encoded images (empty for other bridges)."""
+                       image_tokens: torch.Tensor | None = None,
+                       image_attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """What a fusion bridge needs at every call of one ``generate`` run, from the prompt ``[B, L]``, its
+        encoded images and (IDEFICS' layout) ``image_attention_mask`` (empty for other bridges)."""
         if not isinstance(self.bridge, FusionBridge):
+            if image_attention_mask is not None:
+                raise ValueError("image_attention_mask is for gated cross-attention bridges (IDEFICS' layout); "
+                                 f"this model's bridge is {type(self.bridge).__name__}")
             return {}
-        return self.bridge.decode_context(input_ids == self.image_token_id, attention_mask, image_tokens)
+        context = self.bridge.decode_context(input_ids == self.image_token_id, attention_mask, image_tokens)
+        if image_attention_mask is not None:
+            context["image_attention_mask"] = image_attention_mask
+        return context
 
     def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Position ids ``[B, L]`` for a (left-padded) prompt: the bridge's (CogVLM: one per image) or the
@@ -365,6 +372,10 @@ class MultimodalModel(nn.Module):
             key = name.split(".", 1)[0]
             counts[key]["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
         return counts
+
+    def inactive_parameters_per_token(self) -> int:
+        """Parameters one token does not use (a fusion bridge's idle experts or bypassed originals; else 0)."""
+        return self.bridge.inactive_parameters_per_token() if isinstance(self.bridge, FusionBridge) else 0
 
     # -- save / load ---------------------------------------------------------------------------
     def export_config(self) -> ModelConfig:

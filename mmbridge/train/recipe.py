@@ -134,14 +134,16 @@ def apply_stage(model: MultimodalModel, stage: StageConfig, log: bool = True) ->
         module = model.get_submodule(key)
         if spec.mode == "lora" and not has_lora(module):
             model.add_lora(key, spec.lora_spec())
-        _set_trainable(module, spec, where=f"stage '{stage.name}' train.{key}")
+        set_trainable(module, spec, where=f"stage '{stage.name}' train.{key}")
     rows = parameter_table(model, stage)
     if log:
         logger.info("stage '%s'\n%s", stage.name, format_table(rows))
     return rows
 
 
-def _set_trainable(module: nn.Module, spec: TuneSpec, where: str = "train") -> None:
+def set_trainable(module: nn.Module, spec: TuneSpec, where: str = "train") -> None:
+    """One module's ``requires_grad`` as ``spec`` says (:func:`apply_stage` calls it per key; benchmarks call it on
+    a transformers peer model so both train the same parameters)."""
     module.requires_grad_(spec.mode == "full" and not spec.only)
     if spec.only:
         _train_only(module, spec.only, where)

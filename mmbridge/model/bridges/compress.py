@@ -29,11 +29,7 @@ import torch
 from torch import nn
 
 from mmbridge.model.bridges.base import BRIDGES, Bridge, build_bridge
-
-
-def default_projector() -> dict:
-    """LLaVA-1.5's ``mlp2x_gelu`` projector spec."""
-    return {"type": "mlp", "depth": 2, "activation": "gelu"}
+from mmbridge.model.bridges.mlp import default_projector
 
 
 @dataclass

@@ -21,6 +21,11 @@ from transformers.activations import ACT2FN
 from mmbridge.model.bridges.base import BRIDGES, Bridge
 
 
+def default_projector() -> dict:
+    """LLaVA-1.5's ``mlp2x_gelu`` projector spec (the default of bridges that take a ``projector``)."""
+    return {"type": "mlp", "depth": 2, "activation": "gelu"}
+
+
 @dataclass
 class LinearBridgeConfig:
     type: str = "linear"

@@ -28,7 +28,6 @@ outside the model's forward, without context) to stay off.
 from __future__ import annotations
 
 import abc
-import copy
 from typing import Any
 
 import torch
@@ -121,13 +120,6 @@ def submodule(layer: nn.Module, name: str, index: int, where: str) -> nn.Module:
         known = sorted(child for child, _ in layer.named_modules() if child)
         raise ValueError(f"{where}: decoder layer {index} ({type(layer).__name__}) has no submodule {name!r}; "
                          f"it has {known[:12]}") from None
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` (an LLM submodule) for the bridge to own; stages decide what trains."""
-    copied = copy.deepcopy(module)
-    copied.requires_grad_(False)
-    return copied
 
 
 def projector_of(spec: Any, in_dim: int, out_dim: int) -> Bridge:

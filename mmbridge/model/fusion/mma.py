@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mmbridge.model.bridges.base import BRIDGES
+from mmbridge.model.bridges.mlp import default_projector
 from mmbridge.model.fusion.base import FusionBridge, projector_of, selected_layers, submodule
 
 TEXT_ONLY, WITH_IMAGE = 0, 1
@@ -37,7 +38,7 @@ class MMAConfig:
     """``sites``: layer submodules whose input is adapted; ``layers``: which decoder layers (None: all)."""
 
     type: str = "mma"
-    projector: Any = field(default_factory=lambda: {"type": "mlp", "depth": 2, "activation": "gelu"})
+    projector: Any = field(default_factory=default_projector)
     rank: int = 8
     paths: int = 2
     temperature: float = 10.0  # LaVIN's router temperature

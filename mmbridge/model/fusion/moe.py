@@ -24,6 +24,7 @@ model gives the LLM's output (the renormalised weights sum to one).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,8 @@ import torch
 from torch import nn
 
 from mmbridge.model.bridges.base import BRIDGES
-from mmbridge.model.fusion.base import FusionBridge, frozen_copy, projector_of, selected_layers, submodule
+from mmbridge.model.bridges.mlp import default_projector
+from mmbridge.model.fusion.base import FusionBridge, projector_of, selected_layers, submodule
 
 STARTS = ("moe", "dense")
 
@@ -41,7 +43,7 @@ class MoEConfig:
     """``layers`` (None: every ``every``-th layer from the first), ``ffn``: the FFN's path inside a layer."""
 
     type: str = "moe"
-    projector: Any = field(default_factory=lambda: {"type": "mlp", "depth": 2, "activation": "gelu"})
+    projector: Any = field(default_factory=default_projector)
     num_experts: int = 4
     top_k: int = 2
     layers: list[int] | None = None
@@ -58,7 +60,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.router = nn.Linear(dim, cfg.num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=0.02)
-        self.experts = nn.ModuleList(frozen_copy(dense) for _ in range(cfg.num_experts))
+        self.experts = nn.ModuleList(copy.deepcopy(dense) for _ in range(cfg.num_experts))
         self.top_k = cfg.top_k
         self.__dict__["bridge"] = bridge  # referenced for the call's context, not registered
 

@@ -19,6 +19,7 @@ skip the experts. The cost is the original's work on visual positions, done and 
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from mmbridge.model.bridges.base import BRIDGES
-from mmbridge.model.fusion.base import (FusionBridge, frozen_copy, image_positions, projector_of, selected_layers,
+from mmbridge.model.fusion.base import (FusionBridge, image_positions, projector_of, selected_layers,
                                         shared_image_positions, submodule)
 
 
@@ -49,7 +50,7 @@ class LayerExperts(nn.Module):
 
     def __init__(self, originals: dict[str, nn.Module], bridge: "VisualExpertBridge") -> None:
         super().__init__()
-        self.experts = nn.ModuleDict({name: frozen_copy(module) for name, module in originals.items()})
+        self.experts = nn.ModuleDict({name: copy.deepcopy(module) for name, module in originals.items()})
         self.__dict__["bridge"] = bridge  # referenced for the call's context, not registered
 
     def route(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
