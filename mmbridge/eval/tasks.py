@@ -259,7 +259,7 @@ def load_miniworld(task: str, split: str, n: int, seed: int) -> list[Pair]:
     except ModuleNotFoundError as error:
         if not (error.name or "").startswith("mmbridge.worlds"):
             raise
-        raise ValueError("the 'miniworld' suite needs mmbridge.worlds.miniworld, which is not available") from error
+        raise ValueError("the MiniWorld suites need mmbridge.worlds.miniworld, which is not available") from error
     if task not in world.TASKS:
         raise ValueError(f"MiniWorld has no task {task!r}; known: {sorted(world.TASKS)}")
     return [world.make_sample(task, split, index, seed) for index in range(n)]
@@ -279,7 +279,14 @@ MINIWORLD = Suite("miniworld", (
     TaskSpec("video"),
 ), load_miniworld)
 
-SUITES: dict[str, Suite] = {"miniworld": MINIWORLD}
+# Small objects and small text on 896–1024 px canvases, for comparing high-resolution strategies (AnyRes, UHD,
+# Monkey, Fuyu); a suite of its own because these large images would slow the default one.
+HIGHRES = Suite("highres", (
+    TaskSpec("small_objects"),
+    TaskSpec("small_text"),
+), load_miniworld)
+
+SUITES: dict[str, Suite] = {"miniworld": MINIWORLD, "highres": HIGHRES}
 
 
 def get_suite(name: str) -> Suite:
