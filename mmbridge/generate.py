@@ -432,10 +432,12 @@ def chat(model: nn.Module, prompt: str, images: list, history: list[dict] | None
     """
     processor = model.processor()
     device = _model_device(model)
-    input_ids = processor.prompt(prompt, num_images=len(images), history=history).to(device).unsqueeze(0)  # [1, L]
-    pixel_values = processor.encode_images(images).to(device) if images else None  # [n, 3, H, W]
-    bridge_inputs = {key: value.to(device)
-                     for key, value in processor.prompt_bridge_inputs(prompt, len(images), history).items()}
+    encoded = processor.prompt_inputs(prompt, images, history)
+    input_ids = encoded["input_ids"].to(device).unsqueeze(0)  # [1, L]
+    pixel_values = encoded["pixel_values"].to(device) if images else None  # [n, 3, H, W] (or crops)
+    bridge_inputs = {key: value.to(device) for key, value in
+                     {**processor.prompt_bridge_inputs(prompt, len(images), history), **encoded}.items()
+                     if key.startswith("bridge_")}
     streamer = settings.pop("streamer", None)
     config = resolve_config(model, settings.pop("generation_config", None), **settings)
     new_tokens = generate(model, input_ids, pixel_values=pixel_values, generation_config=config,

@@ -135,8 +135,10 @@ def test_bridge_inputs_reach_the_bridge_and_unknown_arguments_fail(make_model):
     text_ids = torch.tensor([[3, 4, 5]])
     model(ids, pixel_values=torch.randn(1, 3, 16, 16), bridge_text_ids=text_ids)
     assert torch.equal(seen["text_ids"], text_ids)
-    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['image_sizes'\]"):
-        model(ids, pixel_values=torch.randn(1, 3, 16, 16), image_sizes=[(16, 16)])
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['image_grid_thw'\]"):
+        model(ids, pixel_values=torch.randn(1, 3, 16, 16), image_grid_thw=[(1, 4, 4)])
+    with pytest.raises(TypeError, match="image_sizes are for models with a high-resolution strategy"):
+        model(ids, pixel_values=torch.randn(1, 3, 16, 16), image_sizes=torch.tensor([[16, 16]]))
 
 
 def test_llm_storage_dtype_survives_save_and_reload(make_model, tmp_path):

@@ -427,7 +427,23 @@ def test_efficientnet_other_sizes_match_num_tokens(image_size, grid):
     assert tokens.shape == (1, grid * grid, 1280)
     assert encoder.num_tokens() == tokens.shape[1]
     with pytest.raises(ValueError, match="image_size"):
-        encoder(torch.zeros(1, 3, image_size + 32, image_size + 32))
+        encoder(torch.zeros(1, 3, image_size + 33, image_size + 33))
+    if image_size % 32:
+        with pytest.raises(ValueError, match="image_size"):
+            encoder(torch.zeros(1, 3, 96, 96))
+
+
+def test_efficientnet_built_at_a_multiple_of_32_takes_any_multiple_of_32_exactly():
+    """High-resolution crops: an encoder built at 64 px gives at 96x160 what one built at that size gives."""
+    small = build_vision({"type": "efficientnet_lite0", "image_size": 64, "pretrained": False})
+    large = build_vision({"type": "efficientnet_lite0", "image_size": 160, "pretrained": False})
+    large.load_state_dict(small.state_dict())
+    pixels = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        features = small(pixels)
+        large.transform.size = (96, 160)
+        assert torch.equal(features, large(pixels))
+    assert features.shape == (2, 3 * 5, 1280) and small.feature_grid(96, 160) == (3, 5)
 
 
 def test_efficientnet_export_config_round_trips_through_the_registry(lite0, lite0_64):

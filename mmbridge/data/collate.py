@@ -75,6 +75,18 @@ def _pad(rows: list[torch.Tensor], length: int, value: int, padding_side: str) -
 
 
 def _concat_images(examples: list[dict], key: str = "pixel_values") -> torch.Tensor | None:
-    """All examples' per-image rows under ``key`` in batch order (``[n, 3, H, W]`` pixels); ``None`` when none."""
+    """All examples' per-image rows under ``key`` in batch order (``[n, 3, H, W]`` pixels); ``None`` when none.
+    Rows that differ in their trailing sizes (a high-resolution strategy's crops, or their cached features) are
+    zero-padded at the end of each axis to the largest; the model knows each crop's true size from its layout."""
     images = [example[key] for example in examples if example.get(key) is not None and len(example[key])]
-    return torch.cat(images) if images else None
+    if not images:
+        return None
+    if len({tuple(image.shape[1:]) for image in images}) == 1:
+        return torch.cat(images)
+    shape = [max(image.shape[axis] for image in images) for axis in range(1, images[0].dim())]
+    padded = images[0].new_zeros(sum(len(image) for image in images), *shape)
+    start = 0
+    for image in images:
+        padded[(slice(start, start + len(image)), *[slice(0, extent) for extent in image.shape[1:]])] = image
+        start += len(image)
+    return padded

@@ -7,7 +7,9 @@ tokenize with offsets and label exactly the tokens inside those spans (the reply
 the template's end-of-turn token; system prompt, BOS, user turns, role headers and
 images stay ``IGNORE_INDEX``) → expand each ``<image>`` token to ``tokens_per_image``
 copies of the image token id → truncate from the right, never through an image →
-load and transform the images.
+load and transform the images. With a high-resolution strategy (``highres``) the expansion
+depends on each image's size: the strategy's layout gives the ids (visual slots and separators),
+the pixels are the image's crops, and the example carries ``bridge_image_sizes`` ``[n, 2]``.
 
 With an encoder–decoder LLM (``encoder_decoder=True``, BLIP-2 FlanT5) the split is different:
 ``input_ids`` are the encoder's — every turn before the last assistant reply, rendered as a
@@ -68,7 +70,8 @@ class Processor:
                  system_prompt: str | None = None, bridge_tokenizer: Any = None,
                  encoder_decoder: bool = False, prefix_lm: bool = False, template: str = "chat",
                  text: bool = True, label_all: bool = False, chunk_token: str | None = None,
-                 video_as_media: bool = False, max_video_frames: int | None = None, video_stride: int = 1) -> None:
+                 video_as_media: bool = False, max_video_frames: int | None = None, video_stride: int = 1,
+                 highres: Any = None) -> None:
         if tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be at least 1, got {tokens_per_image}")
         if max_length < 1:
@@ -101,6 +104,7 @@ class Processor:
         if video_stride < 1:
             raise ValueError(f"video_stride must be >= 1, got {video_stride}")
         self.video_as_media, self.max_video_frames, self.video_stride = bool(video_as_media), max_video_frames, video_stride
+        self.highres = highres  # a HighResStrategy: per-image layouts and crops, or None
         self._probed_suffix: str | None = None
 
     @property
@@ -131,13 +135,15 @@ class Processor:
             sample = dataclasses.replace(sample, conversation=_one_placeholder(sample.conversation, self.image_token))
             image_count = 1
         self._check_conversation(sample, image_count)
+        loaded = images if images is not None or not pixels else self.load_images(sample)
+        sizes = self._sizes(sample, loaded)
         messages = self._with_system_prompt(sample.conversation)
         if not self.text:
             input_ids, labels = [], []
         elif self.encoder_decoder:
             input_ids, labels = self._encoder_decoder_ids(messages, image_count, sample.id)
         elif self.template == "plain":
-            input_ids, labels = self._plain_ids(sample, image_count)
+            input_ids, labels = self._plain_ids(sample, image_count, sizes)
         else:
             text, spans = self._render_with_reply_spans(messages, sample.id)
             context = sample.context_turns + len(messages) - len(sample.conversation)  # + a system prompt added
@@ -145,18 +151,42 @@ class Processor:
             input_ids, labels = self._tokenize(text, spans)
             if self.label_all:  # Flamingo's objective: every text token (the model never predicts image tokens)
                 labels = list(input_ids)
-            input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id)
+            input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id, sizes)
             input_ids, labels = self._truncate(input_ids, labels, sample.id)
         example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
-                   "labels": torch.tensor(labels, dtype=torch.long), **self.bridge_text_inputs(messages)}
+                   "labels": torch.tensor(labels, dtype=torch.long), **self.bridge_text_inputs(messages),
+                   **self._size_inputs(sizes)}
         if sample.regions is not None:
             example["regions"] = sample.regions
         if self.video_as_media and image_count:
             example["bridge_media_frames"] = self.media_frames(image_count, frames)
         if pixels:
-            loaded = self.load_images(sample) if images is None else images
-            example["pixel_values"] = self.transform.batch([loaded[i] for i in frames] if frames else loaded)
+            example["pixel_values"] = self.pixel_values([loaded[i] for i in frames] if frames else loaded)
         return example
+
+    def _sizes(self, sample: Sample, loaded: list[Image.Image] | None) -> list[tuple[int, int]] | None:
+        """Each image's (height, width) when a high-resolution strategy needs them (read from the file headers
+        when the images are not loaded), else None."""
+        if self.highres is None:
+            return None
+        if loaded is None:
+            loaded = [_image_header(path, sample.id) for path in sample.images] if sample.image_loader is None \
+                else self.load_images(sample)
+        return [(image.height, image.width) for image in loaded]
+
+    @staticmethod
+    def _size_inputs(sizes: list[tuple[int, int]] | None) -> dict[str, torch.Tensor]:
+        """``{"bridge_image_sizes": [n, 2]}`` for a high-resolution model's images (none without images)."""
+        return {"bridge_image_sizes": torch.tensor(sizes, dtype=torch.long)} if sizes else {}
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        """The encoder input of ``images``: ``[n, 3, H, W]``, or with a high-resolution strategy every image's crops
+        ``[n_crops, 3, H, W]`` (zero-padded to the largest crop)."""
+        if self.highres is None or not images:
+            return self.transform.batch(images)
+        from mmbridge.model.highres.base import pad_stack
+
+        return pad_stack([crop for image in images for crop in self.highres.pixel_values(image)])
 
     def video_frames(self, count: int) -> list[int]:
         """Which of a video's ``count`` frames a media keeps: every ``video_stride``-th, then at most
@@ -183,8 +213,10 @@ class Processor:
             history, text = messages[:-1], messages[-1]["content"]
             images = [images[index] for index in frames]
         count = 1 if frames else len(images)
-        inputs = {"input_ids": self.prompt(text, num_images=count, history=history),
-                  "pixel_values": self.encode_images(images) if images else None}
+        images = [_as_image(image) for image in images]
+        sizes = [(image.height, image.width) for image in images] if self.highres is not None else None
+        inputs = {"input_ids": self.prompt(text, num_images=count, history=history, image_sizes=sizes),
+                  "pixel_values": self.encode_images(images) if images else None, **self._size_inputs(sizes)}
         if self.video_as_media and images:
             inputs["bridge_media_frames"] = self.media_frames(count, frames)
         return inputs
@@ -206,13 +238,15 @@ class Processor:
             if self.tokenizer.eos_token_id is not None:
                 input_ids.append(int(self.tokenizer.eos_token_id))
         labels = [IGNORE_INDEX if token == self.placeholder_id else token for token in input_ids]
+        loaded = images if images is not None or not pixels else self.load_images(sample)
+        sizes = self._sizes(sample, loaded)
         if self.text:
-            input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id)
+            input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id, sizes)
             input_ids, labels = self._truncate(input_ids, labels, sample.id)
         example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
-                   "labels": torch.tensor(labels, dtype=torch.long)}
+                   "labels": torch.tensor(labels, dtype=torch.long), **self._size_inputs(sizes)}
         if pixels:
-            example["pixel_values"] = self.transform.batch(self.load_images(sample) if images is None else images)
+            example["pixel_values"] = self.pixel_values(loaded)
         return example
 
     def load_images(self, sample: Sample) -> list[Image.Image]:
@@ -231,7 +265,8 @@ class Processor:
     def estimate_lengths(self, samples: list[Sample]) -> list[int]:
         """Approximate token counts without rendering templates or opening images (for length grouping).
 
-        Counts the tokens of every turn's text plus ``tokens_per_image - 1`` per placeholder.
+        Counts the tokens of every turn's text plus ``tokens_per_image - 1`` per placeholder (a high-resolution
+        strategy's count for an image of twice the encoder's side).
         """
         texts = ["\n".join(turn["content"] for turn in sample.conversation) if sample.document is None
                  else "\n".join((self.image_token if chunk["image"] else "") + chunk["text"] for chunk in sample.document)
@@ -239,18 +274,21 @@ class Processor:
         if not texts:
             return []
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        extra = self.tokens_per_image - 1
+        extra = (self.highres.typical_tokens() if self.highres is not None else self.tokens_per_image) - 1
         return [len(ids) + extra * text.count(self.image_token) for ids, text in zip(encoded, texts)]
 
     # -- generation prompts --------------------------------------------------------------------
-    def prompt(self, text: str, num_images: int = 0, history: list[dict] | None = None) -> torch.Tensor:
+    def prompt(self, text: str, num_images: int = 0, history: list[dict] | None = None,
+               image_sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Token ids ``[L]`` of a generation prompt ending with the assistant header.
 
         ``num_images`` counts all images of the prompt (history included); placeholders
-        missing from ``text`` are prepended to it, each followed by a newline.
+        missing from ``text`` are prepended to it, each followed by a newline. A high-resolution
+        model needs every image's ``image_sizes`` (height, width).
         """
         input_ids = self._prompt_ids(self._prompt_messages(text, num_images, history))
-        input_ids, _ = self._expand_images(input_ids, [IGNORE_INDEX] * len(input_ids), num_images, "prompt")
+        input_ids, _ = self._expand_images(input_ids, [IGNORE_INDEX] * len(input_ids), num_images, "prompt",
+                                           image_sizes)
         return torch.tensor(input_ids, dtype=torch.long)
 
     def prompt_bridge_inputs(self, text: str, num_images: int = 0,
@@ -284,10 +322,8 @@ class Processor:
         return {"bridge_text_ids": encoded["input_ids"].long(), "bridge_text_mask": encoded["attention_mask"].long()}
 
     def encode_images(self, images: list) -> torch.Tensor:
-        """PIL images or file paths → ``[n, 3, H, W]``."""
-        loaded = [image if isinstance(image, Image.Image) else _open_image(os.fspath(image), "prompt")
-                  for image in images]
-        return self.transform.batch(loaded)
+        """PIL images or file paths → ``[n, 3, H, W]`` (a high-resolution model's crops: ``[n_crops, 3, H, W]``)."""
+        return self.pixel_values([_as_image(image) for image in images])
 
     # -- steps ---------------------------------------------------------------------------------
     def _check_conversation(self, sample: Sample, image_count: int) -> None:
@@ -342,7 +378,8 @@ class Processor:
         labels = list(self.tokenizer(reply, add_special_tokens=False)["input_ids"]) + [int(eos)]
         return self._truncate_prompt(input_ids, sample_id), labels[:self.max_length]
 
-    def _plain_ids(self, sample: Sample, image_count: int) -> tuple[list[int], list[int]]:
+    def _plain_ids(self, sample: Sample, image_count: int,
+                   sizes: list[tuple[int, int]] | None = None) -> tuple[list[int], list[int]]:
         """LLaVA's ``plain`` pretraining format: the image's tokens, then the reply and a newline, nothing else
         (no system prompt, no chat markup, no user text); only the reply and the newline are labelled."""
         turns = [turn["role"] for turn in sample.conversation]
@@ -354,7 +391,7 @@ class Processor:
                                     add_special_tokens=False)["input_ids"])
         input_ids = leading + [self.placeholder_id] + reply
         labels = [IGNORE_INDEX] * (len(leading) + 1) + reply
-        input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id)
+        input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id, sizes)
         return self._truncate(input_ids, labels, sample.id)
 
     def _leading_ids(self) -> list[int]:
@@ -446,19 +483,26 @@ class Processor:
             labels.append(token_id if inside else IGNORE_INDEX)
         return input_ids, labels
 
-    def _expand_images(self, input_ids: list[int], labels: list[int], image_count: int,
-                       sample_id: str) -> tuple[list[int], list[int]]:
-        """Replace each placeholder token with ``tokens_per_image`` image token ids (labels IGNORE_INDEX)."""
+    def _expand_images(self, input_ids: list[int], labels: list[int], image_count: int, sample_id: str,
+                       sizes: list[tuple[int, int]] | None = None) -> tuple[list[int], list[int]]:
+        """Replace each placeholder token with ``tokens_per_image`` image token ids, or the high-resolution layout's
+        ids for that image's size (labels IGNORE_INDEX)."""
         found = input_ids.count(self.placeholder_id)
         if found != image_count:
             raise SampleError(f"sample {sample_id!r}: the rendered text holds {found} {self.image_token} token(s) "
                               f"but {image_count} image(s) were given (does the system prompt or template "
                               f"contain {self.image_token}?)", sample_id, "placeholders")
+        if self.highres is not None and (sizes is None or len(sizes) != image_count):
+            raise ValueError(f"sample {sample_id!r}: a high-resolution model needs the size of each of its "
+                             f"{image_count} image(s), got {None if sizes is None else len(sizes)}")
+        spans = iter([self.highres.token_ids(size, self.image_token_id) for size in sizes] if self.highres is not None
+                     else [])
         expanded_ids, expanded_labels = [], []
         for token_id, label in zip(input_ids, labels):
             if token_id == self.placeholder_id:
-                expanded_ids += [self.image_token_id] * self.tokens_per_image
-                expanded_labels += [IGNORE_INDEX] * self.tokens_per_image
+                span = next(spans) if self.highres is not None else [self.image_token_id] * self.tokens_per_image
+                expanded_ids += span
+                expanded_labels += [IGNORE_INDEX] * len(span)
             else:
                 expanded_ids.append(token_id)
                 expanded_labels.append(label)
@@ -526,6 +570,21 @@ def _common_prefix(first: str, second: str) -> str:
     while length < min(len(first), len(second)) and first[length] == second[length]:
         length += 1
     return first[:length]
+
+
+def _as_image(image: Any) -> Image.Image:
+    """A PIL image, or a file path opened as one."""
+    return image if isinstance(image, Image.Image) else _open_image(os.fspath(image), "prompt")
+
+
+def _image_header(path: str, sample_id: str) -> Image.Image:
+    """The image at ``path`` opened lazily (its size is read from the header, its pixels are not decoded)."""
+    try:
+        with Image.open(path) as image:
+            return image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        cause = "file not found" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {error}"
+        raise ImageLoadError(path, sample_id, cause) from error
 
 
 def _open_image(path: str, sample_id: str) -> Image.Image:

@@ -123,7 +123,7 @@ def continuation_log_likelihoods(model: nn.Module, prompt: Prompt, continuations
             bridge_inputs = {key[len("bridge_"):]: value.to(device) for key, value in encoded.items()
                              if key.startswith("bridge_")}
             image_tokens = model.encode_images(encoded["pixel_values"].to(device), **bridge_inputs)  # [n, M, D]
-            image_tokens = image_tokens.repeat(len(rows), 1, 1)  # [N * n, M, D]
+            image_tokens = image_tokens.repeat(len(rows), *[1] * (image_tokens.dim() - 1))  # [N * n, M, D]
         logits = model(input_ids, attention_mask, image_tokens=image_tokens, labels=labels, return_logits="all").logits
     if labels is not None:  # logits[:, t] scores labels[:, t]
         log_probs = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -29,6 +29,8 @@ from torch import nn
 
 from mmbridge.model.bridges import BRIDGES, build_bridge
 from mmbridge.model.fusion import FusionBridge
+from mmbridge.model.highres import HIGHRES, HighResStrategy, build_highres
+from mmbridge.model.highres.base import crop_features, tokens_from_features
 from mmbridge.model.llm import LLMS, build_llm, load_tokenizer
 from mmbridge.model.lora import LoraSpec, inject_lora
 from mmbridge.model.vision import VISION_ENCODERS, build_vision
@@ -39,7 +41,15 @@ IGNORE_INDEX = -100
 CONFIG_FILE, WEIGHTS_FILE, PROCESSOR_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "processor.json", "tokenizer"
 BRIDGE_TOKENIZER_DIR = "bridge_tokenizer"  # the bridge's own text tokenizer (instruction-aware bridges)
 # transformers' names for per-image bridge inputs (InstructBLIP's Q-Former text) → mmbridge's bridge_<name>
-INPUT_ALIASES = {"qformer_input_ids": "bridge_text_ids", "qformer_attention_mask": "bridge_text_mask"}
+# and LLaVA-NeXT's image_sizes [n_images, 2] (height, width), which a high-resolution strategy reads
+INPUT_ALIASES = {"qformer_input_ids": "bridge_text_ids", "qformer_attention_mask": "bridge_text_mask",
+                 "image_sizes": "bridge_image_sizes"}
+
+
+def _no_sizes(image_sizes: Any) -> None:
+    if image_sizes is not None:
+        raise TypeError("image_sizes are for models with a high-resolution strategy (ModelConfig.highres); this "
+                        "model encodes every image at its encoder's size")
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -54,7 +64,8 @@ class ModelConfig:
     ``image_token_id`` pins the placeholder id (as an imported HF LLaVA does); when None,
     ``image_token`` is added to the tokenizer and the embeddings grow by one row.
     ``adapters`` records LoRA injections (``{"key": "llm", **LoraSpec}``) so a saved model
-    is rebuilt with the same structure.
+    is rebuilt with the same structure. ``highres`` names a high-resolution strategy
+    (``{"type": "anyres", ...}``, :mod:`mmbridge.model.highres`) or None (one crop at the encoder's size).
     """
 
     vision: Any = None
@@ -63,6 +74,7 @@ class ModelConfig:
     image_token: str = "<image>"
     image_token_id: int | None = None
     adapters: list[dict] = field(default_factory=list)
+    highres: Any = None
 
     def to_dict(self) -> dict:
         """JSON-able dict; component configs become dicts with their ``type``."""
@@ -70,7 +82,7 @@ class ModelConfig:
             return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else spec
         return {"vision": plain(self.vision), "llm": plain(self.llm), "bridge": plain(self.bridge),
                 "image_token": self.image_token, "image_token_id": self.image_token_id,
-                "adapters": [dict(adapter) for adapter in self.adapters]}
+                "adapters": [dict(adapter) for adapter in self.adapters], "highres": plain(self.highres)}
 
 
 @dataclass
@@ -93,11 +105,12 @@ class MultimodalModel(nn.Module):
     """A vision encoder, a bridge and a language model under the keys ``vision``, ``bridge``, ``llm``."""
 
     def __init__(self, vision: nn.Module, bridge: nn.Module, llm: nn.Module, config: ModelConfig,
-                 processor_settings: dict | None = None) -> None:
+                 processor_settings: dict | None = None, highres: HighResStrategy | None = None) -> None:
         super().__init__()
         self.vision = vision
         self.bridge = bridge
         self.llm = llm
+        self.highres = highres  # holds no parameters: what it adds lives under vision / bridge (attach)
         self.config = config
         self.processor_settings = dict(processor_settings or {})
         self.parameters_at_save: dict | None = None  # trainable/frozen counts per key when it was saved
@@ -117,13 +130,21 @@ class MultimodalModel(nn.Module):
                 raise ValueError(f"model config needs a '{name}' spec")
         config = dataclasses.replace(
             config, vision=VISION_ENCODERS.make_config(config.vision), llm=LLMS.make_config(config.llm),
-            bridge=BRIDGES.make_config(config.bridge), adapters=list(config.adapters))
+            bridge=BRIDGES.make_config(config.bridge), adapters=list(config.adapters),
+            highres=HIGHRES.make_config(config.highres) if config.highres else None)
         vision = build_vision(config.vision)
         llm = build_llm(config.llm) if tokenizer is None else LLMS.get(config.llm.type).build(config.llm, tokenizer)
         bridge = build_bridge(config.bridge, vision.feature_dim, llm.hidden_size)
         if isinstance(bridge, FusionBridge):
             bridge.attach(llm)
-        model = cls(vision, bridge, llm, config, processor_settings)
+        highres = None
+        if config.highres is not None:
+            if isinstance(bridge, FusionBridge) or llm.is_encoder_decoder:
+                raise ValueError(f"high-resolution strategy {config.highres.type!r} feeds input-token bridges of "
+                                 f"decoder-only LLMs; bridge {type(bridge).__name__} / this LLM are not supported")
+            highres = build_highres(config.highres)
+            highres.attach(vision, bridge, llm.tokenizer, llm.hidden_size)
+        model = cls(vision, bridge, llm, config, processor_settings, highres)
         for adapter in config.adapters:
             spec = {k: v for k, v in adapter.items() if k != "key"}
             inject_lora(model.get_submodule(adapter["key"]), LoraSpec(**spec))
@@ -135,8 +156,16 @@ class MultimodalModel(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        """Visual tokens each ``<image>`` placeholder expands to."""
+        """Visual tokens each ``<image>`` placeholder expands to (at the encoder's size; with a high-resolution
+        strategy the count depends on each image: :meth:`image_token_ids`)."""
         return self.bridge.num_tokens(self.vision.num_tokens())
+
+    def image_token_ids(self, image_size: tuple[int, int]) -> list[int]:
+        """The ids one ``<image>`` of ``(height, width)`` pixels expands to: image-token slots for its visual tokens
+        and, with some high-resolution strategies, literal separators between them."""
+        if self.highres is None:
+            return [self.image_token_id] * self.tokens_per_image
+        return self.highres.token_ids(image_size, self.image_token_id)
 
     def processor(self, **overrides: Any) -> Any:
         """The :class:`~mmbridge.data.processor.Processor` matching this model (tokenizer, transform, token count)."""
@@ -148,7 +177,8 @@ class MultimodalModel(nn.Module):
             if getattr(self.bridge, "takes_video", False) else {}
         return Processor(self.tokenizer, self.vision.transform, self.tokens_per_image, self.config.image_token,
                          self.image_token_id, bridge_tokenizer=getattr(self.bridge, "tokenizer", None),
-                         encoder_decoder=self.llm.is_encoder_decoder, chunk_token=chunk, **video, **settings)
+                         encoder_decoder=self.llm.is_encoder_decoder, chunk_token=chunk, **video,
+                         highres=self.highres, **settings)
 
     def add_lora(self, key: str, spec: LoraSpec) -> None:
         """Inject LoRA into module ``key`` and record it in the config (used by stages with ``lora``)."""
@@ -159,14 +189,36 @@ class MultimodalModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, **context: Any) -> torch.Tensor:
         """``[n_images, 3, H, W]`` → visual tokens ``[n_images, M, D_llm]``.
 
+        With a high-resolution strategy ``pixel_values`` are the crops of every image ``[n_crops, 3, H, W]``
+        (LLaVA-NeXT's ``[n_images, max_crops, 3, H, W]`` is accepted too), ``image_sizes`` ``[n_images, 2]``
+        (height, width) is required, and the result is the images' visual tokens in order, ``[sum M_i, D]``.
         The encoder runs without autograd when none of its parameters train.
         """
+        image_sizes = context.pop("image_sizes", None)
+        if self.highres is not None:
+            return self._encode_highres(pixel_values, image_sizes, context)
+        _no_sizes(image_sizes)
         if pixel_values.dim() == 5:  # [B, N_images, 3, H, W], as transformers' IDEFICS takes them
             pixel_values = pixel_values.flatten(0, 1)
+        return self.bridge(self._vision_features(pixel_values), **context)  # [n, M, D]
+
+    def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The encoder's features ``[n, N, D_v]``, with autograd only when one of its parameters trains."""
         vision_trains = any(parameter.requires_grad for parameter in self.vision.parameters())
         with torch.set_grad_enabled(vision_trains and torch.is_grad_enabled()):
-            features = self.vision(pixel_values)  # [n, N, D_v]
-        return self.bridge(features, **context)  # [n, M, D]
+            return self.vision(pixel_values)  # [n, N, D_v]
+
+    def _encode_highres(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None,
+                        context: dict[str, Any]) -> torch.Tensor:
+        if image_sizes is None:
+            raise ValueError(f"this model's high-resolution strategy ({self.config.highres.type}) needs image_sizes "
+                             f"[n_images, 2] (height, width) with pixel_values; processor examples carry them as "
+                             f"bridge_image_sizes")
+        if pixel_values.dim() == 5:  # LLaVA-NeXT: [n_images, max_crops, 3, H, W], crops past each image's count padded
+            counts = [len(self.highres.layout(tuple(size)).crops) for size in image_sizes.tolist()]
+            pixel_values = torch.cat([row[:count] for row, count in zip(pixel_values, counts)])
+        features = crop_features(self.highres, pixel_values, image_sizes, self._vision_features)
+        return tokens_from_features(self.highres, features, image_sizes, self.bridge, context)  # [sum M_i, D]
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_tokens: torch.Tensor | None = None, bridge_inputs: dict[str, Any] | None = None,
@@ -174,7 +226,7 @@ class MultimodalModel(nn.Module):
         """Token embeddings with the visual tokens written at the ``<image>`` positions, ``[B, L, D]``.
         ``slots_given``: images come in per-row slots (an ``image_attention_mask``), not one per ``<image>``."""
         image_mask = input_ids == self.image_token_id  # [B, L]
-        embeds = self.llm.embed_tokens(input_ids.masked_fill(image_mask, 0))
+        embeds = self.llm.embed_tokens(input_ids.masked_fill(image_mask, 0))  # [B, L, D]
         slots = int(image_mask.sum())
         if image_tokens is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_tokens = self.encode_images(pixel_values, **(bridge_inputs or {}))
@@ -187,8 +239,12 @@ class MultimodalModel(nn.Module):
                 raise ValueError(f"input_ids hold {slots} <image> token(s) but {image_tokens.shape[0]} image(s) were "
                                  f"given")
             return self.bridge.embed_markers(input_ids, embeds, image_mask)
-        count, per_image = image_tokens.shape[:2]
-        if count * per_image != slots:
+        if image_tokens.dim() == 2:  # [sum M_i, D]: images of different token counts (high resolution)
+            if image_tokens.shape[0] != slots:
+                raise ValueError(f"input_ids hold {slots} <image> token positions but the images' visual tokens "
+                                 f"number {image_tokens.shape[0]}")
+        elif image_tokens.shape[0] * image_tokens.shape[1] != slots:
+            count, per_image = image_tokens.shape[:2]
             raise ValueError(f"input_ids hold {slots} <image> token positions but {count} image(s) × "
                              f"{per_image} visual tokens = {count * per_image} were given")
         return embeds.masked_scatter(image_mask.unsqueeze(-1), image_tokens.to(embeds.dtype))
@@ -232,7 +288,7 @@ class MultimodalModel(nn.Module):
             raise ValueError(f"return_logits must be 'all', 'last' or 'none', got {return_logits!r}")
         bridge_kwargs = {key[len("bridge_"):]: value for key, value in bridge_inputs.items()}
         if image_tokens is None and image_features is not None and image_features.shape[0] > 0:
-            image_tokens = self.bridge(image_features, **bridge_kwargs)  # [n, M, D]
+            image_tokens = self.bridge_features(image_features, **bridge_kwargs)  # [n, M, D]
         if self.llm.is_encoder_decoder:
             hidden, output = self._encoder_decoder_forward(
                 input_ids, attention_mask, pixel_values, labels, image_tokens, bridge_kwargs, decoder_input_ids,
@@ -269,6 +325,19 @@ class MultimodalModel(nn.Module):
         elif return_logits == "last":
             output.logits = self.llm.logits(hidden[:, -1:])
         return output
+
+    def bridge_features(self, image_features: torch.Tensor, **context: Any) -> torch.Tensor:
+        """Encoder outputs (a feature cache's) → visual tokens, as :meth:`encode_images` continues after the encoder.
+        With a high-resolution strategy ``image_features`` are per crop ``[n_crops, N_max, D_v]`` (crops with fewer
+        features right-padded) and ``image_sizes`` is required."""
+        image_sizes = context.pop("image_sizes", None)
+        if self.highres is None:
+            _no_sizes(image_sizes)
+            return self.bridge(image_features, **context)  # [n, M, D]
+        if image_sizes is None:
+            raise ValueError("cached features of a high-resolution model need image_sizes [n_images, 2]")
+        features = self.highres.unpad_features(image_features, image_sizes)
+        return tokens_from_features(self.highres, features, image_sizes, self.bridge, context)  # [sum M_i, D]
 
     def call_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      context: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -383,7 +452,8 @@ class MultimodalModel(nn.Module):
         bridge = self.bridge.export_config() if hasattr(self.bridge, "export_config") else self.config.bridge
         return ModelConfig(vision=self.vision.export_config(), llm=self.llm.export_config(), bridge=bridge,
                            image_token=self.config.image_token, image_token_id=self.image_token_id,
-                           adapters=list(self.config.adapters))
+                           adapters=list(self.config.adapters),
+                           highres=self.highres.export_config() if self.highres is not None else None)
 
     def save_pretrained(self, directory: str) -> None:
         """Write config, safetensors weights, tokenizer and processor settings; each file atomically."""

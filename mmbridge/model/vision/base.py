@@ -35,6 +35,16 @@ class VisionEncoder(nn.Module, abc.ABC):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
         """Encode ``pixel_values`` into features ``[B, N, D_v]``."""
 
+    def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the feature grid for an input of ``height × width`` pixels (row-major tokens), for
+        high-resolution strategies; encoders without a size-dependent spatial grid raise."""
+        if (height, width) == tuple(self.transform.output_size):
+            side = int(round(self.num_tokens() ** 0.5))
+            if side * side == self.num_tokens():
+                return side, side
+        raise ValueError(f"{type(self).__name__} cannot say its feature grid for {height}x{width} inputs; "
+                         f"high-resolution strategies need an encoder with a spatial grid at any size")
+
     @abc.abstractmethod
     def export_config(self) -> Any:
         """A config that rebuilds this encoder's architecture (weights come from the checkpoint)."""

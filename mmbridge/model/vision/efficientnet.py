@@ -109,11 +109,19 @@ class EfficientNetLite0Encoder(VisionEncoder):
         height, width = self.transform.output_size
         return grid_side(height) * grid_side(width)
 
+    def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Cells of the stride-32 grid for a ``height × width`` input."""
+        return grid_side(height), grid_side(width)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, h*w, 1280]
-        expected = tuple(self.transform.output_size)
-        if tuple(pixel_values.shape[-2:]) != expected:
-            raise ValueError(f"efficientnet_lite0 is built for {expected[0]}x{expected[1]} inputs (its SAME padding "
-                             f"is fixed), got {tuple(pixel_values.shape[-2:])}; set image_size in its config")
+        size = tuple(pixel_values.shape[-2:])
+        built = tuple(self.transform.output_size)
+        if size != built and any(side % STRIDE for side in (*size, *built)):
+            # the static SAME padding built for image_size is what any input needs exactly when every stride-2 stage
+            # halves an even side, both for the built size and this one: sides that are multiples of 32
+            raise ValueError(f"efficientnet_lite0 built for image_size {built[0]}x{built[1]} takes only that size, or, "
+                             f"when it is a multiple of {STRIDE}, any size whose sides are multiples of {STRIDE}; "
+                             f"got {size[0]}x{size[1]}")
         dtype = next(self.model.parameters()).dtype
         if not self.extra_blocks and not self.pixel_means:
             return grid_to_tokens(self.model.extract_features(pixel_values.to(dtype)))  # [B, h*w, 1280]

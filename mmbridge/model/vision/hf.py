@@ -118,9 +118,19 @@ class HFVisionEncoder(VisionEncoder):
         count = (height // patch) * (width // patch) + (1 if self.has_cls else 0)
         return count - (1 if self._drops_first() else 0)
 
+    def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patches per column and row of a ``height × width`` input (the CLS token, if kept, is not on the grid)."""
+        if self.has_cls and not self._drops_first():
+            raise ValueError("the feature grid of a tower whose CLS token is kept (select 'full') is not a grid; "
+                             "use select 'default' for high-resolution strategies")
+        patch = self.model.config.patch_size
+        return height // patch, width // patch
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
         dtype = next(self.model.parameters()).dtype
-        outputs = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        native = self.model.config.image_size
+        resized = {"interpolate_pos_encoding": True} if tuple(pixel_values.shape[-2:]) != (native, native) else {}
+        outputs = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **resized)
         states = [outputs.hidden_states[layer] for layer in self._layers()]
         if self._drops_first():
             states = [state[:, 1:] for state in states]

@@ -117,6 +117,15 @@ class ImageTransform:
         array = np.asarray(image, dtype=np.float32)  # [H, W, 3]
         if self.crop:
             array = _center_crop(array, self.crop)
+        return self._normalised(array)
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """``image`` at its own size, rescaled and normalised (no resize, crop or padding): ``[3, H, W]`` float32.
+        High-resolution strategies cut their crops first and finish each with this."""
+        return self._normalised(np.asarray(_to_rgb(image), dtype=np.float32))
+
+    def _normalised(self, array: np.ndarray) -> torch.Tensor:
+        """``[H, W, 3]`` pixels → rescaled, normalised ``[3, H, W]`` float32."""
         array = array * self.rescale
         array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -126,6 +135,11 @@ class ImageTransform:
         if not images:
             return torch.zeros(0, 3, *self.output_size)
         return torch.stack([self(image) for image in images])
+
+
+def resample_filter(name: str) -> Image.Resampling:
+    """PIL's filter for a resample name (``"bicubic"``…)."""
+    return _RESAMPLE[name]
 
 
 def _per_channel(value: float | list[float] | tuple[float, ...]) -> tuple[float, float, float]:
