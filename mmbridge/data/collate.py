@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mmbridge.model.highres.base import concat_padded
 from mmbridge.model.multimodal import IGNORE_INDEX
 
 
@@ -79,14 +80,4 @@ def _concat_images(examples: list[dict], key: str = "pixel_values") -> torch.Ten
     Rows that differ in their trailing sizes (a high-resolution strategy's crops, or their cached features) are
     zero-padded at the end of each axis to the largest; the model knows each crop's true size from its layout."""
     images = [example[key] for example in examples if example.get(key) is not None and len(example[key])]
-    if not images:
-        return None
-    if len({tuple(image.shape[1:]) for image in images}) == 1:
-        return torch.cat(images)
-    shape = [max(image.shape[axis] for image in images) for axis in range(1, images[0].dim())]
-    padded = images[0].new_zeros(sum(len(image) for image in images), *shape)
-    start = 0
-    for image in images:
-        padded[(slice(start, start + len(image)), *[slice(0, extent) for extent in image.shape[1:]])] = image
-        start += len(image)
-    return padded
+    return concat_padded(images) if images else None

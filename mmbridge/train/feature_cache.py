@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmbridge.data.formats.llava import Sample
+from mmbridge.model.highres.base import concat_padded, crop_features, pad_stack
 from mmbridge.data.mixture import MixtureDataset, SourceConfig
 from mmbridge.data.processor import SampleError
 from mmbridge.train.recipe import autocast
@@ -98,7 +99,8 @@ def _sample_stamp(sample: Sample) -> list:
 def cache_key(dataset: MixtureDataset, vision: nn.Module, precision: str) -> str:
     """The sha256 naming the cache of ``vision``'s outputs on ``dataset`` computed in ``precision``."""
     digest = hashlib.sha256()
-    head = {"format": CACHE_FORMAT, "encoder": _plain(vision.export_config()), "weights": weights_digest(vision),
+    highres = dataset.processor.highres
+    head = {"highres": highres.export_config() if highres is not None else None, "format": CACHE_FORMAT, "encoder": _plain(vision.export_config()), "weights": weights_digest(vision),
             "transform": dataset.processor.transform.to_dict(), "precision": precision,
             "sources": [_source_stamp(source) for source in dataset.config.sources]}
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
@@ -179,43 +181,55 @@ def write_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 class _Encoder:
-    """Runs the frozen encoder on batches of images from several samples and hands back per-sample rows."""
+    """Runs the frozen encoder on batches of images from several samples and hands back per-sample rows.
 
-    def __init__(self, vision: nn.Module, precision: str, writer: _ShardWriter, batch_images: int) -> None:
+    With a high-resolution strategy the rows are the images' crops: each crop is encoded at its own size
+    (as the model does) and the sample's features are ``[n_crops, N_max, D_v]``, right-padded."""
+
+    def __init__(self, vision: nn.Module, precision: str, writer: _ShardWriter, batch_images: int,
+                 highres: Any = None) -> None:
         self.vision, self.precision, self.writer, self.batch_images = vision, precision, writer, batch_images
+        self.highres = highres
         self.device = next(vision.parameters(), torch.empty(0)).device
-        self.pending: list[tuple[int, str, torch.Tensor]] = []
+        self.pending: list[tuple[int, str, torch.Tensor, torch.Tensor | None]] = []
 
-    def add(self, position: int, sample_id: str, pixel_values: torch.Tensor) -> None:
-        self.pending.append((position, sample_id, pixel_values))
-        if sum(len(pixels) for _, _, pixels in self.pending) >= self.batch_images:
+    def add(self, position: int, sample_id: str, pixel_values: torch.Tensor, sizes: torch.Tensor | None) -> None:
+        self.pending.append((position, sample_id, pixel_values, sizes))
+        if sum(len(pending[2]) for pending in self.pending) >= self.batch_images:
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
-        pixels = torch.cat([pixels for _, _, pixels in self.pending]).to(self.device)  # [n, 3, H, W]
+        pixels = concat_padded([pending[2] for pending in self.pending]).to(self.device)  # [n, 3, H, W]
         with torch.inference_mode(), autocast(self.precision, self.device):
-            features = self.vision(pixels).to("cpu")  # [n, N, D_v]
-        rows = features.split([len(pixels) for _, _, pixels in self.pending])
-        for (position, sample_id, _), sample_features in zip(self.pending, rows):
+            if self.highres is None:
+                features = self.vision(pixels).to("cpu")  # [n, N, D_v]
+            else:
+                sizes = torch.cat([pending[3] for pending in self.pending])  # [n_images, 2]
+                features = pad_stack(crop_features(self.highres, pixels, sizes, self.vision)).to("cpu")
+        rows = features.split([len(pending[2]) for pending in self.pending])
+        for (position, sample_id, _, _), sample_features in zip(self.pending, rows):
             # grid encoders (a CNN's [B, C, h, w] read as [B, h*w, C]) give a transposed view; safetensors
             # stores only contiguous tensors, and a row of its own frees the batch
             self.writer.add(position, sample_id, sample_features.clone(memory_format=torch.contiguous_format))
         self.pending = []
 
 
-def _pixels(dataset: MixtureDataset, sample: Sample) -> torch.Tensor:
-    """The transformed images of ``sample``, ``[n, 3, H, W]`` (raises :class:`SampleError` on a bad file)."""
+def _pixels(dataset: MixtureDataset, sample: Sample) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The transformed images of ``sample``, ``[n, 3, H, W]`` (a high-resolution model's crops), and the images'
+    sizes ``[n_images, 2]`` when a strategy needs them (raises :class:`SampleError` on a bad file)."""
     processor = dataset.processor
-    return processor.transform.batch(processor.load_images(sample))
+    images = processor.load_images(sample)
+    sizes = torch.tensor([(image.height, image.width) for image in images]) if processor.highres is not None else None
+    return processor.pixel_values(images), sizes
 
 
 def _compute(directory: str, dataset: MixtureDataset, vision: nn.Module, precision: str, batch_images: int,
              shard_bytes: int, progress: bool) -> tuple[_ShardWriter, dict[str, str]]:
     """Encode every sample's images into shards under ``directory``; returns the writer and skipped samples."""
     writer = _ShardWriter(directory, shard_bytes)
-    encoder = _Encoder(vision, precision, writer, batch_images)
+    encoder = _Encoder(vision, precision, writer, batch_images, dataset.processor.highres)
     skipped: dict[str, str] = {}
     with eval_mode(vision):
         for position, sample in enumerate(tqdm(dataset.samples, desc="feature cache", unit="sample",
@@ -223,7 +237,7 @@ def _compute(directory: str, dataset: MixtureDataset, vision: nn.Module, precisi
             if not sample.images:
                 continue
             try:
-                encoder.add(position, sample.id, _pixels(dataset, sample))
+                encoder.add(position, sample.id, *_pixels(dataset, sample))
             except SampleError as error:
                 if not dataset.config.skip_bad_samples:
                     raise

@@ -22,6 +22,7 @@ as a fusion bridge's ``attach`` does, so save/load rebuild them from the config.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -68,6 +69,10 @@ class ImageLayout:
 class HighResStrategy:
     """Base class. Subclasses implement :meth:`plan` (the layout), :meth:`crop` (PIL geometry) and may override
     :meth:`merge` (crop tokens → the image's visual tokens; default: concatenation in crop order)."""
+
+    # True where an image is one crop merged as is, so already-patchified pixel_values ([n, N, D] or [N_total, D],
+    # transformers' Fuyu tensors) given without image sizes are the visual tokens' inputs in slot order
+    sequence_inputs = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -131,6 +136,13 @@ class HighResStrategy:
         """Crops with equal keys share one encoder pass (the tile position, where adapters differ per tile)."""
         return None
 
+    def crop_context(self, crop: Crop) -> dict[str, Any]:
+        """Bridge arguments of one crop beyond the per-image context: its feature ``grid`` (rows, cols) for a bridge
+        whose forward takes one (qwen_resampler's 2D positions), so crops of other shapes get their own positions."""
+        if "grid" not in inspect.signature(self.bridge.forward).parameters:  # type: ignore[union-attr]
+            return {}
+        return {"grid": tuple(self.vision.feature_grid(*crop.size))}  # type: ignore[union-attr]
+
     def merge(self, layout: ImageLayout, tokens: list[torch.Tensor]) -> torch.Tensor:
         """One image's crop tokens (``[M_c, D]`` per crop) → its visual tokens ``[layout.visual_tokens, D]``."""
         return torch.cat(tokens)
@@ -186,7 +198,8 @@ def tokens_from_features(strategy: HighResStrategy, features: list[torch.Tensor]
     """Per-crop features → bridge per crop → each image's crops merged: visual tokens ``[sum of slots, D]`` in image
     order. Per-image ``context`` rows (``[n_images, …]``) are repeated for each of the image's crops."""
     crops = strategy.crops_of(image_sizes)
-    tokens = bridge_crops(features, [index for index, _ in crops], bridge, context)
+    tokens = bridge_crops(features, [index for index, _ in crops], bridge, context,
+                          [strategy.crop_context(crop) for _, crop in crops])
     merged, cursor = [], 0
     for size in image_sizes.tolist():
         layout = strategy.layout(tuple(size))
@@ -218,17 +231,19 @@ def encode_crops(strategy: HighResStrategy, pixel_values: torch.Tensor, crops: l
 
 
 def bridge_crops(features: list[torch.Tensor], owners: list[int], bridge: Callable[..., torch.Tensor],
-                 context: dict[str, Any]) -> list[torch.Tensor]:
-    """Bridge tokens ``[M_c, D]`` per crop; crops with equally many features go through one call, each with its
-    image's row of every per-image ``context`` tensor."""
+                 context: dict[str, Any], crop_context: list[dict[str, Any]] | None = None) -> list[torch.Tensor]:
+    """Bridge tokens ``[M_c, D]`` per crop; crops with equally many features (and equal ``crop_context``, each
+    crop's own arguments) go through one call, each with its image's row of every per-image ``context`` tensor."""
+    crop_context = crop_context or [{}] * len(features)
     groups: dict[tuple, list[int]] = {}
     for index, feature in enumerate(features):
-        groups.setdefault(tuple(feature.shape), []).append(index)
+        groups.setdefault((tuple(feature.shape), tuple(sorted(crop_context[index].items()))), []).append(index)
     tokens: list[torch.Tensor | None] = [None] * len(features)
     for members in groups.values():
         rows = torch.tensor([owners[index] for index in members], dtype=torch.long)
         per_crop = {key: value[rows.to(value.device)] if isinstance(value, torch.Tensor) else value
                     for key, value in context.items()}
+        per_crop.update(crop_context[members[0]])
         bridged = bridge(torch.stack([features[index] for index in members]), **per_crop)  # [n, M, D]
         for row, index in enumerate(members):
             tokens[index] = bridged[row]
@@ -236,11 +251,21 @@ def bridge_crops(features: list[torch.Tensor], owners: list[int], bridge: Callab
 
 
 def pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Tensors that differ in their trailing sizes, zero-padded at the end of each axis and stacked."""
-    shape = [max(row.shape[axis] for row in rows) for axis in range(rows[0].dim())]
-    padded = rows[0].new_zeros(len(rows), *shape)
-    for index, row in enumerate(rows):
-        padded[(index, *[slice(0, extent) for extent in row.shape])] = row
+    """Tensors that differ in their sizes, zero-padded at the end of each axis and stacked."""
+    return concat_padded([row.unsqueeze(0) for row in rows])
+
+
+def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors ``[n_i, ...]`` concatenated on the first axis, zero-padded at the end of every other axis to the
+    largest when they differ (crops of different sizes, or their features)."""
+    if len({tuple(tensor.shape[1:]) for tensor in tensors}) == 1:
+        return torch.cat(tensors)
+    shape = [max(tensor.shape[axis] for tensor in tensors) for axis in range(1, tensors[0].dim())]
+    padded = tensors[0].new_zeros(sum(len(tensor) for tensor in tensors), *shape)
+    start = 0
+    for tensor in tensors:
+        padded[(slice(start, start + len(tensor)), *[slice(0, extent) for extent in tensor.shape[1:]])] = tensor
+        start += len(tensor)
     return padded
 
 
