@@ -73,7 +73,27 @@ def _info(args: argparse.Namespace) -> int:
 
     model = MultimodalModel.from_pretrained(args.model)
     print(info_text(model))
+    if args.image_size:
+        print(image_cost_text(model, args.image_size))
     return 0
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"WxH"`` (as image tools write it) → (height, width); a malformed value is an ``ArgumentTypeError``."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"--image-size takes WIDTHxHEIGHT in pixels, e.g. 672x1008; got {text!r}")
+    width, height = (int(part) for part in parts)
+    return height, width
+
+
+def image_cost_text(model, sizes: list[tuple[int, int]]) -> str:
+    """Per image size: crops, visual and separator tokens, encoder and bridge GFLOPs for the model's strategy."""
+    from mmbridge.model.highres.compute import cost_table, image_cost
+
+    label = model.config.highres.type if model.highres is not None else "base resolution"
+    rows = [(label, image_cost(model.vision, model.bridge, model.highres, size)) for size in sizes]
+    return "compute per image (FLOPs counted by torch.utils.flop_counter; 1 multiply-add = 2):\n" + cost_table(rows)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -122,6 +142,9 @@ def info_text(model) -> str:
         f"vocab {model.llm.config.vocab_size}",
         f"visual tokens per image: {model.tokens_per_image}  (placeholder {model.config.image_token!r} = id {model.image_token_id})",
     ]
+    if model.highres is not None:
+        lines[-1] = (f"high resolution: {_describe(config.highres)}; visual tokens depend on each image's size "
+                     f"(--image-size WxH); placeholder {model.config.image_token!r} = id {model.image_token_id}")
     if config.adapters:
         lines.append("adapters: " + ", ".join(f"LoRA r={a['r']} on {a['key']}" for a in config.adapters))
     when = "when saved (end of the last stage)" if model.parameters_at_save else "now"
@@ -179,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="describe a saved model")
     info.add_argument("--model", required=True)
+    info.add_argument("--image-size", nargs="+", metavar="WxH", type=parse_image_size,
+                      help="also report visual tokens and encoder FLOPs per image of these sizes (e.g. 336x336 672x1008)")
     info.set_defaults(run=_info)
 
     data = commands.add_parser("data", help="generate datasets")

@@ -165,3 +165,24 @@ def test_errors_name_what_is_wrong(anyres_model, make_model):
         make_model(highres={"type": "anyres", "grid": [[0, 2]]})
     with pytest.raises(KeyError, match="known: anyres"):
         make_model(highres={"type": "anyress"})
+
+
+def test_info_reports_tokens_and_encoder_flops_per_image_size(anyres_model, make_model, tmp_path, capsys):
+    from mmbridge.cli import main
+    from mmbridge.model.highres.compute import image_cost
+
+    base = make_model()
+    single = image_cost(base.vision, base.bridge, None, (1000, 1000))  # one crop whatever the size
+    assert (single.crops, single.visual_tokens, single.separator_tokens) == (1, 16, 0)
+    assert single.encoder_flops > 0 and single.bridge_flops == 2 * 16 * (32 * 32 + 32 * 32)  # two 32×32 linears
+    wide = image_cost(anyres_model.vision, anyres_model.bridge, anyres_model.highres, (8, 40))
+    assert wide.crops == 4 and wide.visual_tokens == anyres_model.highres.layout((8, 40)).visual_tokens
+    assert wide.encoder_flops == 4 * single.encoder_flops and wide.bridge_flops == 4 * single.bridge_flops
+    anyres_model.save_pretrained(str(tmp_path / "model"))
+    assert main(["info", "--model", str(tmp_path / "model"), "--image-size", "40x8", "16x16"]) == 0
+    printed = capsys.readouterr().out
+    assert "high resolution: type=anyres" in printed
+    assert "8×40" in printed and "16×16" in printed and "encoder FLOPs" in printed
+    with pytest.raises(SystemExit):
+        main(["info", "--model", str(tmp_path / "model"), "--image-size", "40by8"])
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
