@@ -26,6 +26,9 @@ built with its parameters on the meta device and then takes the source's tensors
 of the weights, not two plus a random init), the tensors themselves when the source was
 loaded from a directory just for the import (no copy at all). Tied weights are re-tied.
 
+The import/export steps (opening a model or directory, tokenizer, config, weight transfer,
+export checks) are shared with :mod:`mmbridge.interop.llava_next`, which adds AnyRes on top.
+
 Tokenizer: an mmbridge model always carries one. :func:`from_hf_llava` takes the
 ``tokenizer`` argument, else the tokenizer saved in the directory; with neither it
 raises a ``ValueError``. The image token id is pinned from the HF config, never added
@@ -69,32 +72,43 @@ def from_hf_llava(model_or_dir: LlavaForConditionalGeneration | str | os.PathLik
     are read from it too. ``tokenizer`` overrides the directory's; one of the two is required.
     Returns the model in eval mode.
     """
-    hf_model, directory = _open_hf_llava(model_or_dir)
-    tokenizer = tokenizer if tokenizer is not None else _directory_tokenizer(directory)
-    if tokenizer is None:
-        where = f"directory {directory} holds none" if directory else "a model instance carries none"
-        raise ValueError(f"from_hf_llava needs a tokenizer: pass tokenizer=... ({where})")
-    config = _import_config(hf_model, tokenizer, _directory_image_processor(directory))
-    model = empty_model(lambda: MultimodalModel.from_config(config, tokenizer=tokenizer))
-    pairs = _prefix_pairs(model.llm)
-    _load_exactly(model, _rename(hf_model.state_dict(), pairs, source=1), "mmbridge model",
-                  share=directory is not None)  # a model loaded just for this import gives its tensors away
-    model.llm.model.generation_config = copy.deepcopy(hf_model.generation_config)
-    model.eval()
-    return model
+    hf_model, directory = open_hf_model(model_or_dir, LlavaForConditionalGeneration, "from_hf_llava")
+    tokenizer = import_tokenizer(tokenizer, directory, "from_hf_llava")
+    config = import_config(hf_model, tokenizer, _directory_image_processor(directory))
+    return import_weights(hf_model, config, tokenizer, share=directory is not None)
 
 
-def _open_hf_llava(model_or_dir: Any) -> tuple[LlavaForConditionalGeneration, str | None]:
-    """The HF model and, when it was loaded from one, its directory."""
-    if isinstance(model_or_dir, LlavaForConditionalGeneration):
+def open_hf_model(model_or_dir: Any, model_class: type[PreTrainedModel], caller: str) -> tuple[Any, str | None]:
+    """The HF model (an instance of ``model_class``) and, when it was loaded from one, its directory."""
+    if isinstance(model_or_dir, model_class):
         return model_or_dir, None
     if isinstance(model_or_dir, (str, os.PathLike)):
         directory = os.fspath(model_or_dir)
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f"from_hf_llava: {directory} is not a directory")
-        return LlavaForConditionalGeneration.from_pretrained(directory), directory
-    raise TypeError(f"from_hf_llava takes a LlavaForConditionalGeneration or a directory, "
-                    f"got {type(model_or_dir).__name__}")
+            raise FileNotFoundError(f"{caller}: {directory} is not a directory")
+        return model_class.from_pretrained(directory), directory
+    raise TypeError(f"{caller} takes a {model_class.__name__} or a directory, got {type(model_or_dir).__name__}")
+
+
+def import_tokenizer(tokenizer: Any, directory: str | None, caller: str) -> Any:
+    """``tokenizer`` if given, else the one saved in ``directory``; ``ValueError`` when there is neither."""
+    tokenizer = tokenizer if tokenizer is not None else _directory_tokenizer(directory)
+    if tokenizer is None:
+        where = f"directory {directory} holds none" if directory else "a model instance carries none"
+        raise ValueError(f"{caller} needs a tokenizer: pass tokenizer=... ({where})")
+    return tokenizer
+
+
+def import_weights(hf_model: PreTrainedModel, config: ModelConfig, tokenizer: Any, share: bool,
+                   extra_pairs: tuple[tuple[str, str], ...] = ()) -> MultimodalModel:
+    """A :class:`MultimodalModel` of ``config`` (built on the meta device) holding ``hf_model``'s tensors, in eval
+    mode; ``share``: the source was loaded just for this import and gives its tensors away (no copy)."""
+    model = empty_model(lambda: MultimodalModel.from_config(config, tokenizer=tokenizer))
+    pairs = prefix_pairs(model.llm, extra_pairs)
+    _load_exactly(model, _rename(hf_model.state_dict(), pairs, source=1), "mmbridge model", share=share)
+    model.llm.model.generation_config = copy.deepcopy(hf_model.generation_config)
+    model.eval()
+    return model
 
 
 def _directory_tokenizer(directory: str | None) -> Any:
@@ -120,9 +134,8 @@ def _directory_image_processor(directory: str | None) -> dict | None:
     return None
 
 
-def _import_config(hf_model: LlavaForConditionalGeneration, tokenizer: Any,
-                   image_processor: dict | None) -> ModelConfig:
-    """The mmbridge config matching an HF LLaVA's architecture (random weights until loaded)."""
+def import_config(hf_model: PreTrainedModel, tokenizer: Any, image_processor: dict | None) -> ModelConfig:
+    """The mmbridge config matching an HF LLaVA's (or LLaVA-NeXT's) architecture (random weights until loaded)."""
     config = hf_model.config
     vision_type = config.vision_config.model_type
     text_dtype = next(hf_model.model.language_model.parameters()).dtype
@@ -167,54 +180,65 @@ def to_hf_llava(model: MultimodalModel) -> LlavaForConditionalGeneration:
     """Export a LLaVA-shaped :class:`MultimodalModel` as a plain ``LlavaForConditionalGeneration``.
 
     Requires an :class:`HFVisionEncoder`, an ``mlp`` bridge of depth 2 whose hidden width is
-    the LLM width, and an HF causal LM; LoRA adapters are merged into the weights. The
-    result has identical weights and logits and is in eval mode.
+    the LLM width, an HF causal LM and no high-resolution strategy (an anyres model exports with
+    :func:`~mmbridge.interop.llava_next.to_hf_llava_next`); LoRA adapters are merged into the
+    weights. The result has identical weights and logits and is in eval mode.
     """
-    _check_exportable(model)
-    config = _export_config(model)
-    hf_model = empty_model(lambda: LlavaForConditionalGeneration(config))
-    pairs = _prefix_pairs(model.llm)
-    _load_exactly(hf_model, _rename(merged_state_dict(model), pairs, source=0), "LlavaForConditionalGeneration")
+    check_exportable(model, "to_hf_llava")
+    if model.highres is not None:
+        raise ValueError(f"to_hf_llava: this model has a high-resolution strategy ({model.config.highres.type}) that "
+                         f"LlavaForConditionalGeneration cannot run; export an anyres model with to_hf_llava_next")
+    config = LlavaConfig(**export_fields(model))
+    return export_weights(model, lambda: LlavaForConditionalGeneration(config))
+
+
+def export_weights(model: MultimodalModel, build: Callable[[], PreTrainedModel],
+                   extra_pairs: tuple[tuple[str, str], ...] = ()) -> Any:
+    """``build()`` on the meta device, given ``model``'s tensors (LoRA merged) and generation config; eval mode."""
+    hf_model = empty_model(build)
+    pairs = prefix_pairs(model.llm, extra_pairs)
+    _load_exactly(hf_model, _rename(merged_state_dict(model), pairs, source=0), type(hf_model).__name__)
     hf_model.generation_config = copy.deepcopy(model.llm.model.generation_config)
     hf_model.eval()
     return hf_model
 
 
-def _check_exportable(model: MultimodalModel) -> None:
-    """Raise ``ValueError`` unless the model has exactly LLaVA's structure."""
+def check_exportable(model: MultimodalModel, caller: str) -> None:
+    """Raise ``ValueError`` unless the model has exactly LLaVA's structure (tower, projector, causal LM)."""
     if not isinstance(model.vision, HFVisionEncoder):
-        raise ValueError(f"to_hf_llava needs an HF vision tower (HFVisionEncoder), got {type(model.vision).__name__}")
+        raise ValueError(f"{caller} needs an HF vision tower (HFVisionEncoder), got {type(model.vision).__name__}")
     if not isinstance(model.bridge, MLPBridge):
-        raise ValueError(f"to_hf_llava needs an 'mlp' bridge of depth 2 (LLaVA's projector), "
+        raise ValueError(f"{caller} needs an 'mlp' bridge of depth 2 (LLaVA's projector), "
                          f"got {type(model.bridge).__name__}")
     if model.bridge.depth != 2:
-        raise ValueError(f"to_hf_llava: LLaVA's projector has exactly 2 linear layers, "
+        raise ValueError(f"{caller}: LLaVA's projector has exactly 2 linear layers, "
                          f"this mlp bridge has depth {model.bridge.depth}")
     hidden, width = model.llm.hidden_size, model.bridge.linear_1.out_features
     if width != hidden:
-        raise ValueError(f"to_hf_llava: LLaVA's projector hidden width is the LLM width {hidden}, "
+        raise ValueError(f"{caller}: LLaVA's projector hidden width is the LLM width {hidden}, "
                          f"this mlp bridge has hidden_dim {width}")
     if not isinstance(model.llm, LanguageModel) or not isinstance(model.llm.model, PreTrainedModel) \
             or model.llm.is_encoder_decoder:
-        raise ValueError(f"to_hf_llava needs an HF causal LM (LLaVA is decoder-only), got "
+        raise ValueError(f"{caller} needs an HF causal LM (LLaVA is decoder-only), got "
                          f"{type(model.llm).__name__} around {type(model.llm.model).__name__}")
 
 
-def _export_config(model: MultimodalModel) -> LlavaConfig:
-    """The ``LlavaConfig`` describing ``model`` (checked by :func:`_check_exportable`)."""
+def export_fields(model: MultimodalModel) -> dict[str, Any]:
+    """The config fields ``LlavaConfig`` and ``LlavaNextConfig`` share, describing ``model`` (checked by
+    :func:`check_exportable`)."""
     vision: HFVisionEncoder = model.vision
     text_config = copy.deepcopy(model.llm.model.config)
-    return LlavaConfig(
+    return dict(
         vision_config=copy.deepcopy(vision.model.config), text_config=text_config,
         image_token_id=model.image_token_id, image_seq_length=model.tokens_per_image,
         projector_hidden_act=_bridge_activation(model.config.bridge),
-        vision_feature_select_strategy=_export_strategy(vision),
+        vision_feature_select_strategy=export_strategy(vision),
         vision_feature_layer=copy.deepcopy(vision.feature_layer),
         multimodal_projector_bias=model.bridge.linear_1.bias is not None,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
 
 
-def _export_strategy(vision: HFVisionEncoder) -> str:
+def export_strategy(vision: HFVisionEncoder) -> str:
     """HF's ``"default"`` when the encoder drops the first token, else ``"full"`` (same token set)."""
     drops_first = vision.select == "drop_first" or (vision.select == "default" and vision.has_cls)
     return "default" if drops_first else "full"
@@ -229,14 +253,15 @@ def _bridge_activation(spec: Any) -> str:
 
 
 # -- weights -----------------------------------------------------------------------------------
-def _prefix_pairs(llm: LanguageModel) -> list[tuple[str, str]]:
-    """``(mmbridge prefix, HF LLaVA prefix)`` for each part; the text body's prefix comes from the LM class."""
+def prefix_pairs(llm: LanguageModel, extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, str]]:
+    """``(mmbridge prefix, HF LLaVA prefix)`` for each part; the text body's prefix comes from the LM class.
+    ``extra`` pairs (LLaVA-NeXT's ``image_newline``) come first, so they win over the broader prefixes."""
     causal_lm = llm.model
     output_embeddings = causal_lm.get_output_embeddings()
     head = next((name for name, module in causal_lm.named_modules() if module is output_embeddings), None)
     if output_embeddings is None or head is None:
         raise ValueError(f"{type(causal_lm).__name__} has no LM head module; LLaVA needs one (lm_head)")
-    return [("vision.model.", "model.vision_tower."),
+    return [*extra, ("vision.model.", "model.vision_tower."),
             ("bridge.", "model.multi_modal_projector."),
             (f"llm.model.{causal_lm.base_model_prefix}.", "model.language_model."),
             (f"llm.model.{head}.", "lm_head.")]
