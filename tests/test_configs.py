@@ -10,6 +10,7 @@ import pytest
 from mmbridge.config import load_run_config
 from mmbridge.data import DataConfig
 from mmbridge.model.bridges import BRIDGES
+from mmbridge.model.highres import HIGHRES
 from mmbridge.model.llm import LLMS
 from mmbridge.model.vision import VISION_ENCODERS
 from mmbridge.registry import config_from_dict
@@ -28,6 +29,8 @@ def test_recipe_parses(path):
     VISION_ENCODERS.make_config(run.model["vision"])
     BRIDGES.make_config(run.model["bridge"])
     LLMS.make_config(run.model["llm"])
+    if run.model.get("highres"):
+        HIGHRES.make_config(run.model["highres"])
     assert run.stages
     for stage in map(stage_from_dict, run.stages):
         data = stage.data if stage.data is not None else run.data

@@ -164,7 +164,24 @@ def build_lite0_network(image_size: int, pretrained: bool) -> nn.Module:
         state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     model._fc = nn.Identity()
+    _plain_pointwise_convolutions(model)
     return model
+
+
+def _plain_pointwise_convolutions(model: nn.Module) -> None:
+    """Replace the package's 1x1, stride-1 SAME convolutions (which pad nothing) by plain ``nn.Conv2d``s sharing
+    their weights: the same outputs and parameter names, and layers peft can put a LoRA on (it rebuilds a conv
+    adapter with the base layer's class, which for the package's class needs an image size; Monkey's per-tile
+    LoRA targets these)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Conv2d or not isinstance(module, nn.Conv2d):
+            continue
+        if tuple(module.kernel_size) != (1, 1) or tuple(module.stride) != (1, 1) or module.groups != 1:
+            continue
+        plain = nn.Conv2d(module.in_channels, module.out_channels, 1, bias=module.bias is not None)
+        plain.weight, plain.bias = module.weight, module.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
 
 
 @VISION_ENCODERS.register("efficientnet_lite0", EfficientNetLite0Config)
