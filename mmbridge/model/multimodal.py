@@ -191,11 +191,13 @@ class MultimodalModel(nn.Module):
 
         With a high-resolution strategy ``pixel_values`` are the crops of every image ``[n_crops, 3, H, W]``
         (LLaVA-NeXT's ``[n_images, max_crops, 3, H, W]`` is accepted too), ``image_sizes`` ``[n_images, 2]``
-        (height, width) is required, and the result is the images' visual tokens in order, ``[sum M_i, D]``.
+        (height, width) is required, and the result is the images' visual tokens in order, ``[sum M_i, D]``
+        (a strategy with ``sequence_inputs`` also takes patch sequences without sizes: transformers' Fuyu tensors).
         The encoder runs without autograd when none of its parameters train.
         """
         image_sizes = context.pop("image_sizes", None)
-        if self.highres is not None:
+        if self.highres is not None and (image_sizes is not None or pixel_values.dim() >= 4
+                                         or not self.highres.sequence_inputs):
             return self._encode_highres(pixel_values, image_sizes, context)
         _no_sizes(image_sizes)
         if pixel_values.dim() == 5:  # [B, N_images, 3, H, W], as transformers' IDEFICS takes them

@@ -5,6 +5,7 @@ See :mod:`mmbridge.model.highres.base` for the contract (layouts known before en
 
 from mmbridge.model.highres import anyres  # noqa: F401  (registers "anyres")
 from mmbridge.model.highres import uhd  # noqa: F401  (registers "uhd")
+from mmbridge.model.highres import native  # noqa: F401  (registers "native")
 from mmbridge.model.highres import monkey  # noqa: F401  (registers "monkey")
 from mmbridge.model.highres.base import HIGHRES, VISUAL, Crop, HighResStrategy, ImageLayout, build_highres
 
