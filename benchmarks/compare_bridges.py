@@ -131,9 +131,11 @@ def parameter_summary(model: MultimodalModel) -> dict[str, int]:
 
 
 def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = True,
-                base_answers: list[str] | None = None, shots: tuple[int, ...] = ()) -> dict:
-    """Train (or resume) one bridge, evaluate it, and return its summary (also written to summary.json);
-    with ``base_answers`` (the frozen LLM's), also how many text-only answers stayed the same."""
+                base_answers: list[str] | None = None, shots: tuple[int, ...] = (), suite: str = "miniworld",
+                image_size: tuple[int, int] | None = None) -> dict:
+    """Train (or resume) one bridge, evaluate it on ``suite``, and return its summary (also written to
+    summary.json); with ``base_answers`` (the frozen LLM's), also how many text-only answers stayed the same.
+    ``image_size`` (height, width): report the LLM positions of one image of that size (high resolution)."""
     from mmbridge.train import train
 
     summary_path = os.path.join(run.output_dir, "summary.json")
@@ -145,11 +147,11 @@ def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = 
     train_seconds = time.perf_counter() - began
     final = os.path.join(run.output_dir, "final")
     model = MultimodalModel.from_pretrained(final)
-    results = run_suite(model, "miniworld", tasks, n=eval_n, progress=progress, model_dir=final)
+    results = run_suite(model, suite, tasks, n=eval_n, progress=progress, model_dir=final)
     save_results(os.path.join(run.output_dir, "eval.json"), results)
     accuracy = {task: entry["accuracy"] for task, entry in results["tasks"].items()}
     for count in shots:  # the first task again, with in-context examples
-        shot_results = run_suite(model, "miniworld", tasks[:1], n=eval_n, progress=progress, model_dir=final,
+        shot_results = run_suite(model, suite, tasks[:1], n=eval_n, progress=progress, model_dir=final,
                                  shots=count)
         save_results(os.path.join(run.output_dir, f"eval-{count}shot.json"), shot_results)
         accuracy.update({f"{task} ({count}-shot)": entry["accuracy"] for task, entry in shot_results["tasks"].items()})
@@ -158,7 +160,7 @@ def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = 
     summary = {
         "settings": settings,
         "bridge": run.model["bridge"],
-        "visual_tokens": model.tokens_per_image,
+        "visual_tokens": len(model.image_token_ids(image_size)) if image_size else model.tokens_per_image,
         "trainable_parameters": parameters["trainable"],
         "total_parameters": parameters["total"],
         "active_parameters": parameters["active"],
@@ -174,7 +176,8 @@ def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = 
     return summary
 
 
-def blind_baseline(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = True) -> dict:
+def blind_baseline(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = True,
+                   suite: str = "miniworld") -> dict:
     """The frozen LLM without the image (one row: the LLM's weights are frozen in every comparison run):
     ``accuracy`` per task and ``text_answers``, its greedy answers to ``TEXT_QUESTIONS``."""
     path = os.path.join(os.path.dirname(run.output_dir), "blind.json")
@@ -184,7 +187,7 @@ def blind_baseline(run: RunConfig, tasks: list[str], eval_n: int, progress: bool
         return _reuse(path, settings)
     seed_everything(run.seed)  # random test backbones come out as in the training runs
     model = MultimodalModel.from_config(run.model, processor_settings=run.processor)
-    results = run_suite(model, "miniworld", tasks, n=eval_n, blind=True, progress=progress)
+    results = run_suite(model, suite, tasks, n=eval_n, blind=True, progress=progress)
     blind = {"settings": settings, "accuracy": {task: entry["accuracy"] for task, entry in results["tasks"].items()},
              "text_answers": text_answers(model)}
     atomic_write_json(path, blind)

@@ -68,12 +68,20 @@ def _crop_flops(vision: nn.Module, bridge: nn.Module, strategy: HighResStrategy 
     context = strategy.encoder_context(adapter) if strategy is not None else _null()
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter, context:
-            features = vision(pixels)  # [1, N, D_v]
+            features = _detached_call(vision, pixels)  # [1, N, D_v]
         encoder = counter.get_total_flops()
         extra = strategy.crop_context(_crop_of(strategy, size, adapter)) if strategy is not None else {}
         with FlopCounterMode(display=False) as counter:
-            bridge(features, **extra)
+            _detached_call(bridge, features, **extra)
     return int(encoder), int(counter.get_total_flops())
+
+
+def _detached_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)`` with its parameters swapped for detached views: FlopCounterMode's module
+    tracker puts backward hooks on inputs that require grad, which parameters fed to a sub-module (a resampler's
+    latents) do even under ``no_grad``; nobody's ``requires_grad`` flag changes."""
+    detached = {name: parameter.detach() for name, parameter in module.named_parameters()}
+    return torch.func.functional_call(module, detached, args, kwargs)
 
 
 def _crop_of(strategy: HighResStrategy, size: tuple[int, int], adapter: Any) -> Any:
