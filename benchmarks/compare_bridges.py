@@ -123,11 +123,13 @@ def text_answers(model: MultimodalModel, questions: list[str] = TEXT_QUESTIONS, 
 
 
 def parameter_summary(model: MultimodalModel) -> dict[str, int]:
-    """Trainable (the bridge: only it trains here), total, and active per token."""
+    """Trainable in the last stage (as saved; else the bridge's), total, and active per token."""
     total = sum(parameter.numel() for parameter in model.parameters())
     idle = model.inactive_parameters_per_token()
-    return {"trainable": sum(parameter.numel() for parameter in model.bridge.parameters()), "total": total,
-            "active": total - idle}
+    saved = model.parameters_at_save
+    trainable = sum(counts["trainable"] for counts in saved.values()) if saved else \
+        sum(parameter.numel() for parameter in model.bridge.parameters())
+    return {"trainable": trainable, "total": total, "active": total - idle}
 
 
 def compare_one(run: RunConfig, tasks: list[str], eval_n: int, progress: bool = True,
