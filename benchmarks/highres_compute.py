@@ -7,7 +7,9 @@ The encoder is CLIP ViT-L/14 at 336 px (LLaVA-1.5, LLaVA-NeXT and LLaVA-UHD's to
 device, so nothing is computed: ``torch.utils.flop_counter`` counts the FLOPs of each distinct crop shape
 (1 multiply-add = 2 FLOPs). The bridges: LLaVA's mlp2x_gelu into a 4096-wide LLM (base, AnyRes), a 64-query
 resampler per slice (UHD, Monkey), and Fuyu's one linear layer over raw 30-px patches (no encoder). Monkey's
-windows are 336-px tiles here (its paper uses 448-px tiles of a ViT-bigG), 2x3 as its 896x1344 input.
+windows are 336-px tiles here (its paper uses 448-px tiles of a ViT-bigG), 2x3 as its 896x1344 input. The last
+figure of each cell adds the bridge and a 13B LLM's prefill of the image's positions (2 FLOPs per parameter per
+position; attention scores left out) — the whole-model ratio LLaVA-UHD's 94% speaks of.
 """
 
 from __future__ import annotations
@@ -61,28 +63,39 @@ def strategy_costs(sizes: list[tuple[int, int]], names: list[str]) -> dict[str, 
     return costs
 
 
-def markdown_table(costs: dict[str, list[ImageCost]], sizes: list[tuple[int, int]]) -> str:
-    """One row per strategy; per size: LLM positions (visual + separators), crops, encoder FLOPs and its ratio
-    to the base row's."""
+def markdown_table(costs: dict[str, list[ImageCost]], sizes: list[tuple[int, int]], llm_parameters: float) -> str:
+    """One row per strategy; per size: LLM positions (visual + separators), crops, encoder FLOPs and its ratio to
+    the base row's, and the ratio of encoder + bridge + LLM prefill FLOPs (the prefill approximated as
+    2 × ``llm_parameters`` per position, attention scores left out)."""
     base = next(iter(costs.values()))
-    header = ["strategy"] + [f"{width}×{height}: tokens / crops / encoder FLOPs (× base)" for height, width in sizes]
+    header = ["strategy"] + [f"{width}×{height}: positions / crops / encoder FLOPs (× base) / with LLM (× base)"
+                             for height, width in sizes]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(sizes)]
     for name, row in costs.items():
         cells = []
         for cost, reference in zip(row, base):
             ratio = cost.encoder_flops / reference.encoder_flops if reference.encoder_flops else float("nan")
-            cells.append(f"{cost.llm_tokens} / {cost.crops} / {format_flops(cost.encoder_flops)} ({ratio:.2f}×)")
+            whole = total_flops(cost, llm_parameters) / total_flops(reference, llm_parameters)
+            cells.append(f"{cost.llm_tokens} / {cost.crops} / {format_flops(cost.encoder_flops)} ({ratio:.2f}×) / "
+                         f"{whole:.2f}×")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def total_flops(cost: ImageCost, llm_parameters: float) -> float:
+    """Encoder + bridge + the LLM's prefill of the image's positions (2 FLOPs per parameter per position)."""
+    return cost.encoder_flops + cost.bridge_flops + 2 * llm_parameters * cost.llm_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=SIZES, type=parse_image_size, metavar="WxH")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--llm-parameters", type=float, default=13e9,
+                        help="LLM size for the prefill column (LLaVA-UHD's comparison uses Vicuna-13B)")
     args = parser.parse_args(argv)
     sizes = [parse_image_size(size) if isinstance(size, str) else size for size in args.sizes]
-    print(markdown_table(strategy_costs(sizes, args.strategies), sizes))
+    print(markdown_table(strategy_costs(sizes, args.strategies), sizes, args.llm_parameters))
     return 0
 
 
