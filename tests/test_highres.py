@@ -126,7 +126,18 @@ def test_save_and_load_rebuild_the_strategy_and_its_newline(anyres_model, tmp_pa
                            anyres_model(inputs["input_ids"][None], **arguments).logits)
 
 
-def test_feature_cache_trains_as_pixels_do(tokenizer_dir, tmp_path):
+PERCEIVER = {"type": "perceiver", "num_latents": 8, "depth": 1, "heads": 4}
+CACHED = {  # every strategy with a frozen encoder: crops of one size (anyres, monkey) or of many (uhd, native)
+    "anyres": (ANYRES, None, None),
+    "uhd": ({"type": "uhd", "max_slices": 4}, PERCEIVER, None),
+    "monkey": ({"type": "monkey", "windows": [1, 2], "r": 4}, PERCEIVER, None),
+    "native": ({"type": "native", "max_size": [40, 56]}, {"type": "mlp", "depth": 1},
+               {"type": "patch", "patch_size": 4, "image_size": 16}),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(CACHED))
+def test_feature_cache_trains_as_pixels_do(strategy, tokenizer_dir, tmp_path):
     directory = tmp_path / "images"
     directory.mkdir()
     records = []
@@ -138,7 +149,9 @@ def test_feature_cache_trains_as_pixels_do(tokenizer_dir, tmp_path):
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1
 
     def run(output: str, cache: str | None) -> list[float]:
-        config = RunConfig(model=tiny_model_config(tokenizer_dir, vocab, highres=ANYRES), output_dir=output, seed=0, stages=[
+        highres, bridge, vision = CACHED[strategy]
+        model = tiny_model_config(tokenizer_dir, vocab, highres=highres, bridge=bridge, vision=vision)
+        config = RunConfig(model=model, output_dir=output, seed=0, stages=[
             {"name": "align", "train": {"bridge": "full"}, "lr": 1e-2, "batch_size": 2, "precision": "fp32",
              "steps": 3}], data={"sources": [{"path": str(directory / "data.json")}], "feature_cache": cache})
         return [record["loss"] for record in train(config, progress=False).history]
