@@ -199,3 +199,10 @@ def test_info_reports_tokens_and_encoder_flops_per_image_size(anyres_model, make
     with pytest.raises(SystemExit):
         main(["info", "--model", str(tmp_path / "model"), "--image-size", "40by8"])
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_region_words_refuses_a_high_resolution_model(anyres_model):
+    from mmbridge.train.region_words import check_grid
+
+    with pytest.raises(ValueError, match="region_words reads one token grid"):
+        check_grid(anyres_model)

@@ -95,6 +95,10 @@ def _word_token(tokenizer, word: str) -> int:
 
 def check_grid(model: nn.Module) -> int:
     """The side of the bridge's token grid; a ``ValueError`` when tokens are not a square grid over the whole image."""
+    if getattr(model, "highres", None) is not None:
+        raise ValueError(f"region_words reads one token grid over the whole image; a high-resolution strategy "
+                         f"({model.config.highres.type}) gives each image crops and a layout of its own, which this "
+                         f"objective does not read; train such a model's bridge with objective lm")
     tokens = model.tokens_per_image
     side = math.isqrt(tokens)
     if side * side != tokens:
