@@ -4,6 +4,7 @@
     mmbridge pretrain-qformer RECIPE.yaml [key.path=value ...] [--resume]   (BLIP-2 stage 1: ITC + ITM + ITG, no LLM)
     mmbridge generate --model DIR --image PATH --prompt TEXT [--max-new-tokens N] [--do-sample ...]
     mmbridge info --model DIR
+    mmbridge export --model DIR --format hf --out OUT [--force]   (a transformers directory: weights, processor)
     mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S]
     mmbridge eval --model DIR --suite miniworld [--tasks T ...] [--n N] [--shots K] [--out FILE] [--blind | --with-blind]
     mmbridge eval --compare A.json B.json ...
@@ -75,6 +76,20 @@ def _info(args: argparse.Namespace) -> int:
     print(info_text(model))
     if args.image_size:
         print(image_cost_text(model, args.image_size))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import os
+
+    from mmbridge.interop.export import export_hf
+    from mmbridge.model.multimodal import MultimodalModel
+
+    model_dir, out = os.path.realpath(args.model), os.path.realpath(args.out)
+    if model_dir == out or model_dir.startswith(out + os.sep):
+        raise ValueError(f"--out {args.out} would replace the model directory {args.model}; choose another --out")
+    exported = export_hf(MultimodalModel.from_pretrained(args.model), args.out, force=args.force)
+    print(f"exported {exported.model_class} + {exported.processor_class} to {exported.path}")
     return 0
 
 
@@ -205,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--image-size", nargs="+", metavar="WxH", type=parse_image_size,
                       help="also report visual tokens and encoder FLOPs per image of these sizes (e.g. 336x336 672x1008)")
     info.set_defaults(run=_info)
+
+    export = commands.add_parser("export", help="write a saved model as a transformers directory")
+    export.add_argument("--model", required=True, help="directory written by save_pretrained / training")
+    export.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers classes (default)")
+    export.add_argument("--out", required=True, help="output directory (written atomically)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(run=_export)
 
     data = commands.add_parser("data", help="generate datasets")
     generators = data.add_subparsers(dest="generator", required=True)
