@@ -8,6 +8,7 @@
     mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S]
     mmbridge eval --model DIR --suite miniworld [--tasks T ...] [--n N] [--shots K] [--out FILE] [--blind | --with-blind]
     mmbridge eval --compare A.json B.json ...
+    mmbridge serve --model DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [limits ...]
 """
 
 from __future__ import annotations
@@ -145,6 +146,35 @@ def _data_miniworld(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from mmbridge.serve.server import default_model_name, serve
+    from mmbridge.serve.settings import LIMIT_FLAGS, ServeSettings
+
+    fields = {name: getattr(args, name) for name in LIMIT_FLAGS}
+    settings = ServeSettings(served_model_name=args.served_model_name or default_model_name(args.model),
+                             allow_remote_images=args.allow_remote_images, image_root=args.image_root, **fields)
+    serve(args.model, settings, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    from mmbridge.serve.settings import LIMIT_FLAGS, ServeSettings, flag
+
+    serve = commands.add_parser("serve", help="serve a saved model over an OpenAI-compatible HTTP API")
+    serve.add_argument("--model", required=True, help="directory written by save_pretrained / training")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the model's name in the API (default: the directory's name)")
+    serve.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    serve.add_argument("--allow-remote-images", action="store_true",
+                       help="fetch http(s) image URLs (public addresses only, no redirects)")
+    serve.add_argument("--image-root", help="read file:// URLs and bare paths, only under this directory")
+    defaults = ServeSettings()
+    for name, (kind, text) in LIMIT_FLAGS.items():
+        serve.add_argument(f"--{flag(name)}", type=kind, default=getattr(defaults, name), help=text)
+    serve.set_defaults(run=_serve)
+
+
 def info_text(model) -> str:
     """Components, parameters per key (trainable/frozen) and visual tokens per image."""
     config = model.export_config()
@@ -255,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare", nargs="+", metavar="RESULTS", help="print results files side by side")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_eval)
+
+    _add_serve_parser(commands)
     return parser
 
 

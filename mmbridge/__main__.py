@@ -1,0 +1,7 @@
+"""``python -m mmbridge ...``: the same sub-commands as the ``mmbridge`` command."""
+
+import sys
+
+from mmbridge.cli import main
+
+sys.exit(main())
