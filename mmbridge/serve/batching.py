@@ -105,12 +105,14 @@ class BatchStats:
     batches: int = 0
     requests: int = 0
     largest_batch: int = 0
+    dropped: int = 0  # requests whose client left while queued or decoding
 
 
 class BatchScheduler:
-    """Groups queued jobs and runs each group with ``run_group`` in one generation thread."""
+    """Groups queued jobs and runs each group with ``run_group`` in one generation thread (it returns how many
+    of the group's rows it dropped because their clients left)."""
 
-    def __init__(self, run_group: Callable[[list[Job]], None], max_batch: int, wait_s: float,
+    def __init__(self, run_group: Callable[[list[Job]], int], max_batch: int, wait_s: float,
                  max_queued: int) -> None:
         self.run_group = run_group
         self.max_batch, self.wait_s, self.max_queued = max_batch, wait_s, max_queued
@@ -153,7 +155,7 @@ class BatchScheduler:
             if group:
                 self._count(group)
                 try:
-                    await loop.run_in_executor(self.executor, self.run_group, group)
+                    self.stats.dropped += await loop.run_in_executor(self.executor, self.run_group, group)
                 except Exception as error:  # run_group reports its own failures; this is the backstop
                     logger.exception("batch failed")
                     for job in group:  # a job that already ended has stopped reading its events
@@ -161,15 +163,13 @@ class BatchScheduler:
 
     def _take_group(self) -> list[Job]:
         """Up to ``max_batch`` live jobs sharing the oldest live job's key; the others stay queued in order."""
-        while self.pending and self.pending[0].cancelled:
-            self.pending.popleft()
-        if not self.pending:
+        live = [job for job in self.pending if not job.cancelled]
+        self.stats.dropped += len(self.pending) - len(live)
+        if not live:
+            self.pending.clear()
             return []
-        key, group, kept = self.pending[0].group_key, [], deque()
-        while self.pending:
-            job = self.pending.popleft()
-            if job.cancelled:
-                continue
+        key, group, kept = live[0].group_key, [], deque()
+        for job in live:
             (group if len(group) < self.max_batch and job.group_key == key else kept).append(job)
         self.pending = kept
         return group

@@ -36,13 +36,14 @@ class Row:
         self.text = AnswerText(tokenizer, job.stop)
         self.tokens = 0
         self.ended = False
+        self.dropped = False  # its client left before the answer ended
 
     def step(self, token: int) -> None:
         """Take this row's next token."""
         if self.ended:
             return
         if self.job.cancelled:
-            self.ended = True
+            self.ended = self.dropped = True
             return
         self.tokens += 1
         if token in self.eos_ids:
@@ -88,8 +89,9 @@ class Engine:
         parameter = next(model.parameters(), None)
         self.device = parameter.device if parameter is not None else torch.device("cpu")
 
-    def run_group(self, jobs: list[Job]) -> None:
-        """Decode ``jobs`` (equal sampling settings) in one batch; every job ends with Finished or Failed."""
+    def run_group(self, jobs: list[Job]) -> int:
+        """Decode ``jobs`` (equal sampling settings) in one batch; every job ends with Finished or Failed, except
+        those whose client left: returns how many rows were dropped for that."""
         rows = [Row(job, self.model.tokenizer, self.eos_ids, self.lock) for job in jobs]
 
         def streamer(tokens: torch.Tensor) -> None:  # [B]
@@ -108,6 +110,7 @@ class Engine:
                 row.fail(f"generation failed: {type(error).__name__}: {error}")
         for row in rows:  # generate reached the longest budget: the rows still open end by length
             row.finish("length")
+        return sum(row.dropped for row in rows)
 
     def _generate(self, jobs: list[Job], streamer: Any) -> None:
         batch = collate([{"id": str(index), **job.example} for index, job in enumerate(jobs)], self.pad_token_id,
