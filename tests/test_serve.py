@@ -160,6 +160,7 @@ REJECTIONS = {  # name: (content, settings, status, param, code)
                                     "remote_images_disabled"),
     "path without an image root": ([image_part("/etc/hostname")], {}, 400, image_url_param(0, 0),
                                    "local_images_disabled"),
+    "prompt over the context": ("red " * 600, {}, 400, "messages", "context_length_exceeded"),
     "max_tokens over the cap": ("hi", {"max_tokens": TOKENS_CAP + 1}, 400, "max_tokens", "max_tokens_too_large"),
     "temperature out of range": ("hi", {"temperature": 3}, 400, "temperature", "invalid_value"),
     "unknown argument": ("hi", {"extra_body": {"best_of": 2}}, 400, "best_of", "unknown_parameter"),

@@ -76,6 +76,7 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Start the scheduler (and the remote-image client) with the app; stop them with it."""
         self.scheduler = BatchScheduler(self.engine.run_group, self.settings.max_batch,
                                         self.settings.batch_wait_ms / 1000, self.settings.max_queued)
         self.scheduler.start()
@@ -91,20 +92,24 @@ class Server:
 
     # -- routes --------------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
+        """``GET /health``: ok, the model's name, queued requests and the scheduler's counters."""
         stats = self.scheduler.stats if self.scheduler else None
         return {"status": "ok", "model": self.settings.served_model_name,
                 "queued": len(self.scheduler.pending) if self.scheduler else 0,
                 **(vars(stats) if stats else {})}
 
     async def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: the one served model."""
         return ModelList(data=[self._card()]).model_dump()
 
     async def model_card(self, model_id: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}``: the served model, or a 404 like OpenAI's."""
         if model_id != self.settings.served_model_name:
             raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
         return self._card().model_dump()
 
     async def chat_completions(self, request: Request) -> Response:
+        """``POST /v1/chat/completions``: validate, load images, build the prompt, queue; answer or stream."""
         chat = parse_request(await read_body(request, self.settings.max_body_bytes))
         check_request(chat, self.settings)
         conversation = parse_messages(chat.messages, self.model.config.image_token)

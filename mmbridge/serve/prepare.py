@@ -81,7 +81,8 @@ def completion_budget(request: ChatCompletionRequest, prompt_tokens: int, settin
                                   f"{context_length}", code="context_length_exceeded")
     requested, field = request.requested_max_tokens()
     if requested is None:
-        return settings.default_max_tokens if room is None else min(settings.default_max_tokens, room)
+        default = min(settings.default_max_tokens, settings.max_tokens_cap)
+        return default if room is None else min(default, room)
     if room is not None and requested > room:
         raise invalid(field, f"the prompt ({prompt_tokens} tokens) plus {field} ({requested}) exceeds the model's "
                              f"context of {context_length} tokens", code="context_length_exceeded")

@@ -107,17 +107,23 @@ FinishReason = Literal["stop", "length"]
 
 
 class Usage(BaseModel):
+    """Token counts of one answer; prompt tokens include every image's visual tokens."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
 class AssistantMessage(BaseModel):
+    """The answer's message."""
+
     role: Literal["assistant"] = "assistant"
     content: str
 
 
 class Choice(BaseModel):
+    """The one answer of a ``chat.completion`` (``n`` is always 1)."""
+
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
@@ -125,6 +131,8 @@ class Choice(BaseModel):
 
 
 class ChatCompletion(BaseModel):
+    """The body of a non-streamed answer."""
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -134,11 +142,15 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(BaseModel):
+    """What one streamed chunk adds: the role (first chunk) or text."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
 class ChunkChoice(BaseModel):
+    """The one choice of a streamed chunk; ``finish_reason`` on the last."""
+
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
@@ -146,6 +158,8 @@ class ChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed answer."""
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -155,6 +169,8 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """An entry of ``GET /v1/models``."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -162,6 +178,8 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """The body of ``GET /v1/models``."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
