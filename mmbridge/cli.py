@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
         run.output_dir = args.output_dir
     result = train(run, resume=args.resume, progress=not args.no_progress)
     last = result.history[-1] if result.history else None
-    if last:
+    if last and result.main_process:  # one line however many processes trained
         print(f"done: {len(result.history)} steps, final loss {last['loss']:.4f}; model saved to {run.output_dir}/final")
     return 0  # skipped-sample counts were logged at the end of each stage
 

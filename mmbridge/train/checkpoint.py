@@ -39,7 +39,9 @@ class TrainState:
     step: int = 0
     global_step: int = 0
     history: list[dict] = field(default_factory=list)
-    micro: int | None = None  # micro-batches the stage has consumed (more than step × grad_accum when some were empty)
+    micro: int | list[int] | None = None  # micro-batches the stage has consumed (more than step × grad_accum when
+    # some were empty); one position per process when several ran
+    world_size: int = 1  # processes that trained
 
 
 def save_checkpoint(directory: str, model: torch.nn.Module, touched: set[str], optimizer: torch.optim.Optimizer,
@@ -58,7 +60,8 @@ def save_checkpoint(directory: str, model: torch.nn.Module, touched: set[str], o
         numpy_state = np.random.get_state()
         atomic_write_json(os.path.join(staging, "state.json"), {
             "stage_index": state.stage_index, "step": state.step, "global_step": state.global_step,
-            "micro": state.micro, "history": state.history, "scheduler_last_epoch": scheduler.last_epoch,
+            "micro": state.micro, "world_size": state.world_size, "history": state.history,
+            "scheduler_last_epoch": scheduler.last_epoch,
             "param_groups": groups,
             "param_names": param_names, "python_rng": _jsonable(random.getstate()),
             "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
@@ -76,7 +79,8 @@ def save_checkpoint(directory: str, model: torch.nn.Module, touched: set[str], o
 
 def saved_state(saved: dict) -> TrainState:
     """The :class:`TrainState` recorded in a checkpoint's ``state.json``."""
-    return TrainState(saved["stage_index"], saved["step"], saved["global_step"], saved["history"], saved.get("micro"))
+    return TrainState(saved["stage_index"], saved["step"], saved["global_step"], saved["history"], saved.get("micro"),
+                      saved.get("world_size", 1))
 
 
 def check_recipe_unchanged(recipe_path: str, current: dict, checkpoint: str) -> None:

@@ -4,12 +4,17 @@
 the main thread only). The first Ctrl-C only sets :attr:`StopOnInterrupt.requested`; the loop
 checks it after each optimizer step, writes a checkpoint and raises :class:`TrainingInterrupted`.
 A second Ctrl-C raises ``KeyboardInterrupt`` at once (nothing since the last checkpoint is kept).
+
+Under ``torchrun``/``accelerate launch`` a Ctrl-C reaches each process twice: from the terminal,
+and again from the launcher, which forwards it. With ``grace`` seconds, a second SIGINT that soon
+after the first counts as the same Ctrl-C.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -27,8 +32,10 @@ class TrainingInterrupted(Exception):
 class StopOnInterrupt:
     """A context in which the first SIGINT asks the loop to stop after its step, and a second one aborts."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = 0.0) -> None:
         self.requested = False
+        self.grace = grace
+        self._first = 0.0
         self._previous: Any = None
         self._installed = False
 
@@ -45,6 +52,8 @@ class StopOnInterrupt:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
+            if time.monotonic() - self._first < self.grace:
+                return  # the launcher forwarding the Ctrl-C this process already received
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._first = True, time.monotonic()
         tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")

@@ -58,6 +58,7 @@ from mmbridge.model.bridges.qformer import (QFormer, QFormerBridgeConfig, build_
 from mmbridge.model.multimodal import IGNORE_INDEX, MODULE_KEYS
 from mmbridge.model.vision import build_vision
 from mmbridge.train import checkpoint as ckpt
+from mmbridge.train.distributed import launched_processes
 from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
 from mmbridge.train.preflight import check_run, stage_data
 from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups
@@ -324,6 +325,8 @@ def pretrain(run: RunConfig, progress: bool = True, on_step: StepCallback | None
     ``save_every`` steps and at the end of each stage; with ``resume`` the run continues from the
     newest one with the same losses and weights as an uninterrupted run.
     """
+    if launched_processes() > 1:
+        raise ValueError("pretrain-qformer trains on one process; launch it without accelerate launch/torchrun")
     stages = check_run(run, components=("vision", "bridge"))  # stage 1 has no LLM
     saved_path = ckpt.latest_checkpoint(os.path.join(run.output_dir, "checkpoints")) if resume else None
     if saved_path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from mmbridge.config import RunConfig, save_run_config
@@ -25,6 +26,7 @@ from mmbridge.data import DataConfig, MixtureDataset, Processor, batch_indices, 
 from mmbridge.eval.plots import plot_gates
 from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
 from mmbridge.train import checkpoint as ckpt
+from mmbridge.train.distributed import any_process, check_launch, gather, make_accelerator
 from mmbridge.train.feature_cache import CachedFeatureDataset, build_feature_cache
 from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
 from mmbridge.train.precision import FrozenBf16Weights, frozen_weights_in_bf16, resolve_precision
@@ -45,6 +47,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
     output_dir: str = ""
+    main_process: bool = True  # False in every process but the main one of a multi-process run
 
 
 class _StageData:
@@ -72,12 +75,6 @@ class _StageData:
         return collate(examples, self.pad_token_id) if examples else None
 
 
-def _accelerator() -> Any:
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision="no")  # bf16 autocast is applied per stage (stages may differ)
-
-
 def train(run: RunConfig, resume: bool = False, progress: bool = True,
           on_step: StepCallback | None = None, model: MultimodalModel | None = None) -> TrainResult:
     """Run every stage of ``run``; with ``resume``, continue from the newest checkpoint in ``run.output_dir``.
@@ -85,8 +82,13 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
     The recipe is checked first (:func:`~mmbridge.train.preflight.check_run`), and a resumed run
     must use the recipe its checkpoint was trained with. Ctrl-C stops after the current step,
     writes a checkpoint and raises :class:`~mmbridge.train.interrupt.TrainingInterrupted`.
+
+    Under ``accelerate launch``/``torchrun`` every process runs this; the main one writes the log,
+    checkpoints and the final model (:mod:`~mmbridge.train.distributed`).
     """
+    check_launch()
     stages = check_run(run)
+    accelerator = make_accelerator()
     checkpoint_dir = os.path.join(run.output_dir, "checkpoints")
     state, saved, saved_path = ckpt.TrainState(), None, None
     if resume:
@@ -97,14 +99,15 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
             ckpt.check_recipe_unchanged(os.path.join(run.output_dir, "recipe.yaml"), run.to_dict(), saved_path)
             saved = ckpt.read_state(saved_path)
             state = ckpt.saved_state(saved)
+            check_world_size(state, accelerator.num_processes, saved_path)
             logger.info("resuming from %s (stage %d, step %d)", saved_path, state.stage_index, state.step)
     seed_everything(run.seed)
-    model = model or MultimodalModel.from_config(run.model, processor_settings=run.processor)
-    accelerator = _accelerator()
-    os.makedirs(run.output_dir, exist_ok=True)
-    save_run_config(run, os.path.join(run.output_dir, "recipe.yaml"))
-    _rewrite_log(run.output_dir, state.history)
-    result = TrainResult(model, state.history, output_dir=run.output_dir)
+    model = (model or MultimodalModel.from_config(run.model, processor_settings=run.processor)).to(accelerator.device)
+    if accelerator.is_main_process:
+        os.makedirs(run.output_dir, exist_ok=True)
+        save_run_config(run, os.path.join(run.output_dir, "recipe.yaml"))
+        _rewrite_log(run.output_dir, state.history)
+    result = TrainResult(model, state.history, output_dir=run.output_dir, main_process=accelerator.is_main_process)
     touched: set[str] = set()
     check_upcycle(model, stages)
     for index, stage in enumerate(stages):
@@ -131,7 +134,16 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
     if accelerator.is_main_process:
         model.save_pretrained(final)
         logger.info("saved the trained model to %s", final)
+    accelerator.wait_for_everyone()  # every process returns once the model is saved
     return result
+
+
+def check_world_size(state: ckpt.TrainState, processes: int, checkpoint: str) -> None:
+    """A checkpoint taken mid-stage resumes only on as many processes as wrote it: which micro-batches each
+    process reads, and how many steps an epoch-long stage takes, depend on it."""
+    if state.step > 0 and state.world_size != processes:
+        raise ValueError(f"cannot resume from {checkpoint} on {processes} process(es): it was taken mid-stage by a "
+                         f"run on {state.world_size}; resume with {state.world_size} (or from a stage boundary)")
 
 
 def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, precision: str,
@@ -182,64 +194,46 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
     start = 0
     if saved is not None:
         start = ckpt.restore_mid_stage(saved_path, saved, model, optimizer, param_names, scheduler)
-    cursor = state.micro if saved is not None and state.micro is not None else start * stage.grad_accum
-    trained_model = accelerator.prepare_model(model) if world > 1 else model
+    cursor = _start_cursor(state, saved, start * stage.grad_accum, rank)
+    objective = _Objective(model, _region_words(stage, model, dataset))
+    trained = accelerator.prepare_model(objective) if world > 1 else objective  # DDP: gradients averaged
     optimizer = accelerator.prepare_optimizer(optimizer)
     _set_modes(model, stage)
     trainable = [p for group in groups for p in group["params"]]
-    words = _region_words(stage, model, dataset)
     bar = tqdm(total=total_steps, initial=start, desc=stage.name, disable=not progress or not accelerator.is_main_process,
                dynamic_ncols=True)
-    with frozen_weights_in_bf16(model, precision, touched) as frozen, StopOnInterrupt() as stop:
+    grace = _SIGINT_GRACE if world > 1 else 0.0
+    with frozen_weights_in_bf16(model, precision, touched) as frozen, StopOnInterrupt(grace) as stop:
         for step in range(start, total_steps):
             began = time.perf_counter()
-            loss_sum, samples, tokens, seen, empty = 0.0, 0, 0, 0, 0
-            aux: dict[str, float] = {}  # a fusion bridge's auxiliary loss terms, summed over micro-batches
-            counts: dict[str, Any] = {}  # and its statistics (counts), summed likewise
-            read: dict[str, list[int]] = {}  # region_words: attribute → [cells read right, cells labelled]
-            for _ in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
+            tally = _Tally()
+            for micro in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
                 batch, cursor, skipped = _next_batch(data, cursor, world, rank, stage.name)
-                empty += skipped
-                with autocast(precision, accelerator.device):
-                    if words is None:
-                        output = trained_model(**model_inputs(batch), return_logits="none")
-                        loss, labelled = output.loss, output.num_label_tokens
-                        seen += int(batch["attention_mask"].sum())  # positions through the LLM
-                        for name, value in output.aux_losses.items():
-                            aux[name] = aux.get(name, 0.0) + float(value.detach())
-                        add_counts(counts, output.stats)
-                    else:
-                        loss, labelled, counts = region_word_loss(model, batch, words)
-                        for name, (right, total) in counts.items():
-                            sums = read.setdefault(name, [0, 0])
-                            sums[0], sums[1] = sums[0] + right, sums[1] + total
-                accelerator.backward(loss / stage.grad_accum)
-                loss_sum += float(loss.detach())
-                samples += batch["input_ids"].shape[0]
-                tokens += labelled
-            if stage.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, stage.max_grad_norm)
+                tally.empty += skipped
+                last = micro == stage.grad_accum - 1
+                with _no_sync(trained, world > 1 and not last), autocast(precision, accelerator.device):
+                    loss, labelled, extra = trained(_on_device(batch, accelerator.device))
+                    accelerator.backward(loss / stage.grad_accum)
+                tally.add(batch, float(loss.detach()), labelled, extra)
+            tally.cursor = cursor
+            tallies = gather(accelerator, tally)  # every process's figures, in rank order
+            grad_norm = accelerator.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm else None
             learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state.step, state.global_step, state.micro = step + 1, state.global_step + 1, cursor
+            state.step, state.global_step = step + 1, state.global_step + 1
+            state.micro = cursor if world == 1 else [part.cursor for part in tallies]  # one position per process
             seconds = max(time.perf_counter() - began, 1e-9)
-            record = {"stage": stage.name, "stage_index": index, "step": step + 1, "stage_steps": total_steps,
-                      "global_step": state.global_step,
-                      "loss": loss_sum / stage.grad_accum, "lr": learning_rate, "samples_per_s": samples / seconds,
-                      "tokens_per_s": seen / seconds, "label_tokens": tokens, "seconds": seconds}
-            if read:  # how often each visual token reads as its region's word, per attribute
-                record["word_accuracy"] = {name: right / total for name, (right, total) in read.items() if total}
-            if aux:  # already inside "loss"
-                record["aux_losses"] = {name: value / stage.grad_accum for name, value in aux.items()}
-            record.update(counts)
+            record = _step_record(stage, index, step, total_steps, state.global_step, learning_rate,
+                                  _Tally.merged(tallies), seconds)
+            if grad_norm is not None:  # before clipping; the same in every process (gradients are averaged first)
+                record["grad_norm"] = float(grad_norm)
             if hasattr(model.bridge, "step_report"):  # e.g. the tanh gates of gated cross-attention, every step
                 record.update(model.bridge.step_report())
-            if empty:
-                record["empty_batches"] = empty  # every sample of these micro-batches was skipped
             result.history.append(record)
-            _append_log(run.output_dir, record)
+            if accelerator.is_main_process:
+                _append_log(run.output_dir, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
             bar.update(1)
             stage_done = step + 1 == total_steps
@@ -247,8 +241,9 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
             def save() -> str | None:
                 if not accelerator.is_main_process:
                     return None
-                where = ckpt.TrainState(index + 1, 0, state.global_step, result.history) if stage_done else \
-                    ckpt.TrainState(index, step + 1, state.global_step, result.history, cursor)
+                where = ckpt.TrainState(index + 1, 0, state.global_step, result.history, world_size=world) \
+                    if stage_done else ckpt.TrainState(index, step + 1, state.global_step, result.history, state.micro,
+                                                       world)
                 with _fp32(frozen):
                     return ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched,
                                                 optimizer, param_names, scheduler, where)
@@ -257,14 +252,16 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
             if on_step is not None:
                 with _fp32(frozen):
                     on_step(record)
-            if stop.requested:
+            if any_process(accelerator, stop.requested):  # every process stops after the same step
                 bar.close()
                 written = written or save()
+                accelerator.wait_for_everyone()  # the checkpoint is written before any process exits
                 raise TrainingInterrupted(
                     f"stopped at step {step + 1} of {total_steps} of stage '{stage.name}' ({state.global_step} steps "
-                    f"in all); checkpoint {written}; resume with --resume", written)
+                    f"in all); checkpoint {written or 'written by the main process'}; resume with --resume", written)
     bar.close()
     model.eval()
+    accelerator.free_memory()  # drops the stage's DDP wrapper (its hooks and buckets) and optimizer
     stage_records = [record for record in result.history if record["stage_index"] == index]
     if accelerator.is_main_process and any("gates" in record for record in stage_records):
         path = plot_gates(stage_records, os.path.join(run.output_dir, f"gates-{index + 1}-{stage.name}.png"),
@@ -273,6 +270,111 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
     if dataset.skipped:
         result.skipped[stage.name] = dict(dataset.skipped)
         logger.warning("stage '%s' skipped samples: %s", stage.name, dict(dataset.skipped))
+
+
+_SIGINT_GRACE = 2.0  # seconds: torchrun forwards the terminal's Ctrl-C to processes that received it already
+
+
+class _Objective(nn.Module):
+    """A stage's loss for one batch as a module, so that DDP wraps all of it (``region_words`` calls the vision
+    encoder and bridge directly, past :meth:`MultimodalModel.forward`). Returns the loss, its labelled tokens or
+    cells, and what the step logs besides."""
+
+    def __init__(self, model: MultimodalModel, words: WordGroups | None) -> None:
+        super().__init__()
+        self.model, self.words = model, words
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, Any]]:
+        if self.words is not None:
+            loss, cells, read = region_word_loss(self.model, batch, self.words)
+            return loss, cells, {"read": read}
+        output = self.model(**model_inputs(batch), return_logits="none")
+        positions = int(batch["attention_mask"].sum())  # through the LLM
+        return output.loss, output.num_label_tokens, {"aux": output.aux_losses, "stats": output.stats,
+                                                      "positions": positions}
+
+
+@dataclass
+class _Tally:
+    """One process's figures for one optimizer step; :meth:`merged` combines every process's into the step's."""
+
+    losses: list[float] = field(default_factory=list)  # per micro-batch, in order
+    samples: int = 0
+    seen: int = 0  # positions through the LLM
+    tokens: int = 0  # labelled tokens (cells for region_words)
+    empty: int = 0  # micro-batches passed over because every sample was skipped
+    aux: dict[str, float] = field(default_factory=dict)  # a fusion bridge's auxiliary loss terms, summed
+    counts: dict[str, Any] = field(default_factory=dict)  # and its statistics (counts), summed likewise
+    read: dict[str, list[int]] = field(default_factory=dict)  # region_words: attribute → [cells read right, labelled]
+    cursor: int = 0  # the process's position in the stage's micro-batch stream after the step
+
+    def add(self, batch: dict, loss: float, labelled: int, extra: dict[str, Any]) -> None:
+        self.losses.append(loss)
+        self.samples += batch["input_ids"].shape[0]
+        self.seen += extra.get("positions", 0)
+        self.tokens += labelled
+        for name, value in extra.get("aux", {}).items():
+            self.aux[name] = self.aux.get(name, 0.0) + float(value.detach())
+        add_counts(self.counts, extra.get("stats", {}))
+        for name, (right, total) in extra.get("read", {}).items():
+            sums = self.read.setdefault(name, [0, 0])
+            sums[0], sums[1] = sums[0] + right, sums[1] + total
+
+    @staticmethod
+    def merged(parts: list["_Tally"]) -> "_Tally":
+        """The step's figures: losses in micro-batch order (micro-batch ``a`` of rank ``r`` is ``a·world + r`` of
+        the step), so one process summing N micro-batches and N processes give the same float; the rest summed."""
+        whole = _Tally(losses=[loss for losses in zip(*(part.losses for part in parts)) for loss in losses])
+        for part in parts:
+            whole.samples, whole.seen = whole.samples + part.samples, whole.seen + part.seen
+            whole.tokens, whole.empty = whole.tokens + part.tokens, whole.empty + part.empty
+            for name, value in part.aux.items():
+                whole.aux[name] = whole.aux.get(name, 0.0) + value
+            add_counts(whole.counts, part.counts)
+            for name, (right, total) in part.read.items():
+                sums = whole.read.setdefault(name, [0, 0])
+                sums[0], sums[1] = sums[0] + right, sums[1] + total
+        return whole
+
+
+def _step_record(stage: StageConfig, index: int, step: int, total_steps: int, global_step: int,
+                 learning_rate: float, tally: _Tally, seconds: float) -> dict:
+    """The log record of one step from every process's merged figures: the loss is the mean over the step's
+    micro-batches, rates count every process's samples and positions over the step's ``seconds``."""
+    micro_batches = len(tally.losses)
+    loss_sum = 0.0
+    for loss in tally.losses:  # summed in micro-batch order, as one process does
+        loss_sum += loss
+    record = {"stage": stage.name, "stage_index": index, "step": step + 1, "stage_steps": total_steps,
+              "global_step": global_step, "loss": loss_sum / micro_batches, "lr": learning_rate,
+              "samples_per_s": tally.samples / seconds, "tokens_per_s": tally.seen / seconds,
+              "label_tokens": tally.tokens, "seconds": seconds}
+    if tally.read:  # how often each visual token reads as its region's word, per attribute
+        record["word_accuracy"] = {name: right / total for name, (right, total) in tally.read.items() if total}
+    if tally.aux:  # already inside "loss"
+        record["aux_losses"] = {name: value / micro_batches for name, value in tally.aux.items()}
+    record.update(tally.counts)
+    if tally.empty:
+        record["empty_batches"] = tally.empty  # every sample of these micro-batches was skipped
+    return record
+
+
+def _start_cursor(state: ckpt.TrainState, saved: dict | None, default: int, rank: int) -> int:
+    """Where this process's micro-batch stream resumes: the checkpoint's position (one per process when several
+    ran), else ``default``."""
+    if saved is None or state.micro is None:
+        return default
+    return state.micro[rank] if isinstance(state.micro, list) else state.micro
+
+
+def _no_sync(trained: nn.Module, skip: bool) -> Any:
+    """DDP's ``no_sync`` for micro-batches before a step's last (gradients accumulate locally, one all-reduce)."""
+    return trained.no_sync() if skip else contextlib.nullcontext()
+
+
+def _on_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on ``device`` (ids and regions stay as they are)."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def check_upcycle(model: MultimodalModel, stages: list[StageConfig]) -> None:
