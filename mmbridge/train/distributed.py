@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -83,3 +84,8 @@ def any_process(accelerator: Any, flag: bool) -> bool:
         return flag
     return bool(accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), "sum").item())
 
+
+def micro_seed(stage_seed: int, position: int) -> int:
+    """The torch seed for the micro-batch at ``position`` of a stage's stream: dropout draws the same masks for it
+    whichever process runs it and however many run, and a resumed run draws what the uninterrupted one did."""
+    return int(np.random.SeedSequence([stage_seed, position]).generate_state(1)[0])

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from mmbridge.data import DataConfig, MixtureDataset, Processor, batch_indices, 
 from mmbridge.eval.plots import plot_gates
 from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
 from mmbridge.train import checkpoint as ckpt
-from mmbridge.train.distributed import any_process, check_launch, gather, make_accelerator
+from mmbridge.train.distributed import any_process, check_launch, gather, make_accelerator, micro_seed
 from mmbridge.train.feature_cache import CachedFeatureDataset, build_feature_cache
 from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
 from mmbridge.train.precision import FrozenBf16Weights, frozen_weights_in_bf16, resolve_precision
@@ -212,7 +212,8 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
                 tally.empty += skipped
                 last = micro == stage.grad_accum - 1
                 with _no_sync(trained, world > 1 and not last), autocast(precision, accelerator.device):
-                    loss, labelled, extra = trained(_on_device(batch, accelerator.device))
+                    with _seeded(micro_seed(data.seed, (cursor - 1) * world + rank), accelerator.device):
+                        loss, labelled, extra = trained(_on_device(batch, accelerator.device))
                     accelerator.backward(loss / stage.grad_accum)
                 tally.add(batch, float(loss.detach()), labelled, extra)
             tally.cursor = cursor
@@ -370,6 +371,15 @@ def _start_cursor(state: ckpt.TrainState, saved: dict | None, default: int, rank
 def _no_sync(trained: nn.Module, skip: bool) -> Any:
     """DDP's ``no_sync`` for micro-batches before a step's last (gradients accumulate locally, one all-reduce)."""
     return trained.no_sync() if skip else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's RNG seeded to ``seed``, then put the RNG back as it was."""
+    devices, kind = ([], "cuda") if device.type == "cpu" else ([device], device.type)  # the CPU's RNG is always forked
+    with torch.random.fork_rng(devices=devices, device_type=kind):
+        torch.manual_seed(seed)
+        yield
 
 
 def _on_device(batch: dict, device: torch.device) -> dict:
