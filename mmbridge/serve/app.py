@@ -1,4 +1,5 @@
-"""The FastAPI app behind ``mmbridge serve``: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``.
+"""The FastAPI app behind ``mmbridge serve``: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``
+and ``GET /``, a web page that asks the model about an image (``static/index.html``, plain HTML and JS).
 
 :func:`create_app` wires the rooms together: a request body is read under its size limit, validated
 (:mod:`~mmbridge.serve.protocol`, :mod:`~mmbridge.serve.conversation`), its images are loaded under the
@@ -15,12 +16,13 @@ import contextlib
 import json
 import logging
 import threading
-from typing import Any, AsyncIterator
+from importlib import resources
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -41,6 +43,11 @@ from mmbridge.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# the page loads nothing from elsewhere and talks only to this server; its one script and style are inline
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                                           "style-src 'unsafe-inline'; img-src blob:; connect-src 'self'; "
+                                           "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 def create_app(model: nn.Module, settings: ServeSettings) -> FastAPI:
@@ -53,11 +60,23 @@ def create_app(model: nn.Module, settings: ServeSettings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
+    app.add_api_route("/", web_page(), methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", server.model_card, methods=["GET"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     return app
+
+
+def web_page() -> Callable[[], Awaitable[HTMLResponse]]:
+    """The ``GET /`` route: the package's ``static/index.html``, read once."""
+    html = (resources.files("mmbridge.serve") / "static" / "index.html").read_text(encoding="utf-8")
+
+    async def page() -> HTMLResponse:
+        """``GET /``: a page to ask the served model about an image (streamed answer)."""
+        return HTMLResponse(html, headers=PAGE_HEADERS)
+
+    return page
 
 
 class Server:
