@@ -241,16 +241,19 @@ def results_section(table: str, command: str, budget: str, section: str = "") ->
                       table, end])
 
 
-def write_results(path: str, text_of_section: str, section: str = "") -> None:
-    """Replace the marked section of ``path`` (or append it under a heading if there is none)."""
+def write_results(path: str, text_of_section: str, section: str = "", marks: tuple[str, str] | None = None,
+                  title: str | None = None) -> None:
+    """Replace the marked section of ``path`` (or append it under a heading if there is none).
+
+    ``marks`` (begin, end) and ``title`` let another benchmark write its own section (default: this one's)."""
     text = open(path).read() if os.path.isfile(path) else ""
-    begin, end = markers(section)
+    begin, end = marks or markers(section)
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: text_of_section, text)
     else:
-        title = f"Bridge comparison on MiniWorld ({section}, equal budget)" if section else \
-            "Bridge comparison on MiniWorld (equal budget)"
+        title = title or (f"Bridge comparison on MiniWorld ({section}, equal budget)" if section else
+                          "Bridge comparison on MiniWorld (equal budget)")
         text = text.rstrip("\n") + f"\n\n## {title}\n\n" + text_of_section + "\n"
     with atomic_path(path) as temporary, open(temporary, "w") as handle:
         handle.write(text)
