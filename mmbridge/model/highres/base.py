@@ -22,6 +22,7 @@ as a fusion bridge's ``attach`` does, so save/load rebuild them from the config.
 
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class ImageLayout:
         return sum(1 for token in self.tokens if token == VISUAL)
 
 
-class HighResStrategy:
+class HighResStrategy(abc.ABC):
     """Base class. Subclasses implement :meth:`plan` (the layout), :meth:`crop` (PIL geometry) and may override
     :meth:`merge` (crop tokens → the image's visual tokens; default: concatenation in crop order)."""
 
@@ -103,12 +104,13 @@ class HighResStrategy:
             self._layouts[key] = self.plan(key)
         return self._layouts[key]
 
+    @abc.abstractmethod
     def plan(self, image_size: tuple[int, int]) -> ImageLayout:
-        raise NotImplementedError
+        """The layout of an image of ``(height, width)`` (uncached; :meth:`layout` caches it)."""
 
+    @abc.abstractmethod
     def crop(self, image: Image.Image) -> list[Image.Image]:
         """The PIL crops of ``image``, in :meth:`layout` order and at each crop's size."""
-        raise NotImplementedError
 
     def typical_tokens(self) -> int:
         """Tokens of an image at twice the encoder's side (for length estimates without opening images)."""

@@ -8,6 +8,7 @@ so the accounting of a ViT-L/14-336 runs in a second (``benchmarks/highres_compu
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmbridge.model.highres.base import VISUAL, HighResStrategy
+from mmbridge.model.highres.base import VISUAL, Crop, HighResStrategy
 
 
 @dataclass
@@ -40,37 +41,35 @@ def image_cost(vision: nn.Module, bridge: nn.Module, strategy: HighResStrategy |
     """The :class:`ImageCost` of one image for an encoder, a bridge and a high-resolution strategy (or None: one
     crop at the encoder's size, whatever the image's size)."""
     if strategy is None:
-        crops = [(tuple(vision.transform.output_size), None)]
+        crops = [Crop(tuple(vision.transform.output_size))]
         tokens = [VISUAL] * int(bridge.num_tokens(vision.num_tokens()))
     else:
         layout = strategy.layout(image_size)
-        crops = [(tuple(crop.size), crop) for crop in layout.crops]
-        tokens = layout.tokens
+        crops, tokens = layout.crops, layout.tokens
+    groups: dict[tuple, list[Crop]] = {}  # one count per distinct shape (and tile adapter)
+    for crop in crops:
+        groups.setdefault((crop.size, strategy.adapter_key(crop) if strategy else None), []).append(crop)
     encoder_flops = bridge_flops = 0
-    shapes: dict[tuple, int] = {}
-    for size, crop in crops:
-        key = (size, strategy.adapter_key(crop) if strategy is not None else None)
-        shapes[key] = shapes.get(key, 0) + 1
-    for (size, adapter), count in shapes.items():
-        crop_encoder, crop_bridge = _crop_flops(vision, bridge, strategy, size, adapter)
-        encoder_flops += count * crop_encoder
-        bridge_flops += count * crop_bridge
+    for members in groups.values():
+        crop_encoder, crop_bridge = _crop_flops(vision, bridge, strategy, members[0])
+        encoder_flops += len(members) * crop_encoder
+        bridge_flops += len(members) * crop_bridge
     visual = sum(1 for token in tokens if token == VISUAL)
     return ImageCost(tuple(image_size), len(crops), visual, len(tokens) - visual, encoder_flops, bridge_flops)
 
 
-def _crop_flops(vision: nn.Module, bridge: nn.Module, strategy: HighResStrategy | None, size: tuple[int, int],
-                adapter: Any) -> tuple[int, int]:
-    """FLOPs of the encoder and of the bridge on one crop of ``size``."""
+def _crop_flops(vision: nn.Module, bridge: nn.Module, strategy: HighResStrategy | None,
+                crop: Crop) -> tuple[int, int]:
+    """FLOPs of the encoder (with the crop's tile adapter) and of the bridge on one crop."""
     parameter = next(vision.parameters(), None)
     device = (parameter if parameter is not None else next(bridge.parameters())).device
-    pixels = torch.zeros(1, 3, *size, device=device)
-    context = strategy.encoder_context(adapter) if strategy is not None else _null()
+    pixels = torch.zeros(1, 3, *crop.size, device=device)
+    context = strategy.encoder_context(strategy.adapter_key(crop)) if strategy else contextlib.nullcontext()
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter, context:
             features = _detached_call(vision, pixels)  # [1, N, D_v]
         encoder = counter.get_total_flops()
-        extra = strategy.crop_context(_crop_of(strategy, size, adapter)) if strategy is not None else {}
+        extra = strategy.crop_context(crop) if strategy else {}
         with FlopCounterMode(display=False) as counter:
             _detached_call(bridge, features, **extra)
     return int(encoder), int(counter.get_total_flops())
@@ -82,18 +81,6 @@ def _detached_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     latents) do even under ``no_grad``; nobody's ``requires_grad`` flag changes."""
     detached = {name: parameter.detach() for name, parameter in module.named_parameters()}
     return torch.func.functional_call(module, detached, args, kwargs)
-
-
-def _crop_of(strategy: HighResStrategy, size: tuple[int, int], adapter: Any) -> Any:
-    from mmbridge.model.highres.base import Crop
-
-    return Crop(size, adapter if isinstance(adapter, int) else 0)
-
-
-def _null() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def cost_table(rows: list[tuple[str, ImageCost]], baseline: ImageCost | None = None) -> str:
