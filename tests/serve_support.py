@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 
 import httpx
 import torch
@@ -76,6 +77,14 @@ class ServerProcess:
     def log(self) -> str:
         with open(self.log_path) as handle:
             return handle.read()[-4000:]
+
+    def running(self) -> Iterator["ServerProcess"]:
+        """Wait until the server answers, hand it out, and stop it afterwards (a fixture's ``yield from``)."""
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         self.process.terminate()

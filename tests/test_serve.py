@@ -38,11 +38,7 @@ def server(model_dir, tmp_path_factory):
                             "--max-images", str(MAX_IMAGES), "--max-body-bytes", str(MAX_BODY),
                             "--max-image-pixels", str(MAX_PIXELS), "--max-tokens-cap", str(TOKENS_CAP),
                             "--batch-wait-ms", "50")
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+    yield from process.running()
 
 
 @pytest.fixture(scope="module")

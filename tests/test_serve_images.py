@@ -47,11 +47,7 @@ def server(tokenizer_dir, image_root, tmp_path_factory):
     model_dir = save_tiny_model(tokenizer_dir, str(tmp_path_factory.mktemp("serve_images") / "model"))
     process = ServerProcess(model_dir, str(tmp_path_factory.mktemp("serve_images_log") / "server.log"),
                             "--allow-remote-images", "--image-root", image_root, "--image-timeout-s", "2")
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+    yield from process.running()
 
 
 @pytest.fixture(scope="module")
