@@ -6,6 +6,7 @@
     mmbridge info --model DIR
     mmbridge export --model DIR --format hf --out OUT [--force]   (a transformers directory: weights, processor)
     mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S]
+    mmbridge data select IN.json --method random|coreset --keep 0.5|N --out OUT.json [--seed S] [--concepts FILE]
     mmbridge eval --model DIR --suite miniworld [--tasks T ...] [--n N] [--shots K] [--out FILE] [--blind | --with-blind]
     mmbridge eval --compare A.json B.json ...
     mmbridge serve --model DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [limits ...]
@@ -146,6 +147,23 @@ def _data_miniworld(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_select(args: argparse.Namespace) -> int:
+    import os
+
+    from mmbridge.data.selection import select_file, summary
+
+    report = select_file(args.input, args.out, args.method, args.keep, seed=args.seed, concepts_path=args.concepts,
+                         balance_yes_no=args.balance_yes_no, min_count=args.min_count,
+                         max_fraction=args.max_fraction)
+    print(summary(report))
+    print(f"wrote {args.out} and {report['report']}")
+    in_dir, out_dir = (os.path.dirname(os.path.abspath(path)) for path in (args.input, args.out))
+    if in_dir != out_dir:
+        print(f"note: records are unchanged, so relative image paths still resolve against {in_dir}; "
+              f"load {args.out} with image_root: {in_dir}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from mmbridge.serve.server import default_model_name, serve
     from mmbridge.serve.settings import LIMIT_FLAGS, ServeSettings
@@ -268,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     miniworld.add_argument("--seed", type=int, default=0, help="seed of the sample generator")
     miniworld.add_argument("--no-progress", action="store_true", help="no progress bar")
     miniworld.set_defaults(run=_data_miniworld)
+    select = generators.add_parser("select", help="keep a random or informative (coreset) subset of a LLaVA file")
+    select.add_argument("input", metavar="IN", help="LLaVA conversation JSON or JSONL file")
+    select.add_argument("--method", required=True, choices=["random", "coreset"],
+                        help="random: seeded uniform subset; coreset: concept coverage (SVIT)")
+    select.add_argument("--keep", required=True, help="a fraction in (0, 1] (e.g. 0.5) or a sample count (e.g. 200)")
+    select.add_argument("--out", required=True,
+                        help="output JSON/JSONL (records unchanged); OUT.report.json beside it")
+    select.add_argument("--seed", type=int, default=0, help="seed of the random subset / coreset tie-breaks")
+    select.add_argument("--concepts", help="concept vocabulary file, one word or phrase per line "
+                                           "(default: built from the data)")
+    select.add_argument("--balance-yes-no", action=argparse.BooleanOptionalAction, default=None,
+                        help="even out kept yes/no answers (default: on for coreset, off for random)")
+    select.add_argument("--min-count", type=int, default=2, help="data vocabulary: a concept in >= this many samples")
+    select.add_argument("--max-fraction", type=float, default=0.5,
+                        help="data vocabulary: a concept in <= this fraction of samples")
+    select.set_defaults(run=_data_select)
 
     evaluate = commands.add_parser("eval", help="evaluate a saved model on a suite, or compare results files")
     evaluate.add_argument("--model", help="directory written by save_pretrained / training")
