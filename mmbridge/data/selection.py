@@ -39,13 +39,14 @@ Kept records are written unchanged, in input order. :func:`select_records` is th
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import os
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from mmbridge.data.formats.llava import Sample, load_llava_json, read_records
 from mmbridge.utils import atomic_path, atomic_write_json
@@ -165,8 +166,8 @@ def parse_keep(keep: int | float | str, total: int) -> int:
     return value
 
 
-def _greedy_order(scored: list[Scored], ranks: list[int]) -> tuple[list[int], dict[int, float]]:
-    """All sample indices in coreset order, and each one's gain when taken (module docstring)."""
+def _greedy_order(scored: list[Scored], ranks: list[int]) -> Iterator[tuple[int, float]]:
+    """Sample indices in coreset order, each with its gain when taken (module docstring), computed lazily."""
     taken_with: Counter[str] = Counter()
 
     def gain(item: Scored) -> float:
@@ -174,40 +175,40 @@ def _greedy_order(scored: list[Scored], ranks: list[int]) -> tuple[list[int], di
 
     heap = [(-gain(item), -len(item.concepts), ranks[item.index], item.index) for item in scored]
     heapq.heapify(heap)
-    order, gains = [], {}
     while heap:
         _, negative_score, rank, index = heapq.heappop(heap)
         fresh = (-gain(scored[index]), negative_score, rank, index)
         if heap and fresh > heap[0]:  # stale: its gain shrank below the next one's bound
             heapq.heappush(heap, fresh)
             continue
-        order.append(index)
-        gains[index] = -fresh[0]
         taken_with.update(scored[index].concepts)
-    return order, gains
+        yield index, -fresh[0]
 
 
-def _balance(order: list[int], count: int, scored: list[Scored]) -> tuple[list[int], int, bool]:
-    """The first ``count`` of ``order`` with yes/no evened out (module docstring); also the number of swaps
-    and whether the balance was reached."""
-    kept, rest = order[:count], order[count:]
-    place = {index: number for number, index in enumerate(order)}
+def _balance(kept: list[int], rest: Iterator[int], scored: list[Scored]) -> tuple[list[int], int, bool]:
+    """``kept`` (the first of the order) with yes/no evened out by later samples of ``rest`` (module
+    docstring); also the number of swaps and whether the balance was reached."""
     answers = Counter(scored[index].answer for index in kept)
     majority = "yes" if answers["yes"] >= answers["no"] else "no"
     minority = "no" if majority == "yes" else "yes"
-    others = iter([index for index in rest if scored[index].answer is None])  # each in order
-    minorities = iter([index for index in rest if scored[index].answer == minority])
-    next_other, next_minority = next(others, None), next(minorities, None)
+    pending: list[int] = []  # not-kept, non-majority samples read from ``rest`` but not used yet, in order
+
+    def next_of(allowed: tuple[str | None, ...]) -> int | None:
+        for number, index in enumerate(pending):
+            if scored[index].answer in allowed:
+                return pending.pop(number)
+        for index in rest:
+            if scored[index].answer in allowed:
+                return index
+            if scored[index].answer != majority:
+                pending.append(index)
+        return None
+
     outgoing = [index for index in reversed(kept) if scored[index].answer == majority]  # latest first
     dropped, added = set(), []
     while answers[majority] - answers[minority] >= 1:
-        use_minority = answers[majority] - answers[minority] >= 2 and next_minority is not None and (
-            next_other is None or place[next_minority] < place[next_other])
-        if use_minority:
-            incoming, next_minority = next_minority, next(minorities, None)
-        elif next_other is not None:
-            incoming, next_other = next_other, next(others, None)
-        else:
+        incoming = next_of((None,) if answers[majority] - answers[minority] == 1 else (None, minority))
+        if incoming is None:
             break
         dropped.add(outgoing[len(dropped)])
         added.append(incoming)
@@ -264,12 +265,19 @@ def select_records(records: list[Any], method: str, keep: int | float | str, see
     for rank, index in enumerate(permutation):
         ranks[index] = rank
     gains: dict[int, float] = {}
-    if method == "coreset":
-        order, gains = _greedy_order(scored, ranks)
-    else:
-        order = permutation
-    kept, swaps, balanced = _balance(order, count, scored) if balance else (order[:count], 0, True)
-    position = {index: number for number, index in enumerate(order)}
+    position: dict[int, int] = {}  # place in the order of every sample read from it
+    ranked = _greedy_order(scored, ranks) if method == "coreset" else ((index, None) for index in permutation)
+
+    def order() -> Iterator[int]:
+        for index, gain in ranked:
+            position[index] = len(position)
+            if gain is not None:
+                gains[index] = gain
+            yield index
+
+    ordered = order()
+    kept = list(itertools.islice(ordered, count))
+    kept, swaps, balanced = _balance(kept, ordered, scored) if balance else (kept, 0, True)
     kept_items = [scored[index] for index in sorted(kept)]
     report = _report(method, seed, count, scored, kept_items, vocabulary, source, min_count, max_fraction,
                      balance, swaps, balanced, gains, position, top)
