@@ -5,9 +5,9 @@
     mmbridge generate --model DIR --image PATH --prompt TEXT [--max-new-tokens N] [--do-sample ...]
     mmbridge info --model DIR
     mmbridge export --model DIR --format hf --out OUT [--force]   (a transformers directory: weights, processor)
-    mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S]
+    mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S] [--box-format plain|qwen]
     mmbridge data select IN.json --method random|coreset --keep 0.5|N --out OUT.json [--seed S] [--concepts FILE]
-    mmbridge eval --model DIR --suite miniworld [--tasks T ...] [--n N] [--shots K] [--out FILE] [--blind | --with-blind]
+    mmbridge eval --model DIR --suite miniworld [--tasks T ...] [--n N] [--shots K] [--box-format plain|qwen] [--out FILE] [--blind | --with-blind]
     mmbridge eval --compare A.json B.json ...
     mmbridge serve --model DIR [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [limits ...]
 """
@@ -128,7 +128,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = MultimodalModel.from_pretrained(args.model)
     results = run_suite(model, args.suite, args.tasks, n=args.n, seed=args.seed, blind=args.blind,
                         with_blind=args.with_blind, batch_size=args.batch_size, progress=not args.no_progress,
-                        model_dir=args.model, shots=args.shots)
+                        model_dir=args.model, shots=args.shots, box_format=args.box_format)
     shots = f"-{args.shots}shot" if args.shots else ""
     out = args.out or os.path.join(args.model, f"eval-{args.suite}{shots}{'-blind' if args.blind else ''}.json")
     save_results(out, results)
@@ -142,7 +142,8 @@ def _data_miniworld(args: argparse.Namespace) -> int:
     from mmbridge.worlds.miniworld import write_task
 
     check_not_a_file(args.out, "--out")
-    path = write_task(args.task, args.split, args.n, args.out, seed=args.seed, progress=not args.no_progress)
+    path = write_task(args.task, args.split, args.n, args.out, seed=args.seed, progress=not args.no_progress,
+                      box_format=args.box_format)
     print(f"wrote {args.n} {args.task}/{args.split} samples to {path}")
     return 0
 
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     miniworld.add_argument("--out", required=True, help="output directory (JSON + images/)")
     miniworld.add_argument("--seed", type=int, default=0, help="seed of the sample generator")
     miniworld.add_argument("--no-progress", action="store_true", help="no progress bar")
+    miniworld.add_argument("--box-format", choices=["plain", "qwen"], default="plain",
+                           help="grounding boxes: plain [x0, y0, x1, y1] in 000-999 (default) or qwen "
+                                "<ref>phrase</ref><box>(x1,y1),(x2,y2)</box> in 0-1000")
     miniworld.set_defaults(run=_data_miniworld)
     select = generators.add_parser("select", help="keep a random or informative (coreset) subset of a LLaVA file")
     select.add_argument("input", metavar="IN", help="LLaVA conversation JSON or JSONL file")
@@ -313,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--shots", type=int, default=0,
                           help="solved examples from each task's train split before every query (in-context)")
     evaluate.add_argument("--out", help="results JSON (default: DIR/eval-SUITE.json)")
+    evaluate.add_argument("--box-format", choices=["plain", "qwen"], default=None,
+                          help="ask grounding in this box format (default: the one the model was trained on)")
     baseline = evaluate.add_mutually_exclusive_group()
     baseline.add_argument("--blind", action="store_true", help="only the blind baseline (no image)")
     baseline.add_argument("--with-blind", action="store_true", help="also run the blind baseline, side by side")

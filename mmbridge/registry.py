@@ -99,6 +99,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return value is None
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -129,6 +131,8 @@ def describe_type(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe_type(arg) for arg in args)
+    if origin is typing.Literal:
+        return " or ".join(repr(arg) for arg in args)
     if origin in (list, tuple):
         return "a list" + (f" of {describe_type(args[0]).split(' ', 1)[-1]}s" if args and args[0] in words else "")
     if origin is dict:

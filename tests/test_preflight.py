@@ -61,7 +61,7 @@ def _one_line_error(capsys, command: str) -> str:
                                                  "does not exist"),
     (["data.sources=[{miniworld: {task: nope, split: train, n: 4}}]"], "unknown MiniWorld task 'nope'; known: "),
     (["data.sources=[{miniworld: {task: caption, split: train, n: many}}]"], "n must be an integer, got 'many'"),
-    (["data.sources.0.weight=heavy"], "data.sources.0: field 'weight' must be a number, got 'heavy'"),
+    (["data.sources.0.weight=heavy"], "data.sources.0: field 'weight' must be a number or 'sqrt', got 'heavy'"),
 ])
 def test_recipe_mistakes(recipe, overrides, expected, capsys, no_model_loading):
     assert main(["train", recipe, *overrides, "--no-progress"]) == 2

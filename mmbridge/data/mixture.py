@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmbridge.boxes import check_box_format
 from mmbridge.data.formats import Sample, is_document, load_interleaved, load_llava_json, read_records
 from mmbridge.data.processor import TEMPLATES, Processor, SampleError
 from mmbridge.registry import config_from_dict
@@ -74,12 +75,14 @@ class DataConfig:
     template: str = "chat"  # "plain": LLaVA's pretraining format, image tokens + reply (no chat markup)
     labels: str = "assistant"  # "all": next-token loss on every text token (Flamingo's objective), not only replies
     video_stride: int = 1  # models that take video: keep every n-th frame of a video sample (then at most max_frames)
+    box_format: str = "plain"  # grounding boxes in every turn rewritten to "plain" [x0, y0, x1, y1] or "qwen" <box>
 
     def __post_init__(self) -> None:
         if self.labels not in LABELS:
             raise ValueError(f"data labels must be one of {LABELS}, got {self.labels!r}")
         if self.template not in TEMPLATES:
             raise ValueError(f"data template must be one of {TEMPLATES}, got {self.template!r}")
+        check_box_format(self.box_format, "data box_format")
         self.sources = [source if isinstance(source, SourceConfig)
                         else config_from_dict(SourceConfig, dict(source), where=f"data source #{number}")
                         for number, source in enumerate(self.sources)]

@@ -22,6 +22,11 @@ reply is split between two words, at a point drawn from the sample id (so a samp
 splits the same way): the prefix joins the encoder's input after the prompt, the suffix and
 EOS are the targets. One-word replies are not split.
 
+Grounding boxes: before anything else, every box in the turns (and document texts) is rewritten into
+``box_format`` (:func:`mmbridge.boxes.rewrite_boxes`: ``plain`` ``[x0, y0, x1, y1]`` in 000–999, or Qwen-VL's
+``<ref>…</ref><box>(x1,y1),(x2,y2)</box>``), so a run trains on one format whatever its sources wrote; boxes
+already in that format are left exactly as written (plain data is unchanged under the default).
+
 Every failure is a :class:`SampleError` (a ``ValueError``) naming the sample id, with a
 short ``reason`` that datasets use to count skipped samples.
 """
@@ -37,6 +42,7 @@ import jinja2
 import torch
 from PIL import Image
 
+from mmbridge.boxes import check_box_format, rewrite_boxes
 from mmbridge.data.formats.llava import Sample
 from mmbridge.model.multimodal import IGNORE_INDEX
 
@@ -71,7 +77,7 @@ class Processor:
                  encoder_decoder: bool = False, prefix_lm: bool = False, template: str = "chat",
                  text: bool = True, label_all: bool = False, chunk_token: str | None = None,
                  video_as_media: bool = False, max_video_frames: int | None = None, video_stride: int = 1,
-                 highres: Any = None) -> None:
+                 highres: Any = None, box_format: str = "plain") -> None:
         if tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be at least 1, got {tokens_per_image}")
         if max_length < 1:
@@ -105,6 +111,7 @@ class Processor:
             raise ValueError(f"video_stride must be >= 1, got {video_stride}")
         self.video_as_media, self.max_video_frames, self.video_stride = bool(video_as_media), max_video_frames, video_stride
         self.highres = highres  # a HighResStrategy: per-image layouts and crops, or None
+        self.box_format = check_box_format(box_format)  # the form every grounding box of a sample is rewritten to
         self._probed_suffix: str | None = None
 
     @property
@@ -128,6 +135,7 @@ class Processor:
         (a feature cache supplies the encoder outputs instead).
         """
         image_count = len(sample.images) if images is None else len(images)
+        sample = self.in_box_format(sample)
         if sample.document is not None:
             return self._document_example(sample, images, image_count, pixels)
         frames = self.video_frames(image_count) if self.video_as_media and sample.video and image_count else None
@@ -163,6 +171,18 @@ class Processor:
         if pixels:
             example["pixel_values"] = self.pixel_values([loaded[i] for i in frames] if frames else loaded)
         return example
+
+    def in_box_format(self, sample: Sample) -> Sample:
+        """``sample`` with every grounding box of its turns and document texts in :attr:`box_format`."""
+        def rewrite(text: str) -> str:
+            return rewrite_boxes(text, self.box_format)
+
+        conversation = [{**turn, "content": rewrite(turn["content"])} for turn in sample.conversation]
+        document = None if sample.document is None else [{**chunk, "text": rewrite(chunk["text"])}
+                                                          for chunk in sample.document]
+        if conversation == sample.conversation and document == sample.document:
+            return sample
+        return dataclasses.replace(sample, conversation=conversation, document=document)
 
     def _sizes(self, sample: Sample, loaded: list[Image.Image] | None) -> list[tuple[int, int]] | None:
         """Each image's (height, width) when a high-resolution strategy needs them (read from the file headers

@@ -15,6 +15,12 @@ model the same prompts with the image placeholders removed and no pixels.
 examples of the same task from its ``train`` split — each a user turn with its image(s) and the
 gold answer as the assistant's reply — drawn per query from a pool of ``max(16, 4k)`` samples by
 a generator seeded with ``(seed, query index)``, so the same command always shows the same shots.
+
+*Box format*: grounding is asked in the format the model was trained on — ``box_format`` of
+:func:`run_suite`, else the ``box_format`` saved in the model's processor settings (the training data's
+``data.box_format``), else ``plain``. MiniWorld writes its samples in that format (``<ref>`` around the
+referring phrase for ``qwen``); other samples have their boxes rewritten (:func:`tasks.in_box_format`).
+Answers are scored whichever format the model writes (:func:`mmbridge.eval.metrics.parse_box`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from mmbridge.boxes import check_box_format
 from mmbridge.data.collate import collate
 from mmbridge.eval import tasks
 from mmbridge.eval.prompts import LETTERS
@@ -162,13 +169,14 @@ def choose_shots(pool: list[Pair], count: int, queries: int, seed: int) -> Shots
 
 
 def _evaluate_generated(model: nn.Module, pairs: list[Pair], answer_format: str, spec: TaskSpec, blind: bool,
-                        batch_size: int, progress: tqdm, shots: Shots) -> tuple[dict[str, float], list[dict], str]:
+                        batch_size: int, progress: tqdm, shots: Shots,
+                        box_format: str = "plain") -> tuple[dict[str, float], list[dict], str]:
     """Metrics, per-sample records and a prompt example for a format scored on generated answers."""
     image_token = model.config.image_token
     prompts = [_prompt(tasks.user_text(sample), images, blind, image_token, shown, bool(sample.get("video")))
                for (sample, images), shown in zip(pairs, shots)]
     progress.total += len(prompts)
-    answers = generate_answers(model, prompts, spec.new_tokens(answer_format), batch_size, progress)
+    answers = generate_answers(model, prompts, spec.new_tokens(answer_format, box_format), batch_size, progress)
     samples = [sample for sample, _ in pairs]
     scorer = tasks.SCORERS[tasks.format_settings(answer_format).metric]
     records = [{"id": sample.get("id"), "prediction": answer, "gold": sample.get("answer")}
@@ -229,16 +237,20 @@ def _group_by_format(pairs: list[Pair], shots: Shots) -> dict[str, tuple[list[Pa
 
 
 def evaluate(model: nn.Module, pairs: list[Pair], spec: TaskSpec | None = None, blind: bool = False,
-             batch_size: int = 8, progress: bool = True, shots: Shots | None = None) -> dict[str, Any]:
+             batch_size: int = 8, progress: bool = True, shots: Shots | None = None,
+             box_format: str = "plain") -> dict[str, Any]:
     """Score one task: ``{metric: float, ..., "n", "prompt_example", "max_new_tokens", "data_hash", "predictions"}``.
 
     Samples are grouped by answer format; with several formats, metric names get a
     ``format/`` prefix and ``accuracy`` is their sample-weighted mean (when every format has one). ``blind`` removes the image placeholders and passes no pixels.
-    ``shots`` gives, per sample, the solved examples shown before it (:func:`choose_shots`).
+    ``shots`` gives, per sample, the solved examples shown before it (:func:`choose_shots`). Boxes in the
+    samples' and shots' text are asked in ``box_format`` (:func:`tasks.in_box_format`).
     """
     if not pairs:
         raise ValueError("evaluate needs at least one sample")
-    shots = shots if shots is not None else [[] for _ in pairs]
+    pairs = [(tasks.in_box_format(sample, box_format), images) for sample, images in pairs]
+    shots = [[(tasks.in_box_format(sample, box_format), images) for sample, images in shown]
+             for shown in shots] if shots is not None else [[] for _ in pairs]
     if len(shots) != len(pairs):
         raise ValueError(f"{len(shots)} lists of shots for {len(pairs)} samples")
     spec = spec or TaskSpec(str(pairs[0][0].get("task", "task")))
@@ -252,10 +264,10 @@ def evaluate(model: nn.Module, pairs: list[Pair], spec: TaskSpec | None = None, 
                                                                            group_shots)
             else:
                 scores, group_records, example = _evaluate_generated(model, group, answer_format, spec, blind,
-                                                                     batch_size, bar, group_shots)
+                                                                     batch_size, bar, group_shots, box_format)
             prefix = f"{answer_format}/" if len(groups) > 1 else ""
             entry.update({prefix + name: float(value) for name, value in scores.items()})
-            examples[answer_format], budgets[answer_format] = example, spec.new_tokens(answer_format)
+            examples[answer_format], budgets[answer_format] = example, spec.new_tokens(answer_format, box_format)
             records += group_records
     if len(groups) > 1 and all(f"{name}/accuracy" in entry for name in groups):  # one headline over the formats
         entry["accuracy"] = sum(entry[f"{name}/accuracy"] * len(group) for name, (group, _) in groups.items()) \
@@ -325,38 +337,48 @@ def state_hash(model: nn.Module) -> str:
 # -- suites ---------------------------------------------------------------------------------------
 def run_suite(model: nn.Module, suite: Suite | str, task_names: list[str] | None = None, n: int = 100,
               seed: int = 0, blind: bool = False, with_blind: bool = False, batch_size: int = 8,
-              progress: bool = True, model_dir: str | None = None, shots: int = 0) -> dict[str, Any]:
+              progress: bool = True, model_dir: str | None = None, shots: int = 0,
+              box_format: str | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on a suite's tasks (all, or those named); returns the results document.
 
     ``blind`` evaluates only the blind baseline; ``with_blind`` adds it as ``blind_tasks``.
     The model hash is over ``model_dir``'s safetensors when given, else over the state dict.
     ``shots`` solved examples from each task's ``train`` split precede every query (module docstring).
+    ``box_format`` (``plain``/``qwen``): how grounding is asked; ``None``: the model's saved format, else plain.
     """
     suite = tasks.get_suite(suite) if isinstance(suite, str) else suite
     specs = suite.select(task_names)
-    data = {spec.key: suite.load(spec.task, spec.split, n, seed) for spec in specs}
+    box_format = model_box_format(model, box_format)
+    data = {spec.key: suite.samples(spec.task, spec.split, n, seed, box_format) for spec in specs}
     shown: dict[str, Shots | None] = {spec.key: None for spec in specs}
     if shots:
         for spec in specs:
-            pool = suite.load(spec.task, SHOT_SPLIT, max(16, 4 * shots), seed)
+            pool = suite.samples(spec.task, SHOT_SPLIT, max(16, 4 * shots), seed, box_format)
             shown[spec.key] = choose_shots(pool, shots, len(data[spec.key]), seed)
     results: dict[str, Any] = {
         "model": model_dir, "model_hash": weights_hash(model_dir) if model_dir else state_hash(model),
         "data_hash": samples_hash([pair for pairs in data.values() for pair in pairs]), "suite": suite.name,
         "settings": {"n": n, "seed": seed, "blind": blind, "with_blind": with_blind, "batch_size": batch_size,
-                     "shots": shots,
+                     "shots": shots, "box_format": box_format,
                      "generation": {"do_sample": False, "max_new_tokens": {
-                         name: settings.max_new_tokens for name, settings in tasks.FORMAT_SETTINGS.items()}},
+                         name: TaskSpec(name).new_tokens(name, box_format) for name in tasks.FORMAT_SETTINGS}},
                      "processor": dict(getattr(model, "processor_settings", {})),
                      "tasks": [asdict(spec) for spec in specs]},
-        "tasks": {spec.key: evaluate(model, data[spec.key], spec, blind, batch_size, progress, shown[spec.key])
-                  for spec in specs},
+        "tasks": {spec.key: evaluate(model, data[spec.key], spec, blind, batch_size, progress, shown[spec.key],
+                                     box_format) for spec in specs},
     }
     if with_blind and not blind:
         results["blind_tasks"] = {spec.key: evaluate(model, data[spec.key], spec, True, batch_size, progress,
-                                                     shown[spec.key]) for spec in specs}
+                                                     shown[spec.key], box_format) for spec in specs}
     results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return results
+
+
+def model_box_format(model: nn.Module, box_format: str | None = None) -> str:
+    """The box format to evaluate grounding in: ``box_format`` when given, else the one saved with the model
+    (``processor_settings["box_format"]``, written by training with ``data.box_format``), else ``plain``."""
+    chosen = box_format or dict(getattr(model, "processor_settings", {})).get("box_format", "plain")
+    return check_box_format(chosen, "eval box_format")
 
 
 def save_results(path: str, results: dict[str, Any]) -> None:

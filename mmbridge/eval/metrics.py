@@ -10,7 +10,8 @@ Every function works on plain strings and lists, so each one can be checked by h
   anything else → yes, so every answer counts in the yes-ratio) and its accuracy,
   precision, recall, F1 and yes-ratio, "yes" being the positive class.
 - Multiple choice: the first standalone option letter, MMBench circular accuracy.
-- Grounding: the first bracketed box, IoU, accuracy at IoU ≥ 0.5.
+- Grounding: the first box, plain ``[x0, y0, x1, y1]`` or Qwen-VL ``<box>(x1,y1),(x2,y2)</box>``, IoU,
+  accuracy at IoU ≥ 0.5.
 - Captions: CIDEr-D (pycocoevalcap's ``cider_scorer``, IDF from the evaluated references)
   and corpus BLEU-4 (closest reference length), on lowercase, punctuation-free tokens.
 """
@@ -21,6 +22,7 @@ import math
 import re
 from collections import Counter
 
+from mmbridge.boxes import find_boxes
 from mmbridge.eval.prompts import LETTERS
 
 # -- VQA normalisation (official VQAv2 evaluation tables) ----------------------------------------
@@ -185,12 +187,20 @@ _NUMBER = r"-?\d+(?:\.\d+)?"
 
 
 def parse_box(text: str) -> list[float] | None:
-    """The first four numbers of the first ``[...]`` holding at least four numbers, else ``None``."""
+    """The first box in ``text`` of either format of :mod:`mmbridge.boxes`, in thousandths of the side, else ``None``.
+
+    Plain: the first four numbers of the first ``[...]`` holding at least four numbers (lenient: decimals and
+    extra numbers are read too). Qwen-VL: ``<box>(x1,y1),(x2,y2)</box>`` (values 0–1000, ``<ref>`` optional).
+    Both scales are thousandths of the image side, so the values are returned as written and IoU compares them
+    directly; whichever box comes first in the text counts."""
+    qwen = next((box for box in find_boxes(text) if box.format == "qwen"), None)
     for bracket in re.finditer(r"\[([^\[\]]*)\]", text):
+        if qwen is not None and bracket.start() > qwen.start:
+            break
         numbers = re.findall(_NUMBER, bracket.group(1))
         if len(numbers) >= 4:
             return [float(number) for number in numbers[:4]]
-    return None
+    return [float(value) for value in qwen.values] if qwen is not None else None
 
 
 def box_iou(first: list[float], second: list[float]) -> float:

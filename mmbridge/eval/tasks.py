@@ -13,6 +13,11 @@ Likelihood ranking scores each option as the assistant's continuation. With the
 is being ranked, so they are not listed); with ``"letter"`` it is the multiple-choice
 prompt and the continuations are the option letters.
 
+Grounding boxes are asked for and read in either format of :mod:`mmbridge.boxes` (plain
+``[x0, y0, x1, y1]`` in 000–999 or Qwen-VL's ``<ref>…</ref><box>(x1,y1),(x2,y2)</box>`` in 0–1000):
+:func:`in_box_format` rewrites a sample's text into the format a model was trained on, and the
+metric parses whichever format an answer uses (both scales are thousandths of the side).
+
 Short answers: ``answers`` lists *accepted alternatives* (MiniWorld may give 18 phrasings
 of one object), so a prediction is right when it matches any of them after VQAv2
 normalisation. Samples carrying VQAv2's ten annotator answers as ``human_answers`` get
@@ -22,12 +27,14 @@ the official soft score ``min(#matches / 3, 1)`` (10-choose-9 average) instead.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 from PIL import Image
 
+from mmbridge.boxes import check_box_format, rewrite_boxes
 from mmbridge.eval import metrics
 from mmbridge.eval.prompts import LETTERS, format_prompt
 
@@ -52,6 +59,7 @@ FORMAT_SETTINGS = {
     "caption": FormatSettings("caption", 40),
     "free": FormatSettings("caption", 40),
 }
+QWEN_BOX_MAX_NEW_TOKENS = 64  # <ref>phrase</ref><box>(x1,y1),(x2,y2)</box> takes about twice a plain box's tokens
 
 
 @dataclass(frozen=True)
@@ -80,9 +88,14 @@ class TaskSpec:
         """The name results are stored under: the task, with the split when it is not ``test``."""
         return self.task if self.split == "test" else f"{self.task}:{self.split}"
 
-    def new_tokens(self, answer_format: str) -> int:
-        """The generation budget for answers of ``answer_format``."""
-        return self.max_new_tokens or format_settings(answer_format).max_new_tokens
+    def new_tokens(self, answer_format: str, box_format: str = "plain") -> int:
+        """The generation budget for answers of ``answer_format`` (a ``box`` answer in Qwen-VL's longer form gets
+        :data:`QWEN_BOX_MAX_NEW_TOKENS`)."""
+        if self.max_new_tokens:
+            return self.max_new_tokens
+        if answer_format == "box" and box_format == "qwen":
+            return QWEN_BOX_MAX_NEW_TOKENS
+        return format_settings(answer_format).max_new_tokens
 
 
 def format_settings(answer_format: str) -> FormatSettings:
@@ -143,6 +156,22 @@ def shot_answer(sample: dict) -> str:
     if sample.get("format") == "mc":
         return rotated_prompt(sample, 0)[2]
     return str(sample["answer"])
+
+
+def in_box_format(sample: dict, box_format: str) -> dict:
+    """``sample`` with the boxes of its turns, question and answers written in ``box_format`` (the same dict when
+    nothing changes). ``box`` stays the canonical 000–999 box."""
+    check_box_format(box_format, "eval box_format")
+    changed = dict(sample)
+    if sample.get("conversations"):
+        changed["conversations"] = [{**turn, "value": rewrite_boxes(turn["value"], box_format)}
+                                    for turn in sample["conversations"]]
+    for key in ("question", "answer"):
+        if isinstance(sample.get(key), str):
+            changed[key] = rewrite_boxes(sample[key], box_format)
+    if sample.get("answers"):
+        changed["answers"] = [rewrite_boxes(answer, box_format) for answer in sample["answers"]]
+    return sample if changed == sample else changed
 
 
 # -- gold answers ---------------------------------------------------------------------------------
@@ -230,7 +259,8 @@ def score_multiple_choice(samples: list[dict], answers_per_rotation: list[list[s
 
 
 # -- suites ---------------------------------------------------------------------------------------
-SampleLoader = Callable[[str, str, int, int], list[Pair]]  # (task, split, n, seed) -> samples with images
+# (task, split, n, seed) -> samples with images; a loader that can write boxes in either format also takes box_format
+SampleLoader = Callable[..., list[Pair]]
 
 
 @dataclass(frozen=True)
@@ -251,9 +281,17 @@ class Suite:
             raise ValueError(f"suite '{self.name}' has no task(s) {unknown}; known: {known}")
         return [spec for spec in self.tasks if spec.task in names or spec.key in names]
 
+    def samples(self, task: str, split: str, n: int, seed: int, box_format: str = "plain") -> list[Pair]:
+        """The loader's samples; a loader with a ``box_format`` parameter writes boxes in it (the harness rewrites
+        any other loader's boxes with :func:`in_box_format`)."""
+        if box_format != "plain" and "box_format" in inspect.signature(self.load).parameters:
+            return self.load(task, split, n, seed, box_format=box_format)
+        return self.load(task, split, n, seed)
 
-def load_miniworld(task: str, split: str, n: int, seed: int) -> list[Pair]:
-    """``n`` MiniWorld samples of ``task`` on ``split`` with their images (generated, not read from disk)."""
+
+def load_miniworld(task: str, split: str, n: int, seed: int, box_format: str = "plain") -> list[Pair]:
+    """``n`` MiniWorld samples of ``task`` on ``split`` with their images (generated, not read from disk), boxes
+    written in ``box_format``."""
     try:
         world = importlib.import_module("mmbridge.worlds.miniworld")
     except ModuleNotFoundError as error:
@@ -262,7 +300,7 @@ def load_miniworld(task: str, split: str, n: int, seed: int) -> list[Pair]:
         raise ValueError("the MiniWorld suites need mmbridge.worlds.miniworld, which is not available") from error
     if task not in world.TASKS:
         raise ValueError(f"MiniWorld has no task {task!r}; known: {sorted(world.TASKS)}")
-    return [world.make_sample(task, split, index, seed) for index in range(n)]
+    return [world.make_sample(task, split, index, seed, box_format) for index in range(n)]
 
 
 MINIWORLD = Suite("miniworld", (

@@ -85,7 +85,8 @@ def stage_data(run: RunConfig, index: int, stage: StageConfig) -> DataConfig:
 
 
 def check_source(source: SourceConfig, label: str) -> None:
-    """A file source exists and parses; a MiniWorld source names a known task and split."""
+    """A file source exists and parses; a MiniWorld source names a known task and split; a webdataset
+    source's shards exist."""
     if source.miniworld is not None:
         from mmbridge.worlds.miniworld.stream import check_spec
 
@@ -93,6 +94,18 @@ def check_source(source: SourceConfig, label: str) -> None:
             check_spec(source.miniworld)
         except ValueError as error:
             raise ValueError(f"{label}: {error}") from None
+        return
+    if source.webdataset is not None:  # the shards exist; they are scanned when the dataset is built
+        from mmbridge.data.formats.webdataset import expand_shards
+
+        try:
+            shards = expand_shards(source.webdataset)
+        except ValueError as error:
+            raise ValueError(f"{label}: {error}") from None
+        missing = [shard for shard in shards if not os.path.isfile(shard)]
+        if missing:
+            raise FileNotFoundError(f"{label}: {len(missing)} of {len(shards)} webdataset shard(s) do not exist, "
+                                    f"first {missing[0]}")
         return
     if not os.path.isfile(source.path):
         what = "is a directory, not a data file" if os.path.isdir(source.path) else "does not exist"

@@ -150,6 +150,11 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: Multimoda
                 accelerator: Any, progress: bool) -> tuple[_StageData, MixtureDataset | CachedFeatureDataset]:
     data_config = stage_data(run, index, stage)
     processor = stage_processor(model, data_config, stage.name, stage.objective)
+    # the box format the model learns is saved with it (processor.json), so evaluation asks in that format
+    if data_config.box_format == "plain":
+        model.processor_settings.pop("box_format", None)
+    else:
+        model.processor_settings["box_format"] = data_config.box_format
     dataset = MixtureDataset(data_config, processor)
     if data_config.feature_cache and stage.spec("vision").mode == "frozen":
         with accelerator.main_process_first():  # the main process computes; the others then open it
@@ -161,9 +166,10 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: Multimoda
 
 
 def stage_processor(model: MultimodalModel, data: DataConfig, stage: str, objective: str = "lm") -> Processor:
-    """The model's processor with a stage's data settings (``max_length``, ``template``, ``prefix_lm``); a
-    ``region_words`` stage reads no text, so its examples carry images and regions only."""
+    """The model's processor with a stage's data settings (``max_length``, ``template``, ``prefix_lm``,
+    ``box_format``); a ``region_words`` stage reads no text, so its examples carry images and regions only."""
     overrides: dict[str, Any] = {"max_length": data.max_length} if data.max_length else {}
+    overrides["box_format"] = data.box_format  # the stage's, over a format the model was saved with
     if objective == "region_words":
         overrides["text"] = False
     if data.prefix_lm:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mmbridge.eval.prompts import LETTERS, format_box
+from mmbridge.boxes import write_box, write_ref
+from mmbridge.eval.prompts import LETTERS
 from mmbridge.worlds.miniworld.language import (answer_variants, article, count_answers, detailed_captions,
                                                 matches, noun_phrase, refer, short_captions, unique_descriptions)
 from mmbridge.worlds.miniworld.scene import ObjectSpec, Scene, SceneObject
@@ -161,24 +162,28 @@ def extreme_question(world: World, scene: Scene, target: SceneObject) -> Questio
 
 
 def grounding_question(world: World, scene: Scene, target: SceneObject) -> Question | None:
-    """Referring expression → box: "Give the bounding box of the small red circle." → ``[x0, y0, x1, y1]``."""
+    """Referring expression → box, in the world's box format: "Give the bounding box of the small red circle." →
+    ``[x0, y0, x1, y1]`` (plain), or Qwen-VL's "Give the bounding box of the <ref>small red circle</ref>." →
+    ``<ref>small red circle</ref><box>(x0,y0),(x1,y1)</box>``. ``box`` stays the canonical 000–999 box."""
     name = refer(world, target, scene.objects)
     if name is None:
         return None
     box = target.to_dict(scene.width, scene.height)["box_999"]
     template = world.choice(("Give the bounding box of the {}.", "Where is the {}?", "Locate the {} in the image.",
                              "Find the {}."))
-    return Question(template.format(name), "box", format_box(box), [format_box(box)], box=box)
+    answer = (write_ref(name, "qwen") if world.box_format == "qwen" else "") + write_box(box, world.box_format)
+    return Question(template.format(write_ref(name, world.box_format)), "box", answer, [answer], box=box)
 
 
 def describe_region_question(world: World, scene: Scene, target: SceneObject) -> Question:
-    """Box → description: "What is the object in the region [..]?" → ``"large red circle"``."""
+    """Box → description: "What is the object in the region [..]?" (or ``<box>(..),(..)</box>``) →
+    ``"large red circle"``."""
     box = target.to_dict(scene.width, scene.height)["box_999"]
     template = world.choice(("What is the object in the region {}?", "Name the object inside {}.",
                              "What object is at {}?"))
     full = noun_phrase(target)
     answers = list(dict.fromkeys(answer_variants(full) + answer_variants(noun_phrase(target, ("colour", "shape")))))
-    return Question(template.format(format_box(box)), "short", full, answers, box=box)
+    return Question(template.format(write_box(box, world.box_format)), "short", full, answers, box=box)
 
 
 def caption_question(world: World, scene: Scene, detailed: bool) -> Question:

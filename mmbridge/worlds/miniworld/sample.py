@@ -6,6 +6,9 @@ record is a LLaVA conversation (``id``, ``image``, ``conversations``) plus ``tas
 format-specific ``choices``/``box``/``references``/``pope``, and ``scene``, the full
 symbolic description. Multi-turn conversations have format ``"free"``, ``question`` and
 ``answer`` ``None``, and their per-turn questions under ``turns``.
+
+``box_format`` (``plain``, the default, or ``qwen``; :mod:`mmbridge.boxes`) is how grounding questions and
+answers write boxes in the text; it draws nothing, so both formats give the same scene, images and ``box``.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ def sample_id(task: str, split: str, index: int) -> str:
     return f"{task}-{split}-{index:06d}"
 
 
-def make_episode(task: str, split: str, index: int, seed: int = 0) -> Episode:
+def make_episode(task: str, split: str, index: int, seed: int = 0, box_format: str = "plain") -> Episode:
     """The episode (drawables and questions) of one sample, without rendering."""
-    world = World(sample_generator(task, split, index, seed), split, index)
+    world = World(sample_generator(task, split, index, seed), split, index, box_format)
     return get_task(task).episode(world)
 
 
@@ -53,7 +56,7 @@ def image_prefix(episode: Episode) -> str:
     return "".join(f"Image {position}: {IMAGE_TOKEN}\n" for position in range(1, len(episode.images) + 1))
 
 
-def episode_record(task: str, split: str, index: int, seed: int, episode: Episode) -> dict:
+def episode_record(task: str, split: str, index: int, seed: int, episode: Episode, box_format: str = "plain") -> dict:
     """The LLaVA-format record with evaluation fields for ``episode`` (an interleaved document's ``texts`` and
     ``images`` for layout ``document``)."""
     identifier = sample_id(task, split, index)
@@ -65,7 +68,8 @@ def episode_record(task: str, split: str, index: int, seed: int, episode: Episod
     conversations = []
     instructed: set[str] = set()  # a format's instruction is given at its first turn and holds for the rest
     for position, question in enumerate(episode.questions):
-        prompt = format_prompt(question.text, question.format, question.choices, question.format not in instructed)
+        prompt = format_prompt(question.text, question.format, question.choices, question.format not in instructed,
+                               box_format)
         instructed.add(question.format)
         conversations.append({"from": "human", "value": (image_prefix(episode) if position == 0 else "") + prompt})
         conversations.append({"from": "gpt", "value": question.answer})
@@ -82,9 +86,9 @@ def episode_record(task: str, split: str, index: int, seed: int, episode: Episod
     return record
 
 
-def make_record(task: str, split: str, index: int, seed: int = 0) -> dict:
+def make_record(task: str, split: str, index: int, seed: int = 0, box_format: str = "plain") -> dict:
     """The sample's record only (no image is drawn)."""
-    return episode_record(task, split, index, seed, make_episode(task, split, index, seed))
+    return episode_record(task, split, index, seed, make_episode(task, split, index, seed, box_format), box_format)
 
 
 def render_images(task: str, split: str, index: int, seed: int = 0) -> list[Image.Image]:
@@ -92,15 +96,17 @@ def render_images(task: str, split: str, index: int, seed: int = 0) -> list[Imag
     return [render_image(drawable) for drawable in make_episode(task, split, index, seed).images]
 
 
-def make_sample(task: str, split: str, index: int, seed: int = 0) -> tuple[dict, list[Image.Image]]:
-    """Sample ``index`` of ``task`` on ``split``: its record and its images. Deterministic in all four arguments."""
-    episode = make_episode(task, split, index, seed)
-    return (episode_record(task, split, index, seed, episode),
+def make_sample(task: str, split: str, index: int, seed: int = 0,
+                box_format: str = "plain") -> tuple[dict, list[Image.Image]]:
+    """Sample ``index`` of ``task`` on ``split``: its record and its images. Deterministic in all its arguments."""
+    episode = make_episode(task, split, index, seed, box_format)
+    return (episode_record(task, split, index, seed, episode, box_format),
             [render_image(drawable) for drawable in episode.images])
 
 
-def iter_samples(task: str, split: str, n: int, seed: int = 0) -> Iterator[tuple[dict, list[Image.Image]]]:
+def iter_samples(task: str, split: str, n: int, seed: int = 0,
+                 box_format: str = "plain") -> Iterator[tuple[dict, list[Image.Image]]]:
     """Samples ``0 … n-1`` of ``task`` on ``split``."""
     get_task(task)
     for index in range(n):
-        yield make_sample(task, split, index, seed)
+        yield make_sample(task, split, index, seed, box_format)

@@ -14,6 +14,7 @@ from typing import Sequence, TypeVar
 
 import numpy as np
 
+from mmbridge.boxes import check_box_format
 from mmbridge.worlds.miniworld.vocabulary import HELD_OUT_PAIRS, POPULARITY, SEEN_PAIRS, SIZES, Pair
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional")
@@ -35,13 +36,17 @@ def sample_generator(task: str, split: str, index: int, seed: int = 0) -> np.ran
 
 
 class World:
-    """The random choices of one sample, constrained by its split; ``index`` is the sample's position."""
+    """The random choices of one sample, constrained by its split; ``index`` is the sample's position.
 
-    def __init__(self, rng: np.random.Generator, split: str, index: int = 0) -> None:
+    ``box_format`` (``plain`` or ``qwen``, :mod:`mmbridge.boxes`) is how questions write boxes; it draws
+    nothing, so a sample is the same scene and question in either format."""
+
+    def __init__(self, rng: np.random.Generator, split: str, index: int = 0, box_format: str = "plain") -> None:
         check_split(split)
         self.rng = rng
         self.split = split
         self.index = index
+        self.box_format = check_box_format(box_format, "MiniWorld box_format")
 
     @property
     def compositional(self) -> bool:

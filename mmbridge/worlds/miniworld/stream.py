@@ -1,30 +1,34 @@
 """Streaming: MiniWorld samples as in-memory :class:`~mmbridge.data.Sample` objects, images drawn on access.
 
-A data source ``{"miniworld": {"task": ..., "split": ..., "n": ..., "seed": ...}}`` builds
+A data source ``{"miniworld": {"task": ..., "split": ..., "n": ..., "seed": ..., "box_format": ...}}`` builds
 the conversations up front (cheap) and gives each sample an ``image_loader`` that
 renders its images when the processor asks for them, so training needs no files. One-scene
 samples carry their objects as ``regions`` (box, colour, shape, size) for region–word alignment.
+``box_format`` (``plain``, the default, or ``qwen``) is how grounding turns write boxes; regions stay in 000–999.
 """
 
 from __future__ import annotations
 
 import functools
 
+from mmbridge.boxes import check_box_format
 from mmbridge.data.formats.llava import ROLES, Sample
 from mmbridge.worlds.miniworld.sample import make_record, render_images
 from mmbridge.worlds.miniworld.splits import check_split
 from mmbridge.worlds.miniworld.tasks import get_task
 
 REQUIRED_KEYS = ("task", "split", "n")
-OPTIONAL_KEYS = ("seed",)
+OPTIONAL_KEYS = ("seed", "box_format")
 
 
 def load_samples(spec: dict, source: str = "") -> list[Sample]:
-    """The samples of a ``miniworld`` source spec ``{task, split, n, seed=0}``, images rendered lazily."""
+    """The samples of a ``miniworld`` source spec ``{task, split, n, seed=0, box_format=plain}``, images rendered
+    lazily."""
     task, split, count, seed = check_spec(spec)
+    box_format = spec.get("box_format", "plain")
     samples = []
     for index in range(count):
-        record = make_record(task, split, index, seed)
+        record = make_record(task, split, index, seed, box_format)
         names = [record["image"]] if isinstance(record["image"], str) else record["image"]
         images = [f"miniworld://{seed}/{name}" for name in names]
         loader = functools.partial(render_images, task, split, index, seed)
@@ -62,6 +66,7 @@ def check_spec(spec: dict) -> tuple[str, str, int, int]:
     for key in ("n", "seed"):
         if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool)):
             raise ValueError(f"miniworld source {spec}: {key} must be an integer, got {spec[key]!r}")
+    check_box_format(spec.get("box_format", "plain"), f"miniworld source {spec}: box_format")
     count, seed = spec["n"], spec.get("seed", 0)
     if count < 1:
         raise ValueError(f"miniworld source {spec}: n must be at least 1")

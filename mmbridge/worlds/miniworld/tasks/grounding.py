@@ -1,4 +1,8 @@
-"""Grounding: referring expression → box in 000–999 coordinates, and box → short description."""
+"""Grounding: referring expression → box in 000–999 coordinates, and box → short description.
+
+Boxes are written in the world's box format (:mod:`mmbridge.boxes`): plain ``[x0, y0, x1, y1]`` or Qwen-VL's
+``<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>``; the sample's ``box`` field is the canonical 000–999 box.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ def build_grounding_describe(world: World) -> Episode:
 
 
 TASKS = [
-    Task("grounding", "referring expression to bounding box [x0, y0, x1, y1] in 000-999", build_grounding),
+    Task("grounding", "referring expression to bounding box (plain [x0, y0, x1, y1] in 000-999 or Qwen-VL <box>)",
+         build_grounding),
     Task("grounding_describe", "bounding box to a short description of the object in it", build_grounding_describe),
 ]

@@ -1,0 +1,181 @@
+"""Mixing: sqrt weights (InstructBLIP), per-source caps (Yi-VL), text-only sources beside image ones, the epoch
+interleaving, and ``mmbridge data stats``."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from mmbridge.cli import main
+from mmbridge.config import RunConfig
+from mmbridge.data import DataConfig, MixtureDataset, Processor, SourceConfig, batch_indices
+from mmbridge.data.mixture import draw_counts, interleave
+from mmbridge.model.vision import ImageTransform
+from mmbridge.testing import tiny_model_config, tiny_tokenizer, write_shape_dataset
+from mmbridge.train import train
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory) -> Processor:
+    tokenizer = tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    return Processor(tokenizer, ImageTransform(size=(16, 16)), 4, max_length=256)
+
+
+def text_file(directory, count: int, stem: str = "chat") -> str:
+    """A ShareGPT-style file: text-only conversations (``from``/``value``, no image field)."""
+    records = [{"id": f"{stem}-{index}", "conversations": [
+        {"from": "human", "value": f"Say the number {index}."}, {"from": "gpt", "value": f"{index}"},
+        {"from": "human", "value": "And twice that?"}, {"from": "gpt", "value": f"{2 * index}"}]}
+        for index in range(count)]
+    path = directory / f"{stem}.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_sqrt_weight_draws_in_proportion_to_the_root_of_the_size(processor, tmp_path):
+    sources = [SourceConfig(path=text_file(tmp_path, size, f"s{size}"), weight="sqrt") for size in (100, 25, 4)]
+    sources.append(SourceConfig(path=text_file(tmp_path, 10, "plain"), weight=0.5))
+    dataset = MixtureDataset(DataConfig(sources=sources), processor)
+    # the sqrt sources keep their total, 129 draws, shared as 10 : 5 : 2 → 75.9, 37.9, 15.2 rounded
+    assert dataset.draws == [76, 38, 15, 5]
+    assert [round(129 * math.sqrt(size) / 17) for size in (100, 25, 4)] == [76, 38, 15]
+    for epoch in range(2):
+        counts = dataset.source_counts(dataset.epoch_indices(epoch, seed=3))
+        assert counts == {"s100": 76, "s25": 38, "s4": 15, "plain": 5}
+    drawn = Counter(dataset.epoch_indices(0, seed=3))
+    assert all(drawn[index] in (3, 4) for index in range(125, 129))  # 15 draws of 4: each 3 or 4 times
+    assert all(drawn[index] <= 1 for index in range(100))  # 76 of 100: a subset without repeats
+
+
+def test_sqrt_weight_alone_and_errors():
+    sources = [SourceConfig(path="a.json", weight="sqrt"), SourceConfig(path="b.json", weight="sqrt")]
+    assert draw_counts(sources, [900, 100]) == [750, 250]  # 1000 * 30/40 and 1000 * 10/40
+    assert draw_counts(sources, [0, 0]) == [0, 0]
+    with pytest.raises(ValueError, match=r"weight must be a number >= 0 or 'sqrt', got 'log'"):
+        SourceConfig(path="a.json", weight="log")
+    with pytest.raises(ValueError, match="max_samples must be at least 1"):
+        SourceConfig(path="a.json", max_samples=0)
+
+
+def test_max_samples_caps_each_epoch_with_a_fresh_subset(processor, tmp_path):
+    config = DataConfig(sources=[SourceConfig(path=text_file(tmp_path, 20, "big"), max_samples=5),
+                                 SourceConfig(path=text_file(tmp_path, 4, "small"), weight=3, max_samples=10),
+                                 SourceConfig(path=text_file(tmp_path, 6, "free"))])
+    dataset = MixtureDataset(config, processor)
+    assert dataset.draws == [5, 10, 6]
+    subsets = set()
+    for epoch in range(6):
+        indices = dataset.epoch_indices(epoch, seed=0)
+        assert dataset.source_counts(indices) == {"big": 5, "small": 10, "free": 6}
+        big = [index for index in indices if index < 20]
+        assert len(set(big)) == 5  # without replacement
+        subsets.add(tuple(sorted(big)))
+        small = Counter(index for index in indices if 20 <= index < 24)
+        assert sorted(small.values()) == [2, 2, 3, 3]  # 10 of 3 × 4: two whole passes and half of a third
+    assert len(subsets) >= 5  # a fresh subset (nearly) every epoch
+
+
+def test_epoch_order_is_a_uniform_interleaving(processor, tmp_path):
+    config = DataConfig(sources=[SourceConfig(path=text_file(tmp_path, 30, "a")),
+                                 SourceConfig(path=text_file(tmp_path, 30, "b"))])
+    dataset = MixtureDataset(config, processor)
+    first = dataset.epoch_indices(0, seed=1)
+    assert first == dataset.epoch_indices(0, seed=1) and sorted(first) == list(range(60))
+    assert first != dataset.epoch_indices(1, seed=1) and first != dataset.epoch_indices(0, seed=2)
+    # over many epochs, the a-samples' share of the first half is about a half and each index leads equally
+    shares = [sum(index < 30 for index in dataset.epoch_indices(epoch, seed=1)[:30]) / 30 for epoch in range(200)]
+    assert 0.45 < float(np.mean(shares)) < 0.55
+    leaders = Counter(dataset.epoch_indices(epoch, seed=1)[0] for epoch in range(600))
+    assert len(leaders) > 50
+
+
+def test_interleave_keeps_each_source_order():
+    orders = [np.array([5, 3, 9]), np.array([100, 101]), np.array([7])]
+    merged = interleave(orders, np.random.default_rng(0))
+    assert sorted(merged) == [3, 5, 7, 9, 100, 101]
+    assert [index for index in merged if index in (5, 3, 9)] == [5, 3, 9]
+    assert [index for index in merged if index >= 100] == [100, 101]
+
+
+def test_sharegpt_format_loads_text_only_conversations(processor, tmp_path):
+    dataset = MixtureDataset(DataConfig(sources=[{"path": text_file(tmp_path, 3), "format": "sharegpt"}]), processor)
+    example = dataset[2]
+    assert example["source"] == "chat" and example["pixel_values"].shape[0] == 0  # no image
+    assert [turn["role"] for turn in dataset.samples[2].conversation] == ["user", "assistant"] * 2
+
+
+def test_text_only_and_image_sources_train_in_one_batch(tokenizer_dir, tmp_path):
+    images = write_shape_dataset(str(tmp_path / "shapes"), 8, seed=2)
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1
+    data = {"sources": [{"path": images}, {"path": text_file(tmp_path, 8), "format": "sharegpt"}], "max_length": 128,
+            "group_by_length": False}  # length grouping would batch the (longer) image samples together
+    stage = {"name": "mix", "train": {"bridge": "full", "llm": "full"}, "lr": 3e-3, "batch_size": 4, "steps": 6,
+             "precision": "fp32"}
+    run = RunConfig(model=tiny_model_config(tokenizer_dir, vocab), stages=[stage], output_dir=str(tmp_path / "run"),
+                    data=data)
+    result = train(run, progress=False)
+    losses = [record["loss"] for record in result.history]
+    assert len(losses) == 6 and all(math.isfinite(loss) for loss in losses)
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    # the batches that trained mixed both kinds: seed 0 * 1000 + stage 0 is the stage's data seed
+    from mmbridge.train.trainer import stage_processor
+
+    config = DataConfig(**data)
+    dataset = MixtureDataset(config, stage_processor(result.model, config, "mix"))
+    batches = batch_indices(dataset, 0, seed=0, batch_size=4, group_by_length=False)
+    kinds = [{bool(dataset.samples[index].images) for index in batch} for batch in batches]
+    assert {True, False} in kinds
+
+
+def write_recipe(tmp_path, data: dict, stages: list[dict]) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"model": {"llm": {"type": "hf"}}, "data": data, "stages": stages}))
+    return str(path)
+
+
+def test_data_stats_prints_draws_per_source_without_loading_images(tmp_path, capsys, monkeypatch):
+    from mmbridge.data.formats.webdataset import ShardImage
+    from mmbridge.worlds.miniworld import writer
+
+    shards = writer.write_webdataset("caption", "train", 12, str(tmp_path / "shards"), shard_size=5, progress=False)
+    assert len(shards) == 3
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("data stats opened an image")
+
+    monkeypatch.setattr(ShardImage, "__call__", no_images)  # a shard's image member read
+    monkeypatch.setattr("mmbridge.worlds.miniworld.sample.render_image", no_images)  # a MiniWorld image drawn
+    monkeypatch.setattr("mmbridge.data.processor._open_image", no_images)  # an image file opened
+    data = {"sources": [{"path": text_file(tmp_path, 49), "format": "sharegpt", "weight": "sqrt"},
+                        {"webdataset": str(tmp_path / "shards" / "caption-train-{00000..00002}.tar"),
+                         "weight": "sqrt", "name": "captions"},
+                        {"miniworld": {"task": "counting", "split": "train", "n": 40}, "weight": 2,
+                         "max_samples": 50}]}
+    recipe = write_recipe(tmp_path, data, [{"name": "one", "lr": 0.1},
+                                           {"name": "two", "lr": 0.1, "data": {"sources": [data["sources"][0]]}}])
+    assert main(["data", "stats", recipe]) == 0
+    out = capsys.readouterr().out
+    # sqrt: 61 draws shared 7 : √12; counting: 2 × 40 = 80, capped at 50
+    first = round(61 * 7 / (7 + math.sqrt(12)))
+    assert first == 41
+    assert "stage 0 ('one'): 111 samples per epoch from 3 source(s)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("chat", "captions", "mini"))}
+    assert rows["captions"][-5:] == ["12", "sqrt", "-", "20", "18.0%"]
+    assert rows["miniworld-counting-train"][-5:] == ["40", "2", "50", "50", "45.0%"]
+    assert "webdataset (3 shards)" in out
+    assert "stage 1 ('two'): 49 samples per epoch from 1 source(s)" in out
+    assert main(["data", "stats", recipe, "data.sources.2.max_samples=10"]) == 0
+    assert "stage 0 ('one'): 71 samples per epoch" in capsys.readouterr().out
+
+
+def test_data_stats_names_a_missing_file(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, {"sources": [{"path": str(tmp_path / "nowhere.json")}]}, [{"name": "a", "lr": 1}])
+    assert main(["data", "stats", recipe]) == 2
+    assert "nowhere.json" in capsys.readouterr().err
