@@ -102,7 +102,7 @@ def write_ref(phrase: str, box_format: str = "plain") -> str:
 
 
 def write_grounded(phrase: str, box: list[float], box_format: str = "plain") -> str:
-    """A phrase with its box: ``<ref>phrase</ref><box>(…),(…)</box>`` (qwen) or ``phrase [x0, y0, x1, y1]`` (plain)."""
+    """A phrase with its box: ``<ref>phrase</ref><box>(…),(…)</box>`` (qwen) or ``phrase [x0, y0, x1, y1]``."""
     if check_box_format(box_format) == "qwen":
         return write_ref(phrase, box_format) + write_box(box, box_format)
     return f"{phrase} {write_box(box, box_format)}"

@@ -1,5 +1,6 @@
-"""Grounding formats (mmbridge.boxes): plain ``[x0, y0, x1, y1]`` and Qwen-VL ``<ref>…</ref><box>(x1,y1),(x2,y2)</box>``
-written, found and rewritten; the processor's ``box_format``; MiniWorld in both formats; eval in either."""
+"""Grounding formats (mmbridge.boxes): plain ``[x0, y0, x1, y1]`` and Qwen-VL
+``<ref>…</ref><box>(x1,y1),(x2,y2)</box>`` written, found and rewritten; the processor's ``box_format``;
+MiniWorld in both formats; eval in either; training on Qwen boxes."""
 
 from __future__ import annotations
 
@@ -151,7 +152,8 @@ def test_processor_rewrites_every_turn_into_the_chosen_format(tokenizer) -> None
     text, replies = rendered(qwen, mixed)
     assert "[" not in text and BOX_INSTRUCTIONS["qwen"] in text
     assert "<ref>cat</ref><box>(10,20),(300,1000)</box>" in replies  # already Qwen: kept exactly
-    assert "What is in <box>(500,500),(600,700)</box>?" in text and "A dog at <box>(500,500),(600,700)</box>." in replies
+    assert "What is in <box>(500,500),(600,700)</box>?" in text
+    assert "A dog at <box>(500,500),(600,700)</box>." in replies
     # plain data under the default is the very same sample: today's examples, unchanged
     untouched = Sample(id="plain", images=[], conversation=mixed.conversation[2:])
     assert plain.in_box_format(untouched) is untouched
@@ -246,6 +248,10 @@ def test_run_suite_asks_in_the_models_format_and_reads_either(make_model, monkey
     golds = [sample["box"] for sample, _ in tasks.load_miniworld("grounding", "test", 3, 0)]
     expected = metrics.grounding_metrics([write_box([100, 100, 600, 600])] * 3, golds)
     assert entry["mean_iou"] == pytest.approx(expected["mean_iou"]) and entry["parse_rate"] == 1.0
+    # evaluate() on samples from a file: their plain boxes are asked in the model's format too
+    pairs = tasks.load_miniworld("grounding", "test", 2, 0)
+    asked = harness.evaluate(model, pairs, progress=False)
+    assert asked["prompt_example"].endswith(BOX_INSTRUCTIONS["qwen"]) and asked["parse_rate"] == 1.0
     plain = harness.run_suite(model, "miniworld", ["grounding"], n=3, progress=False, box_format="plain")
     assert plain["settings"]["box_format"] == "plain"
     assert plain["tasks"]["grounding"]["prompt_example"].endswith(BOX_INSTRUCTIONS["plain"])

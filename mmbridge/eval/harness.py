@@ -238,16 +238,18 @@ def _group_by_format(pairs: list[Pair], shots: Shots) -> dict[str, tuple[list[Pa
 
 def evaluate(model: nn.Module, pairs: list[Pair], spec: TaskSpec | None = None, blind: bool = False,
              batch_size: int = 8, progress: bool = True, shots: Shots | None = None,
-             box_format: str = "plain") -> dict[str, Any]:
+             box_format: str | None = None) -> dict[str, Any]:
     """Score one task: ``{metric: float, ..., "n", "prompt_example", "max_new_tokens", "data_hash", "predictions"}``.
 
     Samples are grouped by answer format; with several formats, metric names get a
     ``format/`` prefix and ``accuracy`` is their sample-weighted mean (when every format has one). ``blind`` removes the image placeholders and passes no pixels.
     ``shots`` gives, per sample, the solved examples shown before it (:func:`choose_shots`). Boxes in the
-    samples' and shots' text are asked in ``box_format`` (:func:`tasks.in_box_format`).
+    samples' and shots' text are asked in ``box_format`` (:func:`tasks.in_box_format`; ``None``: the model's
+    saved format, else plain — :func:`model_box_format`).
     """
     if not pairs:
         raise ValueError("evaluate needs at least one sample")
+    box_format = model_box_format(model, box_format)
     pairs = [(tasks.in_box_format(sample, box_format), images) for sample, images in pairs]
     shots = [[(tasks.in_box_format(sample, box_format), images) for sample, images in shown]
              for shown in shots] if shots is not None else [[] for _ in pairs]
