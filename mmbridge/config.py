@@ -35,6 +35,22 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)
 
 
+STRATEGIES = ("ddp", "fsdp")  # how several processes share a run (mmbridge.train.distributed, .sharding)
+
+
+@dataclass
+class DistributedConfig:
+    """How a run launched on several processes shares the work. ``ddp`` (the default): every process holds the
+    whole model and gradients are averaged. ``fsdp``: parameters, gradients and AdamW moments are sharded across
+    the processes (:mod:`mmbridge.train.sharding`). On one process both train the same, unsharded."""
+
+    strategy: str = "ddp"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"distributed.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+
+
 @dataclass
 class RunConfig:
     """Everything one ``mmbridge train`` run needs."""
@@ -45,6 +61,11 @@ class RunConfig:
     processor: dict = field(default_factory=dict)  # Processor settings: max_length, system_prompt
     output_dir: str = "runs/default"
     seed: int = 0
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.distributed, dict):
+            self.distributed = config_from_dict(DistributedConfig, self.distributed, where="recipe: distributed")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

@@ -9,7 +9,9 @@ A checkpoint directory ``step-XXXXXXXX`` holds
   optimizer hyper-parameters, Python/numpy RNG states and the loss history.
 
 It is written into a temporary directory and renamed into place, so a run killed
-while saving leaves the previous checkpoint intact.
+while saving leaves the previous checkpoint intact. Under FSDP every process takes part
+in gathering the full tensors and the main process writes the same files as an
+unsharded run; loading gives each process its own shard.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmbridge.train.sharding import full, load_full, shard_like
 from mmbridge.utils import atomic_write_json, make_shareable
 
 PREFIX = "step-"
@@ -45,16 +48,22 @@ class TrainState:
 
 
 def save_checkpoint(directory: str, model: torch.nn.Module, touched: set[str], optimizer: torch.optim.Optimizer,
-                    param_names: list[str], scheduler: Any, state: TrainState, keep: int = 2) -> str:
-    """Write a checkpoint under ``directory``; keeps the newest ``keep``. Returns its path."""
+                    param_names: list[str], scheduler: Any, state: TrainState, keep: int = 2,
+                    write: bool = True) -> str | None:
+    """Write a checkpoint under ``directory``; keeps the newest ``keep``. Returns its path.
+
+    With sharded (FSDP) parameters every process calls this to gather the full tensors, and only the one
+    with ``write`` writes (the others get ``None``)."""
+    named = dict(model.named_parameters())
+    weights = {name: full(named[name].detach()).contiguous() for name in sorted(touched)}
+    tensors, groups = _optimizer_tensors(optimizer, param_names)
+    if not write:
+        return None
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"{PREFIX}{state.global_step:08d}")
     staging = tempfile.mkdtemp(dir=directory, prefix=".staging-")
     try:
-        named = dict(model.named_parameters())
-        save_file({name: named[name].detach().contiguous() for name in sorted(touched)},
-                  os.path.join(staging, "trainable.safetensors"))
-        tensors, groups = _optimizer_tensors(optimizer, param_names)
+        save_file(weights, os.path.join(staging, "trainable.safetensors"))
         tensors["__rng__.torch"] = torch.get_rng_state()
         save_file(tensors, os.path.join(staging, "optimizer.safetensors"))
         numpy_state = np.random.get_state()
@@ -86,9 +95,9 @@ def saved_state(saved: dict) -> TrainState:
 def check_recipe_unchanged(recipe_path: str, current: dict, checkpoint: str) -> None:
     """Refuse to resume when the recipe differs from the one the checkpoint was trained with.
 
-    ``current`` is the resolved recipe (``RunConfig.to_dict()``); ``output_dir`` and the stages'
-    ``save_every``/``log_every`` may change (they do not change what is trained). The error lists
-    every other difference as ``path: old → new``.
+    ``current`` is the resolved recipe (``RunConfig.to_dict()``); ``output_dir``, ``distributed`` (DDP or
+    FSDP write the same checkpoint files), the stages' ``save_every``/``log_every`` and ``data.num_workers``
+    (loader workers) may change (they do not change what is trained). The error lists every other difference as ``path: old → new``.
     """
     import yaml
 
@@ -98,14 +107,16 @@ def check_recipe_unchanged(recipe_path: str, current: dict, checkpoint: str) -> 
         previous = yaml.safe_load(handle) or {}
     current = yaml.safe_load(yaml.safe_dump(current, sort_keys=False))  # the same normal form as the saved file
     changes = [f"{path}: {old!r} → {new!r}" for path, old, new in _differences(previous, current)
-               if path != "output_dir" and path.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE]
+               if path.split(".", 1)[0] not in RESUME_MAY_CHANGE_SECTIONS
+               and path.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE]
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
         raise ValueError(f"cannot resume from {checkpoint}: the recipe differs from the one it was trained with "
                          f"({recipe_path}): {shown}. Resume with that recipe, or train into a new output_dir")
 
 
-RESUME_MAY_CHANGE = ("save_every", "log_every")
+RESUME_MAY_CHANGE = ("save_every", "log_every", "num_workers")  # loader workers change speed, not the batches
+RESUME_MAY_CHANGE_SECTIONS = ("output_dir", "distributed")  # top-level recipe sections
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
@@ -140,9 +151,8 @@ def load_trainable(path: str, model: torch.nn.Module) -> set[str]:
     unknown = sorted(set(tensors) - set(named))
     if unknown:
         raise ValueError(f"checkpoint {path} has parameters the model lacks: {unknown[:5]} (recipe changed?)")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            named[name].copy_(tensor)
+    for name, tensor in tensors.items():
+        load_full(named[name], tensor)
     return set(tensors)
 
 
@@ -152,12 +162,13 @@ def restore_optimizer(path: str, optimizer: torch.optim.Optimizer, param_names: 
         raise ValueError(f"checkpoint {path} was taken with other trainable parameters; was the recipe changed?")
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     index = {name: position for position, name in enumerate(param_names)}
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if key.startswith("__rng__"):
             continue
         name, slot = key.rsplit("::", 1)
-        state.setdefault(index[name], {})[slot] = tensor
+        state.setdefault(index[name], {})[slot] = shard_like(tensor, parameters[index[name]])  # FSDP: its shard
     groups, start = [], 0
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         count = len(group["params"])
@@ -190,7 +201,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, param_names: list[str])
     tensors = {}
     for position, slots in state_dict["state"].items():
         for slot, value in slots.items():
-            tensors[f"{param_names[position]}::{slot}"] = torch.as_tensor(value).contiguous()
+            tensors[f"{param_names[position]}::{slot}"] = full(torch.as_tensor(value)).contiguous()
     groups = [{key: value for key, value in group.items() if key != "params"} for group in state_dict["param_groups"]]
     return tensors, groups
 

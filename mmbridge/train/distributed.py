@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate distributed types the trainer does not run
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate distributed types the trainer does not run: it shards
+# with torch's fully_shard itself when the recipe says distributed: {strategy: fsdp} (mmbridge.train.sharding)
 
 
 def launched_processes() -> int:
@@ -59,10 +60,11 @@ def make_accelerator() -> Any:
     accelerator = Accelerator(mixed_precision="no", cpu=cpu, kwargs_handlers=[ddp])
     kind = accelerator.distributed_type.name
     if kind in SHARDED or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise ValueError(f"the trainer runs data-parallel (DDP) only; this launch asks for "
-                         f"{'FSDP' if kind not in SHARDED else kind}, which it does not support yet (checkpoints and "
-                         f"the saved model read whole, unsharded parameters); launch without the FSDP/DeepSpeed "
-                         f"config")
+        asked = "FSDP" if kind not in SHARDED else kind
+        raise ValueError(f"this launch asks accelerate for {asked}, which the trainer does not run: launch as for DDP "
+                         f"(`accelerate launch --multi_gpu --num_processes N` or torchrun, without accelerate's "
+                         f"FSDP/DeepSpeed config) and shard with the recipe's `distributed: {{strategy: fsdp}}` "
+                         f"(or the override distributed.strategy=fsdp); DeepSpeed is not supported")
     if accelerator.num_processes != launched:
         raise ValueError(f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes} "
                          f"({kind}); check the accelerate config and the devices this machine has")

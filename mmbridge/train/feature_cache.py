@@ -79,9 +79,13 @@ def _file_stamp(path: str) -> list:
 
 
 def _source_stamp(source: SourceConfig) -> Any:
-    """What a source's samples depend on: its file (path, size, mtime) or its MiniWorld spec."""
+    """What a source's samples depend on: its file (path, size, mtime), its shards' or its MiniWorld spec."""
     if source.miniworld is not None:
         return {"miniworld": source.miniworld}
+    if source.webdataset is not None:
+        from mmbridge.data.formats.webdataset import expand_shards
+
+        return {"webdataset": [_file_stamp(os.path.abspath(shard)) for shard in expand_shards(source.webdataset)]}
     return {"file": _file_stamp(os.path.abspath(source.path)), "image_root": source.image_root}
 
 

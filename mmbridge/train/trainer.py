@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mmbridge.config import RunConfig, save_run_config
 from mmbridge.data import DataConfig, MixtureDataset, Processor, batch_indices, collate, model_inputs
+from mmbridge.data.loader import MicroBatches
 from mmbridge.eval.plots import plot_gates
 from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
 from mmbridge.train import checkpoint as ckpt
@@ -33,6 +34,7 @@ from mmbridge.train.precision import FrozenBf16Weights, frozen_weights_in_bf16, 
 from mmbridge.train.preflight import check_run, stage_data
 from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups
 from mmbridge.train.region_words import WordGroups, check_grid, region_word_loss
+from mmbridge.train.sharding import FullyShardedStage, is_fully_sharded, shard_stage
 from mmbridge.utils import seed_everything
 
 logger = logging.getLogger("mmbridge")
@@ -51,12 +53,13 @@ class TrainResult:
 
 
 class _StageData:
-    """Deterministic micro-batches of one stage: micro-batch ``m`` → (epoch, batch) → collated tensors."""
+    """Deterministic micro-batches of one stage: micro-batch ``m`` → (epoch, batch) → collated tensors;
+    :meth:`stream` builds them in ``num_workers`` worker processes (:mod:`mmbridge.data.loader`)."""
 
     def __init__(self, dataset: MixtureDataset, stage: StageConfig, seed: int, pad_token_id: int,
-                 group_by_length: bool) -> None:
+                 group_by_length: bool, num_workers: int = 0) -> None:
         self.dataset, self.stage, self.seed, self.pad_token_id = dataset, stage, seed, pad_token_id
-        self.group_by_length = group_by_length
+        self.group_by_length, self.num_workers = group_by_length, num_workers
         self._epochs: dict[int, list[list[int]]] = {}
         self.batches_per_epoch = len(self._batches(0))
         if self.batches_per_epoch == 0:
@@ -73,6 +76,10 @@ class _StageData:
         examples = [self.dataset[i] for i in self._batches(epoch)[position]]
         examples = [example for example in examples if example is not None]
         return collate(examples, self.pad_token_id) if examples else None
+
+    def stream(self, world: int) -> MicroBatches:
+        """This process's micro-batches (every ``world``-th), in order, built by the stage's loader workers."""
+        return MicroBatches(self, world, self.num_workers)
 
 
 def train(run: RunConfig, resume: bool = False, progress: bool = True,
@@ -162,7 +169,8 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: Multimoda
                                         progress=progress and accelerator.is_main_process)
         dataset = CachedFeatureDataset(dataset, cache)
     pad_id = processor.pad_token_id
-    return _StageData(dataset, stage, run.seed * 1000 + index, pad_id, data_config.group_by_length), dataset
+    return _StageData(dataset, stage, run.seed * 1000 + index, pad_id, data_config.group_by_length,
+                      data_config.num_workers), dataset
 
 
 def stage_processor(model: MultimodalModel, data: DataConfig, stage: str, objective: str = "lm") -> Processor:
@@ -194,27 +202,33 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_step = stage.grad_accum * world
     total_steps = stage.steps or math.ceil(stage.epochs * data.batches_per_epoch / micro_per_step)
-    groups, param_names = optimizer_groups(model, stage)
+    objective = _Objective(model, _region_words(stage, model, dataset))
+    fsdp = shard_stage(run.distributed.strategy, objective, model, accelerator, precision)  # before the optimizer
+    groups, param_names = optimizer_groups(model, stage)  # over the sharded parameters under FSDP
     optimizer = torch.optim.AdamW(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, stage.warmup_ratio, stage.schedule))
     start = 0
     if saved is not None:
         start = ckpt.restore_mid_stage(saved_path, saved, model, optimizer, param_names, scheduler)
     cursor = _start_cursor(state, saved, start * stage.grad_accum, rank)
-    objective = _Objective(model, _region_words(stage, model, dataset))
-    trained = accelerator.prepare_model(objective) if world > 1 else objective  # DDP: gradients averaged
+    if fsdp is not None:
+        trained = fsdp.root
+    else:  # DDP: gradients averaged
+        trained = accelerator.prepare_model(objective) if world > 1 else objective
     optimizer = accelerator.prepare_optimizer(optimizer)
     _set_modes(model, stage)
     trainable = [p for group in groups for p in group["params"]]
     bar = tqdm(total=total_steps, initial=start, desc=stage.name, disable=not progress or not accelerator.is_main_process,
                dynamic_ncols=True)
     grace = _SIGINT_GRACE if world > 1 else 0.0
-    with frozen_weights_in_bf16(model, precision, touched) as frozen, StopOnInterrupt(grace) as stop:
+    cast = precision if fsdp is None else "fp32"  # FSDP holds the weights as shards: no one-time bf16 cast
+    with frozen_weights_in_bf16(model, cast, touched) as frozen, StopOnInterrupt(grace) as stop, \
+            data.stream(world) as stream:  # loader workers live for the stage, stopped on any exit
         for step in range(start, total_steps):
             began = time.perf_counter()
             tally = _Tally()
             for micro in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
-                batch, cursor, skipped = _next_batch(data, cursor, world, rank, stage.name)
+                batch, cursor, skipped = _next_batch(stream, cursor, world, rank, stage.name)
                 tally.empty += skipped
                 last = micro == stage.grad_accum - 1
                 with _no_sync(trained, world > 1 and not last), autocast(precision, accelerator.device):
@@ -224,7 +238,9 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
                 tally.add(batch, float(loss.detach()), labelled, extra)
             tally.cursor = cursor
             tallies = gather(accelerator, tally)  # every process's figures, in rank order
-            grad_norm = accelerator.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm else None
+            if fsdp is not None:
+                fsdp.finish_backward()  # a parameter no process used gets no gradient, as under DDP
+            grad_norm = _clip(accelerator, fsdp, trainable, stage.max_grad_norm) if stage.max_grad_norm else None
             learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
@@ -246,27 +262,33 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
             stage_done = step + 1 == total_steps
 
             def save() -> str | None:
-                if not accelerator.is_main_process:
+                if not accelerator.is_main_process and fsdp is None:  # under FSDP every process gathers
                     return None
                 where = ckpt.TrainState(index + 1, 0, state.global_step, result.history, world_size=world) \
                     if stage_done else ckpt.TrainState(index, step + 1, state.global_step, result.history, state.micro,
                                                        world)
                 with _fp32(frozen):
                     return ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched,
-                                                optimizer, param_names, scheduler, where)
+                                                optimizer, param_names, scheduler, where,
+                                                write=accelerator.is_main_process)
 
-            written = save() if stage_done or (stage.save_every and (step + 1) % stage.save_every == 0) else None
+            due = stage_done or bool(stage.save_every and (step + 1) % stage.save_every == 0)  # the same everywhere
+            written = save() if due else None
             if on_step is not None:
                 with _fp32(frozen):
                     on_step(record)
             if any_process(accelerator, stop.requested):  # every process stops after the same step
                 bar.close()
-                written = written or save()
+                written = written if due else save()
                 accelerator.wait_for_everyone()  # the checkpoint is written before any process exits
+                if fsdp is not None:
+                    fsdp.gather()  # the caller gets a whole model
                 raise TrainingInterrupted(
                     f"stopped at step {step + 1} of {total_steps} of stage '{stage.name}' ({state.global_step} steps "
                     f"in all); checkpoint {written or 'written by the main process'}; resume with --resume", written)
     bar.close()
+    if fsdp is not None:
+        fsdp.gather()  # full, plain parameters again: for the next stage, final/ and the caller
     model.eval()
     accelerator.free_memory()  # drops the stage's DDP wrapper (its hooks and buckets) and optimizer
     stage_records = [record for record in result.history if record["stage_index"] == index]
@@ -375,8 +397,19 @@ def _start_cursor(state: ckpt.TrainState, saved: dict | None, default: int, rank
 
 
 def _no_sync(trained: nn.Module, skip: bool) -> Any:
-    """DDP's ``no_sync`` for micro-batches before a step's last (gradients accumulate locally, one all-reduce)."""
+    """DDP's ``no_sync`` for micro-batches before a step's last (gradients accumulate locally, one all-reduce);
+    FSDP's counterpart likewise (one reduce-scatter per step)."""
+    if is_fully_sharded(trained):
+        trained.set_requires_gradient_sync(not skip)
+        return contextlib.nullcontext()
     return trained.no_sync() if skip else contextlib.nullcontext()
+
+
+def _clip(accelerator: Any, fsdp: FullyShardedStage | None, parameters: list[torch.Tensor], max_norm: float) -> Any:
+    """Clip gradients to ``max_norm`` (sharded ones under FSDP); returns the norm before clipping."""
+    if fsdp is not None:
+        return fsdp.clip_grad_norm(parameters, max_norm)
+    return accelerator.clip_grad_norm_(parameters, max_norm)
 
 
 @contextlib.contextmanager
@@ -418,7 +451,7 @@ def _region_words(stage: StageConfig, model: MultimodalModel, dataset: Any) -> W
     return WordGroups.from_samples(dataset.samples, model.tokenizer, where=f"stage '{stage.name}'")
 
 
-def _next_batch(data: _StageData, cursor: int, world: int, rank: int, stage: str) -> tuple[dict, int, int]:
+def _next_batch(data: MicroBatches, cursor: int, world: int, rank: int, stage: str) -> tuple[dict, int, int]:
     """The next micro-batch that holds samples, from position ``cursor`` of the stage's micro-batch stream;
     returns it, the cursor after it, and how many empty ones (every sample skipped) were passed over."""
     passed = 0
