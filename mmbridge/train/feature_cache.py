@@ -121,6 +121,7 @@ class FeatureCache:
         self.directory = directory
         self.index = index
         self._handles: dict[str, Any] = {}
+        self._handles_pid = os.getpid()  # handles are per process: a loader worker opens its own
 
     @classmethod
     def open(cls, directory: str) -> "FeatureCache":
@@ -145,6 +146,8 @@ class FeatureCache:
         if entry is None:
             return None
         shard = entry["shard"]
+        if self._handles_pid != os.getpid():  # forked with the parent's handles: never share a file position
+            self._handles, self._handles_pid = {}, os.getpid()
         if shard not in self._handles:
             self._handles[shard] = safe_open(os.path.join(self.directory, shard), framework="pt")
         return self._handles[shard].get_tensor(str(position))
@@ -342,6 +345,10 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
     @property
     def skipped(self) -> Any:
         return self.dataset.skipped
+
+    @property
+    def skipped_samples(self) -> list[tuple[str, str]]:
+        return self.dataset.skipped_samples
 
     def epoch_indices(self, epoch: int, seed: int) -> list[int]:
         return self.dataset.epoch_indices(epoch, seed)
