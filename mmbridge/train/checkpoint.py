@@ -97,7 +97,8 @@ def check_recipe_unchanged(recipe_path: str, current: dict, checkpoint: str) -> 
 
     ``current`` is the resolved recipe (``RunConfig.to_dict()``); ``output_dir``, ``distributed`` (DDP or
     FSDP write the same checkpoint files), the stages' ``save_every``/``log_every`` and ``data.num_workers``
-    (loader workers) may change (they do not change what is trained). The error lists every other difference as ``path: old → new``.
+    (loader workers) may change (they do not change what is trained). The error lists every other
+    difference as ``path: old → new``.
     """
     import yaml
 
