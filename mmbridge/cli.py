@@ -6,6 +6,8 @@
     mmbridge info --model DIR
     mmbridge export --model DIR --format hf --out OUT [--force]   (a transformers directory: weights, processor)
     mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S] [--box-format plain|qwen]
+                           [--format webdataset --shard-size N]
+    mmbridge data stats RECIPE.yaml [key.path=value ...]   (samples per source per epoch, per stage; no image read)
     mmbridge data select IN.json --method random|coreset --keep 0.5|N --out OUT.json [--seed S] [--concepts FILE]
     mmbridge eval --model DIR --suite miniworld [--tasks T ...] [--n N] [--shots K] [--box-format plain|qwen] [--out FILE] [--blind | --with-blind]
     mmbridge eval --compare A.json B.json ...
@@ -142,9 +144,26 @@ def _data_miniworld(args: argparse.Namespace) -> int:
     from mmbridge.worlds.miniworld import write_task
 
     check_not_a_file(args.out, "--out")
+    if args.format == "webdataset":
+        from mmbridge.worlds.miniworld.writer import write_webdataset
+
+        paths = write_webdataset(args.task, args.split, args.n, args.out, seed=args.seed, shard_size=args.shard_size,
+                                 progress=not args.no_progress, box_format=args.box_format)
+        last = len(paths) - 1
+        pattern = paths[0] if len(paths) == 1 else paths[0].replace("-00000.tar", f"-{{00000..{last:05d}}}.tar")
+        print(f"wrote {args.n} {args.task}/{args.split} samples in {len(paths)} shard(s): {pattern}")
+        return 0
     path = write_task(args.task, args.split, args.n, args.out, seed=args.seed, progress=not args.no_progress,
                       box_format=args.box_format)
     print(f"wrote {args.n} {args.task}/{args.split} samples to {path}")
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    from mmbridge.config import load_run_config
+    from mmbridge.data.stats import recipe_stats
+
+    print(recipe_stats(load_run_config(args.recipe, args.overrides)))
     return 0
 
 
@@ -279,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="generate datasets")
     generators = data.add_subparsers(dest="generator", required=True)
-    miniworld = generators.add_parser("miniworld", help="write a MiniWorld task split as LLaVA JSON + PNGs")
+    miniworld = generators.add_parser("miniworld", help="write a MiniWorld task split as LLaVA JSON + PNGs, "
+                                                             "or WebDataset shards")
     miniworld.add_argument("--task", required=True, help="task name, e.g. caption, attribute, counting, video")
     miniworld.add_argument("--split", required=True, help="train, val, test or compositional")
     miniworld.add_argument("--n", type=int, required=True, help="number of samples")
@@ -289,7 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     miniworld.add_argument("--box-format", choices=["plain", "qwen"], default="plain",
                            help="grounding boxes: plain [x0, y0, x1, y1] in 000-999 (default) or qwen "
                                 "<ref>phrase</ref><box>(x1,y1),(x2,y2)</box> in 0-1000")
+    miniworld.add_argument("--format", choices=["llava", "webdataset"], default="llava",
+                           help="llava: one JSON + PNGs (default); webdataset: tar shards of KEY.jpg + KEY.json/.txt")
+    miniworld.add_argument("--shard-size", type=int, default=1000, help="samples per webdataset shard (default 1000)")
     miniworld.set_defaults(run=_data_miniworld)
+    stats = generators.add_parser("stats", help="samples per source per epoch of each stage of a recipe (no images "
+                                                "are read)")
+    stats.add_argument("recipe", help="YAML recipe")
+    stats.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.sources.0.weight=sqrt")
+    stats.set_defaults(run=_data_stats)
     select = generators.add_parser("select", help="keep a random or informative (coreset) subset of a LLaVA file")
     select.add_argument("input", metavar="IN", help="LLaVA conversation JSON or JSONL file")
     select.add_argument("--method", required=True, choices=["random", "coreset"],

@@ -1,9 +1,12 @@
-"""Writing a task split to disk: ``DIR/<task>-<split>.json`` (a LLaVA-format list) and PNGs under ``DIR/images/``."""
+"""Writing a task split to disk: ``DIR/<task>-<split>.json`` (a LLaVA-format list) and PNGs under ``DIR/images/``,
+or WebDataset tar shards ``DIR/<task>-<split>-00000.tar``… (:func:`write_webdataset`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 
 from tqdm import tqdm
 
@@ -14,6 +17,7 @@ from mmbridge.worlds.miniworld.splits import check_split
 from mmbridge.worlds.miniworld.tasks import get_task
 
 PNG_COMPRESS_LEVEL = 1  # fast to write; synthetic images stay small anyway
+JPEG_QUALITY = 95  # what img2dataset writes by default
 
 
 def write_task(task: str, split: str, n: int, out_dir: str, seed: int = 0, progress: bool = True,
@@ -42,3 +46,54 @@ def write_task(task: str, split: str, n: int, out_dir: str, seed: int = 0, progr
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(records, handle)
     return path
+
+
+def write_webdataset(task: str, split: str, n: int, out_dir: str, seed: int = 0, shard_size: int = 1000,
+                     progress: bool = True, box_format: str = "plain") -> list[str]:
+    """Generate ``n`` samples as WebDataset shards of ``shard_size`` samples; returns the shard paths.
+
+    Shard ``k`` is ``DIR/<task>-<split>-{k:05d}.tar``, members ``KEY.jpg`` (the image) and ``KEY.json`` (the
+    record: id, conversations and the evaluation fields); a ``caption`` task writes its caption as
+    ``KEY.txt`` and the json without conversations, as img2dataset does. Each shard is written to a
+    temporary file and renamed when complete, so a killed run leaves no partial shard under a shard's name.
+    Tasks with several images per sample (multi-image, video, documents) do not fit one image per key.
+    ``box_format``: how grounding text writes boxes, as for :func:`write_task`.
+    """
+    get_task(task)
+    check_split(split)
+    check_box_format(box_format)
+    if n < 0 or shard_size < 1:
+        raise ValueError(f"n must be >= 0 and shard_size >= 1, got n={n}, shard_size={shard_size}")
+    os.makedirs(out_dir, exist_ok=True)
+    samples = iter(tqdm(iter_samples(task, split, n, seed, box_format), total=n, desc=f"miniworld {task}/{split}",
+                        disable=not progress))
+    paths = []
+    for start in range(0, n, shard_size):
+        path = os.path.join(out_dir, f"{task}-{split}-{start // shard_size:05d}.tar")
+        with atomic_path(path) as temporary:
+            with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as archive:
+                for _ in range(min(shard_size, n - start)):
+                    record, images = next(samples)
+                    for name, data in _members(task, record, images):
+                        info = tarfile.TarInfo(name)
+                        info.size, info.mode = len(data), 0o644
+                        archive.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+def _members(task: str, record: dict, images: list) -> list[tuple[str, bytes]]:
+    """One sample's tar members: ``KEY.jpg`` and ``KEY.json`` (plus ``KEY.txt`` for captions)."""
+    key = record["id"]  # "caption-train-000012": no dot, so webdataset readers take it whole as the key
+    if len(images) != 1 or "conversations" not in record:
+        raise ValueError(f"task {task!r} has {len(images)} image(s) per sample or no conversation; "
+                         f"--format webdataset holds one image and one conversation per key (use the JSON format)")
+    image = io.BytesIO()
+    images[0].convert("RGB").save(image, format="JPEG", quality=JPEG_QUALITY)
+    fields = {name: value for name, value in record.items() if name != "image"}
+    members = [(f"{key}.jpg", image.getvalue())]
+    if record.get("format") == "caption":
+        members.append((f"{key}.txt", record["answer"].encode("utf-8")))
+        fields.pop("conversations")
+    members.append((f"{key}.json", json.dumps(fields).encode("utf-8")))
+    return members
