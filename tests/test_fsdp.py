@@ -98,6 +98,26 @@ RESUME_SCRIPT = textwrap.dedent("""
             "rank": int(os.environ["RANK"]), "recipe": path,
             "plain": not any(isinstance(p, DTensor) for p in parameters.values()),
             "checksum": sum(float(parameters[name].double().sum()) for name in trained)}), flush=True)
+
+    # a step in which no process reads an image: the bridge gets no gradient (as under DDP), LoRA does
+    from mmbridge.data import DataConfig, MixtureDataset, collate
+    from mmbridge.train.sharding import FullyShardedStage
+    from mmbridge.train.trainer import _Objective
+
+    model, text = result.model, load_run_config(sys.argv[1]).stages[1]["data"]["sources"][1]["path"]
+    processor = model.processor(max_length=128)
+    dataset = MixtureDataset(DataConfig(sources=[{"path": text}], max_length=128), processor)
+    rank = int(os.environ["RANK"])
+    batch = collate([dataset[2 * rank], dataset[2 * rank + 1]], processor.pad_token_id)
+    sharded = FullyShardedStage(_Objective(model, None), model, torch.device("cpu"), 2, "fp32")
+    sharded.root(batch)[0].backward()
+    sharded.finish_backward()
+    named = dict(model.named_parameters())
+    print("TEXT_ONLY " + json.dumps({
+        "rank": rank, "bridge_grads": sum(p.grad is not None for n, p in named.items() if n.startswith("bridge.")),
+        "lora_grads": sum(p.grad is not None for n, p in named.items() if "lora_" in n),
+        "lora": sum("lora_" in n for n in named)}), flush=True)
+    sharded.gather()
 """)
 
 
@@ -244,6 +264,15 @@ def test_a_stage_boundary_checkpoint_moves_between_fsdp_and_unsharded(runs):
         worst = _worst_trained_difference(root, name)
         print(f"largest difference in a trained weight ({name}): {worst:.2e}")
         assert worst < WEIGHT_TOLERANCE
+
+
+def test_a_step_no_process_reads_an_image_leaves_the_bridge_without_gradient(runs):
+    """Both processes text-only: the root unit reduces zeros for the unused bridge, and the step then drops them
+    (grad None), so AdamW leaves the bridge and its moments alone, as DDP and one process do."""
+    lines = _lines(runs["resumed"].stdout, "TEXT_ONLY")
+    assert sorted(line["rank"] for line in lines) == [0, 1], runs["resumed"].stderr[-3000:]
+    for line in lines:
+        assert line["bridge_grads"] == 0 and line["lora_grads"] == line["lora"] > 0
 
 
 def test_fsdp_on_one_process_trains_unsharded(caplog):
