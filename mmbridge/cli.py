@@ -6,7 +6,7 @@
     mmbridge info --model DIR
     mmbridge export --model DIR --format hf --out OUT [--force]   (a transformers directory: weights, processor)
     mmbridge data miniworld --task TASK --split SPLIT --n N --out DIR [--seed S] [--box-format plain|qwen]
-                           [--format webdataset --shard-size N]
+                           [--image-format png|jpeg] [--format webdataset --shard-size N]
     mmbridge data stats RECIPE.yaml [key.path=value ...]   (samples per source per epoch, per stage; no image read)
     mmbridge data select IN.json --method random|coreset --keep 0.5|N --out OUT.json [--seed S] [--concepts FILE]
     mmbridge eval --model DIR --suite miniworld [--tasks T ...] [--n N] [--shots K] [--box-format plain|qwen] [--out FILE] [--blind | --with-blind]
@@ -154,7 +154,7 @@ def _data_miniworld(args: argparse.Namespace) -> int:
         print(f"wrote {args.n} {args.task}/{args.split} samples in {len(paths)} shard(s): {pattern}")
         return 0
     path = write_task(args.task, args.split, args.n, args.out, seed=args.seed, progress=not args.no_progress,
-                      box_format=args.box_format)
+                      box_format=args.box_format, image_format=args.image_format)
     print(f"wrote {args.n} {args.task}/{args.split} samples to {path}")
     return 0
 
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     miniworld.add_argument("--n", type=int, required=True, help="number of samples")
     miniworld.add_argument("--out", required=True, help="output directory (JSON + images/)")
     miniworld.add_argument("--seed", type=int, default=0, help="seed of the sample generator")
+    miniworld.add_argument("--image-format", choices=["png", "jpeg"], default="png",
+                           help="image files of the llava format: png (default) or jpeg (quality 90)")
     miniworld.add_argument("--no-progress", action="store_true", help="no progress bar")
     miniworld.add_argument("--box-format", choices=["plain", "qwen"], default="plain",
                            help="grounding boxes: plain [x0, y0, x1, y1] in 000-999 (default) or qwen "

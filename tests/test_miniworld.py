@@ -293,6 +293,27 @@ def test_cli_writes_a_miniworld_split(tmp_path, capsys):
     assert main(["data", "miniworld", "--task", "nope", "--split", "train", "--n", "1", "--out", str(out)]) == 2
 
 
+def test_cli_writes_jpeg_images(tmp_path):
+    """--image-format jpeg: the JSON names .jpg files, which are JPEGs (quality 90) of the same pictures."""
+    from PIL import Image
+
+    assert main(["data", "miniworld", "--task", "multi_image", "--split", "val", "--n", "2", "--out",
+                 str(tmp_path / "jpeg"), "--image-format", "jpeg", "--no-progress"]) == 0
+    png = load_llava_json(write_task("multi_image", "val", 2, str(tmp_path / "png"), progress=False))
+    jpeg = load_llava_json(str(tmp_path / "jpeg" / "multi_image-val.json"))
+    for png_sample, jpeg_sample in zip(png, jpeg):
+        assert len(jpeg_sample.images) == len(png_sample.images) >= 2
+        for png_path, jpeg_path in zip(png_sample.images, jpeg_sample.images):
+            assert jpeg_path.endswith(".jpg") and png_path.endswith(".png")
+            with Image.open(jpeg_path) as lossy, Image.open(png_path) as lossless:
+                assert lossy.format == "JPEG" and lossy.size == lossless.size
+                difference = np.abs(np.asarray(lossy, dtype=np.int16)
+                                    - np.asarray(lossless.convert("RGB"), dtype=np.int16))
+                assert 0 < difference.mean() < 4  # lossy, but the same picture
+    with pytest.raises(ValueError, match="image_format must be one of.*'gif'"):
+        write_task("attribute", "train", 1, str(tmp_path / "gif"), image_format="gif")
+
+
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory) -> Processor:
     tokenizer = tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))

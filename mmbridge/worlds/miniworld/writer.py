@@ -18,12 +18,16 @@ from mmbridge.worlds.miniworld.tasks import get_task
 
 PNG_COMPRESS_LEVEL = 1  # fast to write; synthetic images stay small anyway
 JPEG_QUALITY = 95  # what img2dataset writes by default
+IMAGE_FORMATS = ("png", "jpeg")  # write_task's image files
+JPEG_FILE_QUALITY = 90  # write_task's JPEG files (--image-format jpeg)
 
 
 def write_task(task: str, split: str, n: int, out_dir: str, seed: int = 0, progress: bool = True,
-               box_format: str = "plain") -> str:
+               box_format: str = "plain", image_format: str = "png") -> str:
     """Generate ``n`` samples and write them; returns the JSON path. ``box_format``: how grounding text writes
     boxes (``plain`` ``[x0, y0, x1, y1]`` or ``qwen`` ``<ref>…</ref><box>(x1,y1),(x2,y2)</box>``).
+    ``image_format``: ``png`` (lossless, the default) or ``jpeg`` (quality 90, files named ``….jpg``: what
+    real image–text data sets hold, and slower to decode).
 
     Image paths in the JSON are relative to ``out_dir`` (the JSON's directory), so
     ``load_llava_json`` resolves them without an image root.
@@ -31,21 +35,38 @@ def write_task(task: str, split: str, n: int, out_dir: str, seed: int = 0, progr
     get_task(task)
     check_split(split)
     check_box_format(box_format)
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     os.makedirs(os.path.join(out_dir, IMAGE_DIRECTORY), exist_ok=True)
     records = []
     samples = iter_samples(task, split, n, seed, box_format)
     for record, images in tqdm(samples, total=n, desc=f"miniworld {task}/{split}", disable=not progress):
+        if image_format == "jpeg":
+            record = _as_jpeg_names(record)
         names = [record["image"]] if isinstance(record["image"], str) else record["image"]
         for name, image in zip(names, images):
-            image.save(os.path.join(out_dir, name), compress_level=PNG_COMPRESS_LEVEL)
+            if image_format == "jpeg":
+                image.convert("RGB").save(os.path.join(out_dir, name), format="JPEG", quality=JPEG_FILE_QUALITY)
+            else:
+                image.save(os.path.join(out_dir, name), compress_level=PNG_COMPRESS_LEVEL)
         records.append(record)
     path = os.path.join(out_dir, f"{task}-{split}.json")
     with atomic_path(path) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(records, handle)
     return path
+
+
+def _as_jpeg_names(record: dict) -> dict:
+    """The record with its image paths (``image``, and a document's ``images``) ending ``.jpg`` instead of ``.png``."""
+    def renamed(names: str | list[str]) -> str | list[str]:
+        if isinstance(names, str):
+            return names[:-len(".png")] + ".jpg" if names.endswith(".png") else names
+        return [renamed(name) for name in names]
+
+    return {**record, **{key: renamed(record[key]) for key in ("image", "images") if key in record}}
 
 
 def write_webdataset(task: str, split: str, n: int, out_dir: str, seed: int = 0, shard_size: int = 1000,
