@@ -276,9 +276,10 @@ def test_scheduler_groups_by_sampling_settings_in_arrival_order():
         for index, sampling in enumerate(settings):
             scheduler.submit(Job(example={}, sampling=sampling, max_tokens=1, stop=[], prompt_tokens=index, loop=loop))
         scheduler.start()
-        while scheduler.stats.requests < len(settings):
+        # stats count a group when it is handed to the generation thread; wait for the thread to have run it
+        while sum(map(len, groups)) < len(settings):
             await asyncio.sleep(0.01)
         await scheduler.stop()
 
-    asyncio.run(schedule())
+    asyncio.run(asyncio.wait_for(schedule(), timeout=60))
     assert groups == [[0, 2, 5], [1, 3], [4], [6], [7], [8]]  # greedy, same temperature, seeded alone, ...
