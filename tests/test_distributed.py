@@ -84,6 +84,13 @@ def _tiny_parts(root: str) -> dict:
             "llm": {"type": "hf", "path": llm_dir}}
 
 
+def _run_data(root: str) -> dict:
+    """The runs' two data sets: 8 shape images, and the same with 8 text-only samples mixed in."""
+    images = write_shape_dataset(os.path.join(root, "shapes"), 8, seed=1)
+    return {"images": {"sources": [{"path": images}], "max_length": 128},
+            "mixed": {"sources": [{"path": images}, {"path": _text_only(root, 8)}], "max_length": 128}}
+
+
 def _text_only(root: str, count: int) -> str:
     path = os.path.join(root, "text.json")
     words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
@@ -130,10 +137,7 @@ def _launch(*command: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = str(tmp_path_factory.mktemp("distributed"))
-    model = _tiny_parts(root)
-    images = write_shape_dataset(os.path.join(root, "shapes"), 8, seed=1)
-    data = {"images": {"sources": [{"path": images}], "max_length": 128},
-            "mixed": {"sources": [{"path": images}, {"path": _text_only(root, 8)}], "max_length": 128}}
+    model, data = _tiny_parts(root), _run_data(root)
     one, two = _recipe(root, "one", model, data, WORLD), _recipe(root, "two", model, data, 1)
 
     threads = torch.get_num_threads()

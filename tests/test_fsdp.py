@@ -31,10 +31,9 @@ from mmbridge.config import RunConfig, load_run_config
 from mmbridge.registry import config_from_dict
 from mmbridge.train import train
 from mmbridge.train.sharding import shard_stage
-from test_distributed import (BATCH, LOSS_TOLERANCE, STAGES, WEIGHT_TOLERANCE, WORLD, _launch, _log, _text_only,
+from test_distributed import (BATCH, LOSS_TOLERANCE, STAGES, WEIGHT_TOLERANCE, WORLD, _launch, _log, _run_data,
                               _tiny_parts)
 from test_distributed import test_a_step_mixes_a_text_only_micro_batch_with_an_image_one as _check_mixed_step
-from mmbridge.testing import write_shape_dataset
 
 STOP_AT = 4  # global step (stage 'mixed', step 2 of 3)
 LAYER_WEIGHT = ".layers.0.mlp.gate_proj."  # an LLM decoder layer's weight (its own FSDP unit; LoRA wraps it later)
@@ -70,7 +69,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
             "layer_local": layer.to_local().numel(), "layer_total": layer.numel(),
             "layer_units": sum(isinstance(layer, FSDPModule) for layer in model.llm.decoder_layers()),
             "vision_or_bridge_unit": any(isinstance(m, FSDPModule) for key in ("vision", "bridge")
-                                         for m in model.get_submodule(key).modules())}}), flush=True)
+                                         for m in model.get_submodule(key).modules())}}) + "\\n", end="", flush=True)
         if rank == 1 and record["global_step"] == {stop}:
             signal.raise_signal(signal.SIGINT)
 
@@ -78,7 +77,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
         train(run, progress=False, on_step=report)
     except TrainingInterrupted as stopped:
         plain = not any(isinstance(p, DTensor) for p in built[0].parameters())
-        print("STOPPED " + json.dumps({{"rank": rank, "plain": plain, "message": str(stopped)}}), flush=True)
+        print("STOPPED " + json.dumps({{"rank": rank, "plain": plain, "message": str(stopped)}}) + "\\n", end="", flush=True)
         sys.exit(130)
     sys.exit("the run was not stopped")
 """).format(layer=LAYER_WEIGHT, stop=STOP_AT)
@@ -97,7 +96,7 @@ RESUME_SCRIPT = textwrap.dedent("""
         print("RESUMED " + json.dumps({
             "rank": int(os.environ["RANK"]), "recipe": path,
             "plain": not any(isinstance(p, DTensor) for p in parameters.values()),
-            "checksum": sum(float(parameters[name].double().sum()) for name in trained)}), flush=True)
+            "checksum": sum(float(parameters[name].double().sum()) for name in trained)}) + "\\n", end="", flush=True)
 
     # a step in which no process reads an image: the bridge gets no gradient (as under DDP), LoRA does
     from mmbridge.data import DataConfig, MixtureDataset, collate
@@ -116,7 +115,7 @@ RESUME_SCRIPT = textwrap.dedent("""
     print("TEXT_ONLY " + json.dumps({
         "rank": rank, "bridge_grads": sum(p.grad is not None for n, p in named.items() if n.startswith("bridge.")),
         "lora_grads": sum(p.grad is not None for n, p in named.items() if "lora_" in n),
-        "lora": sum("lora_" in n for n in named)}), flush=True)
+        "lora": sum("lora_" in n for n in named)}) + "\\n", end="", flush=True)
     sharded.gather()
 """)
 
@@ -132,6 +131,8 @@ def _fsdp_recipe(root: str, name: str, model: dict, data: dict, factor: int, str
 
 
 def _lines(output: str, tag: str) -> list[dict]:
+    """The JSON records a launch's processes printed under ``tag``; each prints a record in one write (text and
+    newline together), so two processes' records never share a line."""
     return [json.loads(line.split(" ", 1)[1]) for line in output.splitlines() if line.startswith(tag + " ")]
 
 
@@ -143,10 +144,7 @@ def _seed_from(checkpoint: str, output_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = str(tmp_path_factory.mktemp("fsdp"))
-    model = _tiny_parts(root)
-    images = write_shape_dataset(os.path.join(root, "shapes"), 8, seed=1)
-    data = {"images": {"sources": [{"path": images}], "max_length": 128},
-            "mixed": {"sources": [{"path": images}, {"path": _text_only(root, 8)}], "max_length": 128}}
+    model, data = _tiny_parts(root), _run_data(root)
     one = _fsdp_recipe(root, "one", model, data, WORLD, "ddp")
     two = _fsdp_recipe(root, "two", model, data, 1, "fsdp")
     seeded = _fsdp_recipe(root, "seeded", model, data, 1, "fsdp")
