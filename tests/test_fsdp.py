@@ -77,7 +77,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
         train(run, progress=False, on_step=report)
     except TrainingInterrupted as stopped:
         plain = not any(isinstance(p, DTensor) for p in built[0].parameters())
-        print("STOPPED " + json.dumps({{"rank": rank, "plain": plain, "message": str(stopped)}}) + "\\n", end="", flush=True)
+        record = json.dumps({{"rank": rank, "plain": plain, "message": str(stopped)}})
+        print("STOPPED " + record + "\\n", end="", flush=True)
         sys.exit(130)
     sys.exit("the run was not stopped")
 """).format(layer=LAYER_WEIGHT, stop=STOP_AT)
