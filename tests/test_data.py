@@ -11,7 +11,7 @@ import torch
 
 from mmbridge.data import (DataConfig, ImageLoadError, MixtureDataset, Processor, Sample, SourceConfig,
                            batch_indices, collate, load_llava_json)
-from mmbridge.model.multimodal import IGNORE_INDEX
+from mmbridge.data.collate import IGNORE_INDEX
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import shape_image, tiny_tokenizer, write_shape_dataset
 

@@ -13,7 +13,7 @@ from conftest import build_with_llm
 from mmbridge.config import RunConfig
 from mmbridge.data import DataConfig, MixtureDataset
 from mmbridge.data.formats import load_interleaved, load_llava_json
-from mmbridge.model.multimodal import IGNORE_INDEX
+from mmbridge.data.collate import IGNORE_INDEX
 from mmbridge.testing import shape_image, tiny_model_config
 from mmbridge.train import train
 

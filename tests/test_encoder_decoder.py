@@ -21,7 +21,8 @@ from mmbridge.data.formats.llava import Sample
 from mmbridge.data.processor import SampleError
 from mmbridge.eval import harness
 from mmbridge.model.llm.seq2seq import Seq2SeqLanguageModel
-from mmbridge.model.multimodal import IGNORE_INDEX, MultimodalModel
+from mmbridge.data.collate import IGNORE_INDEX
+from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.testing import shape_image, tiny_t5_config, tiny_tokenizer
 from mmbridge.config import RunConfig
 from mmbridge.train import train

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from mmbridge.data import Processor, Sample, SampleError
-from mmbridge.model.multimodal import IGNORE_INDEX
+from mmbridge.data.collate import IGNORE_INDEX
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import BOS_TEMPLATE, CHATML_TEMPLATE, shape_image, tiny_tokenizer
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmbridge.model.highres.base import concat_padded
-from mmbridge.model.multimodal import IGNORE_INDEX
-
+IGNORE_INDEX = -100  # the label of a position that is not a target (prompt, image, padding), as in transformers
 
 BATCH_ONLY_KEYS = ("ids", "regions")  # batch entries that are not model inputs
 
@@ -81,3 +79,22 @@ def _concat_images(examples: list[dict], key: str = "pixel_values") -> torch.Ten
     zero-padded at the end of each axis to the largest; the model knows each crop's true size from its layout."""
     images = [example[key] for example in examples if example.get(key) is not None and len(example[key])]
     return concat_padded(images) if images else None
+
+
+def pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors that differ in their sizes, zero-padded at the end of each axis and stacked."""
+    return concat_padded([row.unsqueeze(0) for row in rows])
+
+
+def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors ``[n_i, ...]`` concatenated on the first axis, zero-padded at the end of every other axis to the
+    largest when they differ (crops of different sizes, or their features)."""
+    if len({tuple(tensor.shape[1:]) for tensor in tensors}) == 1:
+        return torch.cat(tensors)
+    shape = [max(tensor.shape[axis] for tensor in tensors) for axis in range(1, tensors[0].dim())]
+    padded = tensors[0].new_zeros(sum(len(tensor) for tensor in tensors), *shape)
+    start = 0
+    for tensor in tensors:
+        padded[(slice(start, start + len(tensor)), *[slice(0, extent) for extent in tensor.shape[1:]])] = tensor
+        start += len(tensor)
+    return padded

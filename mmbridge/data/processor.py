@@ -44,7 +44,7 @@ from PIL import Image
 
 from mmbridge.boxes import check_box_format, rewrite_boxes
 from mmbridge.data.formats.llava import Sample
-from mmbridge.model.multimodal import IGNORE_INDEX
+from mmbridge.data.collate import IGNORE_INDEX, pad_stack
 
 Span = tuple[int, int]  # [start, end) character offsets in the rendered text
 TEMPLATES = ("chat", "plain")  # the LLM's chat template, or LLaVA's plain image + reply (alignment pretraining)
@@ -204,8 +204,6 @@ class Processor:
         ``[n_crops, 3, H, W]`` (zero-padded to the largest crop)."""
         if self.highres is None or not images:
             return self.transform.batch(images)
-        from mmbridge.model.highres.base import pad_stack
-
         return pad_stack([crop for image in images for crop in self.highres.pixel_values(image)])
 
     def video_frames(self, count: int) -> list[int]:

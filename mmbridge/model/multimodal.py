@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from mmbridge.data.collate import IGNORE_INDEX
 from mmbridge.model.bridges import BRIDGES, build_bridge
 from mmbridge.model.fusion import FusionBridge
 from mmbridge.model.highres import HIGHRES, HighResStrategy, build_highres
@@ -37,7 +38,6 @@ from mmbridge.model.vision import VISION_ENCODERS, build_vision
 from mmbridge.utils import atomic_write_json, atomic_path
 
 MODULE_KEYS = ("vision", "bridge", "llm")
-IGNORE_INDEX = -100
 CONFIG_FILE, WEIGHTS_FILE, PROCESSOR_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "processor.json", "tokenizer"
 BRIDGE_TOKENIZER_DIR = "bridge_tokenizer"  # the bridge's own text tokenizer (instruction-aware bridges)
 # transformers' names for per-image bridge inputs (InstructBLIP's Q-Former text) → mmbridge's bridge_<name>

@@ -42,7 +42,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmbridge.data.formats.llava import Sample
-from mmbridge.model.highres.base import concat_padded, crop_features, pad_stack
+from mmbridge.data.collate import concat_padded, pad_stack
+from mmbridge.model.highres.base import crop_features
 from mmbridge.data.mixture import MixtureDataset, SourceConfig
 from mmbridge.data.processor import SampleError
 from mmbridge.train.recipe import autocast

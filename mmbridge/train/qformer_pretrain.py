@@ -55,7 +55,8 @@ from mmbridge.data.mixture import DataConfig, load_source, _source_names
 from mmbridge.model.bridges import BRIDGES
 from mmbridge.model.bridges.qformer import (QFormer, QFormerBridgeConfig, build_qformer, load_text_tokenizer,
                                             resolve_config, save_qformer)
-from mmbridge.model.multimodal import IGNORE_INDEX, MODULE_KEYS
+from mmbridge.data.collate import IGNORE_INDEX
+from mmbridge.model.multimodal import MODULE_KEYS
 from mmbridge.model.vision import build_vision
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.distributed import launched_processes

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mmbridge.data.collate import pad_stack
 from mmbridge.registry import Registry
 
 VISUAL = -1  # a visual slot in an ImageLayout's token sequence
@@ -250,25 +251,6 @@ def bridge_crops(features: list[torch.Tensor], owners: list[int], bridge: Callab
         for row, index in enumerate(members):
             tokens[index] = bridged[row]
     return tokens  # type: ignore[return-value]
-
-
-def pad_stack(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Tensors that differ in their sizes, zero-padded at the end of each axis and stacked."""
-    return concat_padded([row.unsqueeze(0) for row in rows])
-
-
-def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Tensors ``[n_i, ...]`` concatenated on the first axis, zero-padded at the end of every other axis to the
-    largest when they differ (crops of different sizes, or their features)."""
-    if len({tuple(tensor.shape[1:]) for tensor in tensors}) == 1:
-        return torch.cat(tensors)
-    shape = [max(tensor.shape[axis] for tensor in tensors) for axis in range(1, tensors[0].dim())]
-    padded = tensors[0].new_zeros(sum(len(tensor) for tensor in tensors), *shape)
-    start = 0
-    for tensor in tensors:
-        padded[(slice(start, start + len(tensor)), *[slice(0, extent) for extent in tensor.shape[1:]])] = tensor
-        start += len(tensor)
-    return padded
 
 
 def select_best_resolution(image_size: tuple[int, int], candidates: list[tuple[int, int]]) -> tuple[int, int]:
