@@ -126,4 +126,4 @@ def test_refusals_name_what_has_no_counterpart(hf_model, tokenizer, make_model, 
     with pytest.raises(ValueError, match="no temporal embeddings"):
         to_hf_idefics(ours)
     with pytest.raises(ValueError, match="tokenizer must hold"):
-        from_hf_idefics(hf_model, tokenizer=tiny_tokenizer(str(tmp_path / "plain"))  # without the image tokens)
+        from_hf_idefics(hf_model, tokenizer=tiny_tokenizer(str(tmp_path / "plain")))  # lacks the image tokens
