@@ -9,7 +9,9 @@ images stay ``IGNORE_INDEX``) → expand each ``<image>`` token to ``tokens_per_
 copies of the image token id → truncate from the right, never through an image →
 load and transform the images. With a high-resolution strategy (``highres``) the expansion
 depends on each image's size: the strategy's layout gives the ids (visual slots and separators),
-the pixels are the image's crops, and the example carries ``bridge_image_sizes`` ``[n, 2]``.
+the pixels are the image's crops, and the example carries ``image_sizes`` ``[n, 2]``. Per-image extras a
+bridge reads (its instruction text, a video's frame count) travel as one
+:class:`~mmbridge.data.bridge_inputs.BridgeInputs` under ``bridge_inputs``.
 
 With an encoder–decoder LLM (``encoder_decoder=True``, BLIP-2 FlanT5) the split is different:
 ``input_ids`` are the encoder's — every turn before the last assistant reply, rendered as a
@@ -44,6 +46,7 @@ from PIL import Image
 
 from mmbridge.boxes import check_box_format, rewrite_boxes
 from mmbridge.data.formats.llava import Sample
+from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.data.collate import IGNORE_INDEX, pad_stack
 
 Span = tuple[int, int]  # [start, end) character offsets in the rendered text
@@ -90,7 +93,7 @@ class Processor:
         self.image_token_id = self.placeholder_id if image_token_id is None else int(image_token_id)
         self.max_length = int(max_length)
         self.system_prompt = system_prompt
-        self.bridge_tokenizer = bridge_tokenizer  # set: examples carry bridge_text_ids/bridge_text_mask per image
+        self.bridge_tokenizer = bridge_tokenizer  # set: examples carry each image's instruction in bridge_inputs
         self.encoder_decoder = bool(encoder_decoder)  # the LLM's, not a saved setting
         if prefix_lm and not encoder_decoder:
             raise ValueError("prefix_lm (BLIP-2's prefix language modelling) needs an encoder-decoder LLM")
@@ -106,7 +109,7 @@ class Processor:
         self.chunk_token = chunk_token  # the model's end-of-chunk token for interleaved documents (Flamingo), or None
         # a model whose bridge takes video reads a video sample's frames as one media behind one placeholder:
         # every video_stride-th frame, at most max_video_frames of them (spread evenly); examples then carry
-        # bridge_media_frames [n_media, 1], the frames of each media
+        # bridge_inputs.media_frames [n_media, 1], the frames of each media
         if video_stride < 1:
             raise ValueError(f"video_stride must be >= 1, got {video_stride}")
         self.video_as_media, self.max_video_frames, self.video_stride = bool(video_as_media), max_video_frames, video_stride
@@ -129,8 +132,9 @@ class Processor:
         """Process one sample; ``images`` (PIL) replace loading ``sample.images`` from disk.
 
         Returns ``{"id", "input_ids": [L], "labels": [L], "pixel_values": [n_images, 3, H, W]}`` (labels
-        ``[T]``, the decoder's targets, with an encoder–decoder LLM), plus
-        ``bridge_text_ids``/``bridge_text_mask`` ``[n_images, T]`` with a ``bridge_tokenizer``.
+        ``[T]``, the decoder's targets, with an encoder–decoder LLM), plus ``image_sizes`` ``[n_images, 2]``
+        (high resolution) and ``bridge_inputs`` (the instruction per image with a ``bridge_tokenizer``, the
+        frames per media for a model that takes video).
         ``pixels=False`` neither loads nor transforms the images and leaves ``pixel_values`` out
         (a feature cache supplies the encoder outputs instead).
         """
@@ -162,12 +166,10 @@ class Processor:
             input_ids, labels = self._expand_images(input_ids, labels, image_count, sample.id, sizes)
             input_ids, labels = self._truncate(input_ids, labels, sample.id)
         example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
-                   "labels": torch.tensor(labels, dtype=torch.long), **self.bridge_text_inputs(messages),
-                   **self._size_inputs(sizes)}
+                   "labels": torch.tensor(labels, dtype=torch.long), **self._size_inputs(sizes),
+                   **self._bridge_inputs(messages, image_count, frames)}
         if sample.regions is not None:
             example["regions"] = sample.regions
-        if self.video_as_media and image_count:
-            example["bridge_media_frames"] = self.media_frames(image_count, frames)
         if pixels:
             example["pixel_values"] = self.pixel_values([loaded[i] for i in frames] if frames else loaded)
         return example
@@ -196,8 +198,19 @@ class Processor:
 
     @staticmethod
     def _size_inputs(sizes: list[tuple[int, int]] | None) -> dict[str, torch.Tensor]:
-        """``{"bridge_image_sizes": [n, 2]}`` for a high-resolution model's images (none without images)."""
-        return {"bridge_image_sizes": torch.tensor(sizes, dtype=torch.long)} if sizes else {}
+        """``{"image_sizes": [n, 2]}`` for a high-resolution model's images (none without images)."""
+        return {"image_sizes": torch.tensor(sizes, dtype=torch.long)} if sizes else {}
+
+    def _bridge_inputs(self, messages: list[dict], media_count: int,
+                       frames: list[int] | None) -> dict[str, BridgeInputs]:
+        """``{"bridge_inputs": ...}``: each image's instruction (with a bridge tokenizer) and, for a model that
+        takes video, the frames of each of ``media_count`` media; empty when there is neither."""
+        text = self.bridge_text(messages)
+        media = self.media_frames(media_count, frames) if self.video_as_media and media_count else None
+        if text is None and media is None:
+            return {}
+        text_ids, text_mask = text if text is not None else (None, None)
+        return {"bridge_inputs": BridgeInputs(text_ids, text_mask, media)}
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         """The encoder input of ``images``: ``[n, 3, H, W]``, or with a high-resolution strategy every image's crops
@@ -222,9 +235,9 @@ class Processor:
 
     def prompt_inputs(self, text: str, images: list, history: list[dict] | None = None,
                       video: bool = False) -> dict[str, torch.Tensor | None]:
-        """A generation prompt's ``input_ids`` ``[L]``, ``pixel_values`` and, for a model that takes video,
-        ``bridge_media_frames``; ``video``: ``images`` are one clip's frames (placeholders in ``text`` or
-        ``history`` stand for frames and become one)."""
+        """A generation prompt's ``input_ids`` ``[L]``, ``pixel_values``, ``image_sizes`` (high resolution) and
+        ``bridge_inputs`` (the instruction per image, the frames per media); ``video``: ``images`` are one clip's
+        frames (placeholders in ``text`` or ``history`` stand for frames and become one)."""
         frames = self.video_frames(len(images)) if self.video_as_media and video and images else None
         if frames is not None:
             messages = _one_placeholder([*(history or []), {"role": "user", "content": text}], self.image_token)
@@ -233,11 +246,10 @@ class Processor:
         count = 1 if frames else len(images)
         images = [_as_image(image) for image in images]
         sizes = [(image.height, image.width) for image in images] if self.highres is not None else None
-        inputs = {"input_ids": self.prompt(text, num_images=count, history=history, image_sizes=sizes),
-                  "pixel_values": self.encode_images(images) if images else None, **self._size_inputs(sizes)}
-        if self.video_as_media and images:
-            inputs["bridge_media_frames"] = self.media_frames(count, frames)
-        return inputs
+        messages = self._prompt_messages(text, count, history)
+        return {"input_ids": self.prompt(text, num_images=count, history=history, image_sizes=sizes),
+                "pixel_values": self.encode_images(images) if images else None, **self._size_inputs(sizes),
+                **self._bridge_inputs(messages, count if images else 0, frames)}
 
     def _document_example(self, sample: Sample, images: list[Image.Image] | None, image_count: int,
                           pixels: bool) -> dict:
@@ -309,11 +321,6 @@ class Processor:
                                            image_sizes)
         return torch.tensor(input_ids, dtype=torch.long)
 
-    def prompt_bridge_inputs(self, text: str, num_images: int = 0,
-                             history: list[dict] | None = None) -> dict[str, torch.Tensor]:
-        """The ``bridge_text_ids``/``bridge_text_mask`` of the prompt :meth:`prompt` builds (empty without them)."""
-        return self.bridge_text_inputs(self._prompt_messages(text, num_images, history))
-
     def _prompt_messages(self, text: str, num_images: int, history: list[dict] | None) -> list[dict]:
         """History plus the user turn, with missing placeholders prepended to ``text``."""
         history = list(history or [])
@@ -324,20 +331,19 @@ class Processor:
         text = f"{self.image_token}\n" * (num_images - present) + text
         return self._with_system_prompt(history + [{"role": "user", "content": text}])
 
-    def bridge_text_inputs(self, messages: list[dict]) -> dict[str, torch.Tensor]:
+    def bridge_text(self, messages: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per image, the turn holding it without placeholders, tokenized by the bridge tokenizer.
 
-        Returns ``{"bridge_text_ids", "bridge_text_mask"}`` ``[n_images, T]`` (format instructions
-        kept, at most :data:`BRIDGE_TEXT_MAX_LENGTH` tokens), or ``{}`` without a bridge tokenizer
-        or images.
+        Returns ``(text_ids, text_mask)`` ``[n_images, T]`` (format instructions kept, at most
+        :data:`BRIDGE_TEXT_MAX_LENGTH` tokens), or None without a bridge tokenizer or images.
         """
         texts = [turn["content"].replace(self.image_token, "").strip()
                  for turn in messages for _ in range(turn["content"].count(self.image_token))]
         if self.bridge_tokenizer is None or not texts:
-            return {}
+            return None
         encoded = self.bridge_tokenizer(texts, padding=True, truncation=True, max_length=BRIDGE_TEXT_MAX_LENGTH,
                                         return_tensors="pt")
-        return {"bridge_text_ids": encoded["input_ids"].long(), "bridge_text_mask": encoded["attention_mask"].long()}
+        return encoded["input_ids"].long(), encoded["attention_mask"].long()
 
     def encode_images(self, images: list) -> torch.Tensor:
         """PIL images or file paths → ``[n, 3, H, W]`` (a high-resolution model's crops: ``[n_crops, 3, H, W]``)."""
