@@ -45,27 +45,11 @@ from PIL import Image
 from mmbridge.boxes import check_box_format, rewrite_boxes
 from mmbridge.data.formats.llava import Sample
 from mmbridge.data.collate import IGNORE_INDEX, pad_stack
+from mmbridge.data.sample_errors import ImageLoadError, SampleError
 
 Span = tuple[int, int]  # [start, end) character offsets in the rendered text
 TEMPLATES = ("chat", "plain")  # the LLM's chat template, or LLaVA's plain image + reply (alignment pretraining)
 BRIDGE_TEXT_MAX_LENGTH = 128  # instruction tokens per image for a bridge tokenizer (InstructBLIP's max_txt_len)
-
-
-class SampleError(ValueError):
-    """A sample that cannot become a training example; ``reason`` is a short key for counting skips."""
-
-    def __init__(self, message: str, sample_id: str, reason: str) -> None:
-        super().__init__(message)
-        self.sample_id = sample_id
-        self.reason = reason
-
-
-class ImageLoadError(SampleError):
-    """An image file of a sample is missing or unreadable; names the file and the sample id."""
-
-    def __init__(self, path: str, sample_id: str, cause: str) -> None:
-        super().__init__(f"sample {sample_id!r}: cannot load image {path}: {cause}", sample_id, "image_load")
-        self.path = path
 
 
 class Processor:
