@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmbridge.data import Processor, Sample, SampleError
+from mmbridge.data import ImageTokens, Processor, Sample, SampleError, TextSettings
 from mmbridge.data.collate import IGNORE_INDEX
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import BOS_TEMPLATE, CHATML_TEMPLATE, shape_image, tiny_tokenizer
@@ -31,7 +31,9 @@ def llama2(tmp_path_factory):
 
 
 def make_processor(tokenizer, **settings) -> Processor:
-    return Processor(tokenizer, ImageTransform(size=(16, 16)), TOKENS_PER_IMAGE, **settings)
+    """A processor with the given :class:`TextSettings` fields."""
+    return Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(TOKENS_PER_IMAGE),
+                     text_settings=TextSettings(**settings))
 
 
 def conversation(*turns: str) -> list[dict]:
@@ -273,3 +275,4 @@ def test_unknown_template_is_an_error(chatml):
         make_processor(chatml, template="alpaca")
     with pytest.raises(ValueError, match="data template must be one of"):
         DataConfig(sources=[{"path": "x.json"}], template="alpaca")
+
