@@ -447,8 +447,9 @@ def _mmbridge_processor(model: MultimodalModel) -> Any:
         return model.processor()
     from mmbridge.data.processor import ImageTokens, Processor, TextSettings
 
-    return Processor(export_tokenizer(model), model.vision.transform,
-                     ImageTokens(model.tokens_per_image, model.config.image_token, model.image_token_id),
+    image_tokens = ImageTokens(per_image=model.tokens_per_image, placeholder=model.config.image_token,
+                               token_id=model.image_token_id)
+    return Processor(export_tokenizer(model), model.vision.transform, image_tokens,
                      text_settings=TextSettings(**model.processor_settings), highres=model.highres)
 
 

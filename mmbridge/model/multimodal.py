@@ -178,8 +178,9 @@ class MultimodalModel(nn.Module):
             if getattr(self.bridge, "takes_video", False) else VideoSettings(stride=stride)
         model_text = ModelText(encoder_decoder=self.llm.is_encoder_decoder, chunk_token=chunk,
                                bridge_tokenizer=getattr(self.bridge, "tokenizer", None))
-        return Processor(self.tokenizer, self.vision.transform,
-                         ImageTokens(self.tokens_per_image, self.config.image_token, self.image_token_id),
+        image_tokens = ImageTokens(per_image=self.tokens_per_image, placeholder=self.config.image_token,
+                                   token_id=self.image_token_id)
+        return Processor(self.tokenizer, self.vision.transform, image_tokens,
                          text_settings=TextSettings(**settings), model_text=model_text, video_settings=video,
                          highres=self.highres)
 
