@@ -14,7 +14,7 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
 from mmbridge.config import RunConfig
-from mmbridge.data import Processor, Sample, collate
+from mmbridge.data import ImageTokens, Processor, Sample, collate
 from mmbridge.model.bridges import BRIDGES
 from mmbridge.model.bridges.llama_vid import context_attention, pool_tokens
 from mmbridge.model.bridges.qformer import QFORMER_WEIGHTS, QFormerBridgeConfig, build_qformer, resolve_config
@@ -222,7 +222,7 @@ def test_processor_writes_the_user_turn_per_image(make_model, bert_dir):
     prompt = processor.prompt_bridge_inputs("What colour is the shape?", num_images=1)
     alone = tokenizer(["What colour is the shape?"], return_tensors="pt")["input_ids"]
     assert torch.equal(prompt["bridge_text_ids"], alone)
-    assert Processor(processor.tokenizer, processor.transform, 4).prompt_bridge_inputs("x", 1) == {}
+    assert Processor(processor.tokenizer, processor.transform, ImageTokens(4)).prompt_bridge_inputs("x", 1) == {}
 
 
 def test_chat_passes_the_instruction_to_the_bridge(make_model, bert_dir):

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from mmbridge.cli import main
 from mmbridge.config import RunConfig
-from mmbridge.data import DataConfig, MixtureDataset, Processor, SourceConfig, batch_indices
+from mmbridge.data import DataConfig, ImageTokens, MixtureDataset, Processor, SourceConfig, TextSettings, batch_indices
 from mmbridge.data.mixture import draw_counts, interleave
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import tiny_model_config, tiny_tokenizer, write_shape_dataset
@@ -25,7 +25,8 @@ from mmbridge.train import train
 def processor(tmp_path_factory) -> Processor:
     tokenizer = tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
     tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return Processor(tokenizer, ImageTransform(size=(16, 16)), 4, max_length=256)
+    return Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(4),
+                     text_settings=TextSettings(max_length=256))
 
 
 def text_file(directory, count: int, stem: str = "chat") -> str:
@@ -152,7 +153,7 @@ def test_data_stats_prints_draws_per_source_without_loading_images(tmp_path, cap
 
     monkeypatch.setattr(ShardImage, "__call__", no_images)  # a shard's image member read
     monkeypatch.setattr("mmbridge.worlds.miniworld.sample.render_image", no_images)  # a MiniWorld image drawn
-    monkeypatch.setattr("mmbridge.data.processor._open_image", no_images)  # an image file opened
+    monkeypatch.setattr("mmbridge.data.images._open_image", no_images)  # an image file opened
     data = {"sources": [{"path": text_file(tmp_path, 49), "format": "sharegpt", "weight": "sqrt"},
                         {"webdataset": str(tmp_path / "shards" / "caption-train-{00000..00002}.tar"),
                          "weight": "sqrt", "name": "captions"},

@@ -4,9 +4,11 @@ subsets of a file (random or SVIT coreset)."""
 from mmbridge.data.collate import collate, model_inputs
 from mmbridge.data.formats.llava import Sample, load_llava_json
 from mmbridge.data.mixture import DataConfig, MixtureDataset, SourceConfig, batch_indices
-from mmbridge.data.processor import ImageLoadError, Processor, SampleError
+from mmbridge.data.processor import (ImageLoadError, ImageTokens, ModelText, Processor, SampleError, TextSettings,
+                                     VideoSettings)
 from mmbridge.data.selection import select_records
 
-__all__ = ["Sample", "load_llava_json", "Processor", "ImageLoadError", "SampleError", "SourceConfig",
+__all__ = ["Sample", "load_llava_json", "Processor", "ImageTokens", "TextSettings", "ModelText", "VideoSettings",
+           "ImageLoadError", "SampleError", "SourceConfig",
            "DataConfig", "MixtureDataset", "batch_indices", "collate", "model_inputs",
            "select_records"]

@@ -169,16 +169,20 @@ class MultimodalModel(nn.Module):
 
     def processor(self, **overrides: Any) -> Any:
         """The :class:`~mmbridge.data.processor.Processor` matching this model (tokenizer, transform, token count)."""
-        from mmbridge.data.processor import Processor
+        from mmbridge.data.processor import ImageTokens, ModelText, Processor, TextSettings, VideoSettings
 
-        settings = {**self.processor_settings, **overrides}
+        settings = {**self.processor_settings, **overrides}  # TextSettings fields, and a stage's video_stride
+        stride = settings.pop("video_stride", 1)
         chunk = getattr(getattr(self.bridge, "cfg", None), "chunk_token", None)  # gated cross-attention's <|endofchunk|>
-        video = {"video_as_media": True, "max_video_frames": getattr(self.bridge, "max_frames", None)} \
-            if getattr(self.bridge, "takes_video", False) else {}
-        return Processor(self.tokenizer, self.vision.transform, self.tokens_per_image, self.config.image_token,
-                         self.image_token_id, bridge_tokenizer=getattr(self.bridge, "tokenizer", None),
-                         encoder_decoder=self.llm.is_encoder_decoder, chunk_token=chunk, **video,
-                         highres=self.highres, **settings)
+        video = VideoSettings(as_media=True, max_frames=getattr(self.bridge, "max_frames", None), stride=stride) \
+            if getattr(self.bridge, "takes_video", False) else VideoSettings(stride=stride)
+        model_text = ModelText(encoder_decoder=self.llm.is_encoder_decoder, chunk_token=chunk,
+                               bridge_tokenizer=getattr(self.bridge, "tokenizer", None))
+        image_tokens = ImageTokens(per_image=self.tokens_per_image, placeholder=self.config.image_token,
+                                   token_id=self.image_token_id)
+        return Processor(self.tokenizer, self.vision.transform, image_tokens,
+                         text_settings=TextSettings(**settings), model_text=model_text, video_settings=video,
+                         highres=self.highres)
 
     def add_lora(self, key: str, spec: LoraSpec) -> None:
         """Inject LoRA into module ``key`` and record it in the config (used by stages with ``lora``)."""
