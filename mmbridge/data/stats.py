@@ -31,9 +31,10 @@ class SourceStats:
 
 
 def source_kind(source: SourceConfig) -> str:
-    """``miniworld``, ``webdataset`` or the file's ``format`` (``auto`` for a file left to its first record)."""
-    if source.miniworld is not None:
-        return "miniworld"
+    """The source type (``miniworld``…), ``webdataset`` or the file's ``format`` (``auto`` for a file left to its
+    first record)."""
+    if source.type is not None:
+        return source.type
     if source.webdataset is not None:
         return f"webdataset ({len(_shards(source))} shards)"
     return source.format
@@ -45,7 +46,7 @@ def mixture_stats(config: DataConfig, cache: dict | None = None) -> list[SourceS
     cache = {} if cache is None else cache
     sizes, skips = [], []
     for source, name in zip(config.sources, _source_names(config.sources)):
-        key = (repr(source.path), repr(source.miniworld), repr(source.webdataset), source.format,
+        key = (repr(source.path), source.type, repr(source.spec), repr(source.webdataset), source.format,
                source.image_root, config.skip_bad_samples)
         if key not in cache:
             loaded = load_source_shards(source, name, skip_bad_samples=config.skip_bad_samples)
