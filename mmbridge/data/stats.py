@@ -1,11 +1,11 @@
 """``mmbridge data stats RECIPE``: what each stage's mixture draws from each source per epoch.
 
-For every stage (its own ``data`` or the recipe's default) and every source: its kind, its size,
-its weight and cap, the draws per epoch (:func:`~mmbridge.data.mixture.draw_counts`, the numbers
-:meth:`~mmbridge.data.mixture.MixtureDataset.epoch_indices` uses) and their share of the epoch.
-Sources are read as the dataset reads them — JSON parsed, MiniWorld records generated, webdataset
-shards scanned — but no image is opened, rendered or decoded. A source used by several stages is
-read once.
+For every stage (its own ``data`` or the recipe's default: :func:`mmbridge.train.recipe.recipe_stats` picks it)
+and every source: its kind, its size, its weight and cap, the draws per epoch
+(:func:`~mmbridge.data.mixture.draw_counts`, the numbers :meth:`~mmbridge.data.mixture.MixtureDataset.epoch_indices`
+uses) and their share of the epoch. Sources are read as the dataset reads them — JSON parsed, a source type's
+samples made (MiniWorld's records generated), webdataset shards scanned — but no image is opened, rendered or
+decoded. A source used by several stages is read once.
 """
 
 from __future__ import annotations
@@ -74,18 +74,15 @@ def stats_table(rows: list[SourceStats]) -> str:
     return "\n".join(text)
 
 
-def recipe_stats(run) -> str:
-    """Every stage's table, headed by its name and epoch length (a :class:`~mmbridge.config.RunConfig`)."""
-    from mmbridge.train.recipe import stage_from_dict
-
+def stages_stats(stages: list[tuple[str, dict | DataConfig]]) -> str:
+    """Every stage's table, headed by its label and epoch length; ``stages`` pairs each label with the stage's
+    data (a mapping as a recipe writes it, or a :class:`DataConfig`). A source used by several stages is read
+    once."""
     cache: dict = {}
     blocks = []
-    for index, stage in enumerate(stage_from_dict(stage) for stage in run.stages):
-        spec = stage.data if stage.data is not None else run.data
-        label = f"stage {index} ({stage.name!r})"
-        if spec is None:
-            raise ValueError(f"{label} has no data and the recipe has no default 'data'")
-        config = config_from_dict(DataConfig, dict(spec), where=f"{label} data")
+    for label, spec in stages:
+        config = spec if isinstance(spec, DataConfig) else config_from_dict(DataConfig, dict(spec),
+                                                                             where=f"{label} data")
         rows = mixture_stats(config, cache)
         blocks.append(f"{label}: {sum(row.draws for row in rows):,} samples per epoch from {len(rows)} source(s)\n"
                       + stats_table(rows))
