@@ -13,6 +13,7 @@ from mmbridge.model.grid import FeatureGrid
 from mmbridge.model.llm import LLMS
 from mmbridge.model.multimodal import ModelConfig, MultimodalModel
 from mmbridge.model.vision import VISION_ENCODERS, ImageTransform
+from mmbridge.worlds import miniworld as _miniworld  # registers the MiniWorld data source type and eval suites
 
 __version__ = "0.1.0"
 

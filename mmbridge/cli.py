@@ -161,7 +161,7 @@ def _data_miniworld(args: argparse.Namespace) -> int:
 
 def _data_stats(args: argparse.Namespace) -> int:
     from mmbridge.config import load_run_config
-    from mmbridge.data.stats import recipe_stats
+    from mmbridge.train.recipe import recipe_stats
 
     print(recipe_stats(load_run_config(args.recipe, args.overrides)))
     return 0

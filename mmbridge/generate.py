@@ -234,7 +234,7 @@ class _Decoder:
     """One generation run: holds the growing mask, the cache or full sequence, and the visual tokens."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 images: ImageInputs, use_cache: bool, max_new_tokens: int) -> None:
+                 images: PromptImages, use_cache: bool, max_new_tokens: int) -> None:
         self.model = model
         self.use_cache = use_cache
         self.sequence = input_ids  # [B, L]; grows only without the cache
@@ -310,7 +310,7 @@ class _EncoderDecoderRun:
     its KV cache (self- and cross-attention) or, without it, by rerunning the decoder on the whole answer."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 images: ImageInputs, use_cache: bool, max_new_tokens: int) -> None:
+                 images: PromptImages, use_cache: bool, max_new_tokens: int) -> None:
         if images.image_attention_mask is not None:
             raise ValueError("image_attention_mask is for gated cross-attention; an encoder-decoder LLM takes none")
         self.model, self.use_cache = model, use_cache
@@ -346,7 +346,7 @@ def _banned_ids(model: nn.Module, vocab_size: int) -> list[int]:
 
 
 @dataclass
-class ImageInputs:
+class PromptImages:
     """A prompt batch's images as the model takes them: pixels (or crops), their sizes (high resolution), the
     bridge's per-image extras, IDEFICS' ``image_attention_mask``, or visual tokens computed elsewhere."""
 
@@ -376,7 +376,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     with ``pad_token_id``; decoding ends when every row has finished or after
     ``max_new_tokens``. ``streamer(tokens)`` receives each step's ``[B]`` ids.
     """
-    images = ImageInputs(pixel_values, image_sizes, bridge_inputs, image_attention_mask, image_tokens)
+    images = PromptImages(pixel_values, image_sizes, bridge_inputs, image_attention_mask, image_tokens)
     config = resolve_config(model, generation_config, **settings)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids)
     with torch.inference_mode(), eval_mode(model):
@@ -386,7 +386,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
             model.bridge.release_caches()
 
 
-def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: ImageInputs,
+def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: PromptImages,
             streamer: Streamer | None, config: GenerationConfig) -> torch.LongTensor:
     """The decoding loop behind :func:`generate` (already under inference mode and eval mode)."""
     batch, device = input_ids.shape[0], input_ids.device

@@ -1,8 +1,9 @@
-"""Exact-match registries for pluggable components (vision encoders, bridges, LLMs).
+"""Exact-match registries for pluggable components (vision encoders, bridges, LLMs, data source types, eval suites).
 
-Each entry pairs a key with a config dataclass and a builder. Keys match exactly;
-an unknown key or an unknown config field is a ``KeyError``/``ValueError`` that
-lists what is valid, so a typo in a recipe is a one-line fix.
+A :class:`Table` holds named items under exact keys; a :class:`Registry` is a table whose entries pair a key
+with a config dataclass and a builder. An unknown key or an unknown config field is a ``KeyError``/``ValueError``
+that lists what is valid, so a typo in a recipe is a one-line fix. A package adds to a table when it is imported
+(``@BRIDGES.register(...)``, ``SUITES.add(...)``), so code that looks a key up never imports what provides it.
 """
 
 from __future__ import annotations
@@ -25,25 +26,25 @@ class Entry(Generic[T]):
     build: Callable[..., T]
 
 
-class Registry(Generic[T]):
-    """A named table of components, filled by the ``@REGISTRY.register(key, Config)`` decorator."""
+class Table(Generic[T]):
+    """Items under exact keys (``kind`` names what they are in errors); a key is added once."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: dict[str, Entry[T]] = {}
+        self._entries: dict[str, T] = {}
 
-    def register(self, key: str, config_cls: type) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        """Register ``build(cfg, ...)`` under ``key``; ``config_cls`` must be a dataclass with a ``type`` field."""
-        if not dataclasses.is_dataclass(config_cls) or "type" not in {f.name for f in dataclasses.fields(config_cls)}:
-            raise TypeError(f"{self.kind} '{key}': config class {config_cls.__name__} must be a dataclass with a 'type' field")
+    def add(self, key: str, item: T) -> T:
+        """Add ``item`` under ``key`` (a ``KeyError`` if the key is taken); returns the item."""
+        if key in self._entries:
+            raise KeyError(f"{self.kind} '{key}' is registered twice")
+        self._entries[key] = item
+        return item
 
-        def decorate(build: Callable[..., T]) -> Callable[..., T]:
-            if key in self._entries:
-                raise KeyError(f"{self.kind} '{key}' is registered twice")
-            self._entries[key] = Entry(key, config_cls, build)
-            return build
-
-        return decorate
+    def remove(self, key: str) -> T:
+        """Take the item under ``key`` out (tests and plugins that register for a while); returns it."""
+        item = self.get(key)
+        del self._entries[key]
+        return item
 
     def keys(self) -> list[str]:
         return sorted(self._entries)
@@ -51,10 +52,25 @@ class Registry(Generic[T]):
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
-    def get(self, key: str) -> Entry[T]:
+    def get(self, key: str) -> T:
         if key not in self._entries:
             raise KeyError(f"unknown {self.kind} '{key}'; known: {', '.join(self.keys())}")
         return self._entries[key]
+
+
+class Registry(Table[Entry[T]]):
+    """A table of components, filled by the ``@REGISTRY.register(key, Config)`` decorator."""
+
+    def register(self, key: str, config_cls: type) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Register ``build(cfg, ...)`` under ``key``; ``config_cls`` must be a dataclass with a ``type`` field."""
+        if not dataclasses.is_dataclass(config_cls) or "type" not in {f.name for f in dataclasses.fields(config_cls)}:
+            raise TypeError(f"{self.kind} '{key}': config class {config_cls.__name__} must be a dataclass with a 'type' field")
+
+        def decorate(build: Callable[..., T]) -> Callable[..., T]:
+            self.add(key, Entry(key, config_cls, build))
+            return build
+
+        return decorate
 
     def make_config(self, spec: Any) -> Any:
         """Turn a dict (from YAML) or a config instance into this registry's config dataclass."""

@@ -18,7 +18,7 @@ from mmbridge.boxes import (BOX_INSTRUCTIONS, canonical_box, check_box_format, f
                             write_box, write_grounded, write_ref)
 from mmbridge.cli import main
 from mmbridge.config import RunConfig
-from mmbridge.data import DataConfig, Processor, Sample
+from mmbridge.data import DataConfig, ImageTokens, Processor, Sample, TextSettings
 from mmbridge.eval import harness, metrics, tasks
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.model.vision import ImageTransform
@@ -143,12 +143,13 @@ def test_processor_rewrites_every_turn_into_the_chosen_format(tokenizer) -> None
         {"role": "assistant", "content": "<ref>cat</ref><box>(10,20),(300,1000)</box>"},
         {"role": "user", "content": "What is in [500, 500, 600, 700]?"},
         {"role": "assistant", "content": "A dog at [500, 500, 600, 700]."}])
-    plain = Processor(tokenizer, ImageTransform(size=(16, 16)), 4)  # the default: plain
+    plain = Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(4))  # the default: plain
     text, replies = rendered(plain, mixed)
     assert "<box>" not in text and "<ref>" not in text
     assert f"Where is the cat?\n{BOX_INSTRUCTIONS['plain']}" in text
     assert "cat [010, 020, 300, 999]" in replies and "A dog at [500, 500, 600, 700]." in replies
-    qwen = Processor(tokenizer, ImageTransform(size=(16, 16)), 4, box_format="qwen")
+    qwen = Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(4),
+                     text_settings=TextSettings(box_format="qwen"))
     text, replies = rendered(qwen, mixed)
     assert "[" not in text and BOX_INSTRUCTIONS["qwen"] in text
     assert "<ref>cat</ref><box>(10,20),(300,1000)</box>" in replies  # already Qwen: kept exactly
@@ -158,7 +159,8 @@ def test_processor_rewrites_every_turn_into_the_chosen_format(tokenizer) -> None
     untouched = Sample(id="plain", images=[], conversation=mixed.conversation[2:])
     assert plain.in_box_format(untouched) is untouched
     with pytest.raises(ValueError, match="box_format"):
-        Processor(tokenizer, ImageTransform(size=(16, 16)), 4, box_format="xyxy")
+        Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(4),
+                  text_settings=TextSettings(box_format="xyxy"))
 
 
 # -- MiniWorld ------------------------------------------------------------------------------------

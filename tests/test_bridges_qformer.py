@@ -14,7 +14,7 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
 from mmbridge.config import RunConfig
-from mmbridge.data import Processor, Sample, collate
+from mmbridge.data import ImageTokens, Processor, Sample, collate
 from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.model.bridges import BRIDGES
 from mmbridge.model.bridges.llama_vid import context_attention, pool_tokens
@@ -231,7 +231,7 @@ def test_processor_writes_the_user_turn_per_image(make_model, bert_dir):
     prompt = processor.prompt_inputs("What colour is the shape?", [shape_image("red", "circle", 16)])
     alone = tokenizer(["What colour is the shape?"], return_tensors="pt")["input_ids"]
     assert torch.equal(prompt["bridge_inputs"].text_ids, alone)
-    assert "bridge_inputs" not in Processor(processor.tokenizer, processor.transform, 4).prompt_inputs(
+    assert "bridge_inputs" not in Processor(processor.tokenizer, processor.transform, ImageTokens(4)).prompt_inputs(
         "x", [shape_image("red", "circle", 16)])
 
 

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
-from mmbridge.data import (DataConfig, ImageLoadError, MixtureDataset, Processor, Sample, SourceConfig,
-                           batch_indices, collate, load_llava_json)
+from mmbridge.data import (DataConfig, ImageLoadError, ImageTokens, MixtureDataset, Processor, Sample, SourceConfig,
+                           TextSettings, batch_indices, collate, load_llava_json)
 from mmbridge.data.collate import IGNORE_INDEX
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import shape_image, tiny_tokenizer, write_shape_dataset
@@ -22,7 +22,8 @@ TOKENS_PER_IMAGE = 4
 def processor(tmp_path_factory) -> Processor:
     tokenizer = tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
     tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return Processor(tokenizer, ImageTransform(size=(16, 16)), TOKENS_PER_IMAGE, max_length=256)
+    return Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(TOKENS_PER_IMAGE),
+                     text_settings=TextSettings(max_length=256))
 
 
 def shape_source(directory, count: int, seed: int = 0, **settings) -> SourceConfig:

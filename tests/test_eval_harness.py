@@ -1,7 +1,8 @@
 """Tests for the eval harness, tasks and the ``mmbridge eval`` command, on tiny random models.
 
 Samples are hand-made in the MiniWorld/LLaVA format (16×16 images), so these tests do not
-depend on the generator; one test runs the real MiniWorld suite when it is importable.
+depend on the generator; one test runs the real MiniWorld suite, which MiniWorld registers when ``mmbridge`` is
+imported.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import os
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -61,6 +62,14 @@ def handmade_suite() -> Suite:
 
     return Suite("handmade", (TaskSpec("short"), TaskSpec("existence"),
                               TaskSpec("mc", circular=True, likelihood=True)), load)
+
+
+@pytest.fixture
+def handmade_registered() -> Iterator[Suite]:
+    """The hand-made suite registered as ``handmade`` for one test, as a package registers its own suite."""
+    suite = tasks.SUITES.add("handmade", handmade_suite())
+    yield suite
+    tasks.SUITES.remove("handmade")
 
 
 def ids_of(model: Any, text: str) -> list[int]:
@@ -283,11 +292,10 @@ def test_compare_table_has_one_column_per_file(tmp_path) -> None:
     assert "| attribute | n | 50 | 50 |" in table
 
 
-def test_cli_eval_and_compare(make_model, tmp_path, monkeypatch, capsys) -> None:
+def test_cli_eval_and_compare(make_model, tmp_path, handmade_registered, capsys) -> None:
     model = make_model()
     model_dir = str(tmp_path / "model")
     model.save_pretrained(model_dir)
-    monkeypatch.setitem(tasks.SUITES, "handmade", handmade_suite())
     outputs = []
     for name, flag in [("image", "--with-blind"), ("blind", "--blind")]:
         outputs.append(str(tmp_path / f"{name}.json"))
@@ -305,8 +313,7 @@ def test_cli_eval_and_compare(make_model, tmp_path, monkeypatch, capsys) -> None
     assert "--model" in capsys.readouterr().err
 
 
-def test_miniworld_suite_runs_when_the_generator_is_present(make_model) -> None:
-    pytest.importorskip("mmbridge.worlds.miniworld")
+def test_miniworld_suite_runs_registered_by_importing_mmbridge(make_model) -> None:
     model = make_model()
     results = harness.run_suite(model, "miniworld", n=1, progress=False)
     assert list(results["tasks"]) == [spec.key for spec in tasks.get_suite("miniworld").tasks]
@@ -363,11 +370,10 @@ def test_multiple_choice_shots_answer_with_the_gold_letter_and_rank_with_history
     assert entry["prompt_example"].count("user: ") == 2 and "likelihood_accuracy" in entry
 
 
-def test_cli_eval_shots_names_its_results_file(make_model, tmp_path, monkeypatch, capsys) -> None:
+def test_cli_eval_shots_names_its_results_file(make_model, tmp_path, handmade_registered, capsys) -> None:
     model = make_model()
     model_dir = str(tmp_path / "model")
     model.save_pretrained(model_dir)
-    monkeypatch.setitem(tasks.SUITES, "handmade", handmade_suite())
     assert main(["eval", "--model", model_dir, "--suite", "handmade", "--tasks", "existence", "--n", "2",
                  "--shots", "2", "--no-progress"]) == 0
     results = json.loads(open(os.path.join(model_dir, "eval-handmade-2shot.json")).read())

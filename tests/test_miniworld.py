@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mmbridge.cli import main
-from mmbridge.data import DataConfig, MixtureDataset, Processor, Sample, SampleError, load_llava_json
+from mmbridge.data import (DataConfig, ImageTokens, MixtureDataset, Processor, Sample, SampleError, TextSettings,
+                           load_llava_json)
 from mmbridge.eval.prompts import FORMATS, LETTERS, SHORT, YES_NO
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import shape_image, tiny_tokenizer
@@ -318,7 +319,8 @@ def test_cli_writes_jpeg_images(tmp_path):
 def processor(tmp_path_factory) -> Processor:
     tokenizer = tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
     tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return Processor(tokenizer, ImageTransform(size=(16, 16)), 4, max_length=1024)
+    return Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(4),
+                     text_settings=TextSettings(max_length=1024))
 
 
 def test_streamed_source_trains_without_files(processor):

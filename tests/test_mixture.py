@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 
 from mmbridge.cli import main
 from mmbridge.config import RunConfig
-from mmbridge.data import DataConfig, MixtureDataset, Processor, SourceConfig, batch_indices
+from mmbridge.data import (SOURCE_TYPES, DataConfig, ImageTokens, MixtureDataset, Processor, Sample, SourceConfig,
+                           SourceType, TextSettings, batch_indices)
 from mmbridge.data.mixture import draw_counts, interleave
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import tiny_model_config, tiny_tokenizer, write_shape_dataset
@@ -25,7 +26,8 @@ from mmbridge.train import train
 def processor(tmp_path_factory) -> Processor:
     tokenizer = tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
     tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return Processor(tokenizer, ImageTransform(size=(16, 16)), 4, max_length=256)
+    return Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(4),
+                     text_settings=TextSettings(max_length=256))
 
 
 def text_file(directory, count: int, stem: str = "chat") -> str:
@@ -152,7 +154,7 @@ def test_data_stats_prints_draws_per_source_without_loading_images(tmp_path, cap
 
     monkeypatch.setattr(ShardImage, "__call__", no_images)  # a shard's image member read
     monkeypatch.setattr("mmbridge.worlds.miniworld.sample.render_image", no_images)  # a MiniWorld image drawn
-    monkeypatch.setattr("mmbridge.data.processor._open_image", no_images)  # an image file opened
+    monkeypatch.setattr("mmbridge.data.images._open_image", no_images)  # an image file opened
     data = {"sources": [{"path": text_file(tmp_path, 49), "format": "sharegpt", "weight": "sqrt"},
                         {"webdataset": str(tmp_path / "shards" / "caption-train-{00000..00002}.tar"),
                          "weight": "sqrt", "name": "captions"},
@@ -179,3 +181,47 @@ def test_data_stats_names_a_missing_file(tmp_path, capsys):
     recipe = write_recipe(tmp_path, {"sources": [{"path": str(tmp_path / "nowhere.json")}]}, [{"name": "a", "lr": 1}])
     assert main(["data", "stats", recipe]) == 2
     assert "nowhere.json" in capsys.readouterr().err
+
+
+@pytest.fixture
+def counted_lines():
+    """A source type of the test's own, ``{lines: {n}}``: n text-only samples, registered for one test."""
+    def load(spec: dict, name: str) -> list[Sample]:
+        return [Sample(f"{name}-{index}", [{"role": "user", "content": f"Line {index}?"},
+                                           {"role": "assistant", "content": f"{index}"}], source=name)
+                for index in range(spec["n"])]
+
+    def check(spec: dict) -> None:
+        if not isinstance(spec.get("n"), int) or spec["n"] < 1:
+            raise ValueError(f"lines source {spec}: n must be a positive integer")
+
+    SOURCE_TYPES.add("lines", SourceType(load=load, check=check, stem=lambda spec: f"lines-{spec['n']}"))
+    yield
+    SOURCE_TYPES.remove("lines")
+
+
+def test_a_registered_source_type_is_a_recipe_key(tmp_path, counted_lines):
+    from mmbridge.data.stats import mixture_stats
+    from mmbridge.train.preflight import check_source
+
+    config = DataConfig(sources=[{"lines": {"n": 3}, "weight": 2}, {"path": text_file(tmp_path, 4)}])
+    source = config.sources[0]
+    assert (source.type, source.spec, source.stem, source.miniworld) == ("lines", {"n": 3}, "lines-3", None)
+    dataset = MixtureDataset(config, processor=None)
+    assert dataset.source_names == ["lines-3", "chat"] and dataset.draws == [6, 4]
+    assert [sample.id for sample in dataset.samples[:3]] == ["lines-3-0", "lines-3-1", "lines-3-2"]
+    assert [(row.kind, row.size, row.draws) for row in mixture_stats(config)] == [("lines", 3, 6), ("auto", 4, 4)]
+    check_source(source, "data.sources.0")
+    with pytest.raises(ValueError, match=r"^data.sources.0: lines source \{'n': 0\}: n must be a positive"):
+        check_source(SourceConfig.from_dict({"lines": {"n": 0}}), "data.sources.0")
+
+
+def test_a_source_names_one_kind_and_unknown_keys_list_the_source_types(counted_lines):
+    with pytest.raises(ValueError, match=r"exactly one of .* \(lines, miniworld, .*got lines, miniworld"):
+        DataConfig(sources=[{"lines": {"n": 1}, "miniworld": {"task": "caption", "split": "train", "n": 1}}])
+    with pytest.raises(ValueError, match=r"source #0: unknown field\(s\) \['line'\].*source type: lines, miniworld"):
+        DataConfig(sources=[{"line": {"n": 1}}])
+    with pytest.raises(ValueError, match="known source types: lines, miniworld"):
+        SourceConfig(type="lyrics", spec={})
+    only_path = DataConfig(sources=[{"path": "a.json", "lines": None}]).sources[0]  # a null type key is absent
+    assert (only_path.path, only_path.type) == ("a.json", None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmbridge.data import Processor, Sample, SampleError
+from mmbridge.data import ImageTokens, ModelText, Processor, Sample, SampleError, TextSettings, VideoSettings
 from mmbridge.data.collate import IGNORE_INDEX
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import BOS_TEMPLATE, CHATML_TEMPLATE, shape_image, tiny_tokenizer
@@ -31,7 +31,9 @@ def llama2(tmp_path_factory):
 
 
 def make_processor(tokenizer, **settings) -> Processor:
-    return Processor(tokenizer, ImageTransform(size=(16, 16)), TOKENS_PER_IMAGE, **settings)
+    """A processor with the given :class:`TextSettings` fields."""
+    return Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(TOKENS_PER_IMAGE),
+                     text_settings=TextSettings(**settings))
 
 
 def conversation(*turns: str) -> list[dict]:
@@ -273,3 +275,35 @@ def test_unknown_template_is_an_error(chatml):
         make_processor(chatml, template="alpaca")
     with pytest.raises(ValueError, match="data template must be one of"):
         DataConfig(sources=[{"path": "x.json"}], template="alpaca")
+
+
+def test_grouped_settings_read_back_under_the_flat_names(chatml):
+    processor = Processor(chatml, ImageTransform(size=(16, 16)), ImageTokens(3, token_id=7),
+                          text_settings=TextSettings(max_length=64, system_prompt="Hi.", label_all=True,
+                                                     box_format="qwen"),
+                          model_text=ModelText(chunk_token="<|endofchunk|>"),
+                          video_settings=VideoSettings(as_media=True, max_frames=3, stride=2))
+    assert (processor.max_length, processor.system_prompt, processor.label_all, processor.box_format) == \
+        (64, "Hi.", True, "qwen")
+    assert (processor.template, processor.prefix_lm, processor.text) == ("chat", False, True)
+    assert (processor.tokens_per_image, processor.image_token, processor.image_token_id) == (3, "<image>", 7)
+    assert processor.placeholder_id == chatml.convert_tokens_to_ids("<image>") != 7
+    assert (processor.encoder_decoder, processor.chunk_token, processor.bridge_tokenizer) == \
+        (False, "<|endofchunk|>", None)
+    assert (processor.video_as_media, processor.max_video_frames, processor.video_stride) == (True, 3, 2)
+    assert processor.video_frames(10) == [0, 4, 8]  # every 2nd of 10 frames, then 3 of those spread evenly
+    assert processor.settings() == {"max_length": 64, "system_prompt": "Hi."}
+
+
+def test_settings_are_checked_where_they_are_grouped(chatml):
+    with pytest.raises(ValueError, match="tokens_per_image must be at least 1, got 0"):
+        ImageTokens(0)
+    with pytest.raises(ValueError, match="max_length must be at least 1, got 0"):
+        TextSettings(max_length=0)
+    with pytest.raises(ValueError, match="video_stride must be >= 1, got 0"):
+        VideoSettings(stride=0)
+    with pytest.raises(ValueError, match="prefix_lm .* needs an encoder-decoder LLM"):
+        make_processor(chatml, prefix_lm=True)
+    with pytest.raises(ValueError, match="template 'plain' is for decoder-only LLMs"):
+        Processor(chatml, ImageTransform(size=(16, 16)), ImageTokens(4), text_settings=TextSettings(template="plain"),
+                  model_text=ModelText(encoder_decoder=True))

@@ -18,7 +18,8 @@ from transformers import AutoTokenizer
 
 from mmbridge.cli import main
 from mmbridge.config import RunConfig
-from mmbridge.data import DataConfig, ImageLoadError, MixtureDataset, Processor, Sample, SourceConfig
+from mmbridge.data import (DataConfig, ImageLoadError, ImageTokens, MixtureDataset, Processor, Sample, SourceConfig,
+                           TextSettings)
 from mmbridge.data.formats.webdataset import ShardImage, expand_shards, scan_shard
 from mmbridge.data.mixture import stream_order
 from mmbridge.model.vision import ImageTransform
@@ -31,7 +32,8 @@ from mmbridge.worlds.miniworld.writer import write_webdataset
 def processor(tmp_path_factory) -> Processor:
     tokenizer = tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
     tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return Processor(tokenizer, ImageTransform(size=(16, 16)), 4, max_length=256)
+    return Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(4),
+                     text_settings=TextSettings(max_length=256))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,8 @@ def test_conversation_json_and_plain_template(processor, shards, tmp_path):
     assert example["pixel_values"].shape == (1, 3, 16, 16)
     # a caption under LLaVA's plain template: image tokens, then the caption, which alone is labelled
     path = write_tar(tmp_path / "pairs-00000.tar", [("a.jpg", jpeg()), ("a.txt", b" A red square. ")])
-    plain = Processor(processor.tokenizer, ImageTransform(size=(16, 16)), 4, max_length=256, template="plain")
+    plain = Processor(processor.tokenizer, ImageTransform(size=(16, 16)), ImageTokens(4),
+                      text_settings=TextSettings(max_length=256, template="plain"))
     example = dataset_of(plain, webdataset=path)[0]
     labelled = example["labels"][example["labels"] != -100]
     assert processor.tokenizer.decode(labelled).strip() == "A red square."

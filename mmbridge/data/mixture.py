@@ -28,11 +28,12 @@ sources without a buffer this is exactly a uniform permutation of all draws.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from mmbridge.boxes import check_box_format
 from mmbridge.data.formats import Sample, is_document, load_interleaved, load_llava_json, read_records
 from mmbridge.data.formats.webdataset import load_webdataset
 from mmbridge.data.processor import TEMPLATES, Processor, SampleError
+from mmbridge.data.sources import SOURCE_TYPES, LoadedSource
 from mmbridge.registry import config_from_dict
 
 SOURCE_FORMATS = ("auto", "llava", "sharegpt", "interleaved")  # sharegpt: text-only conversations, LLaVA's fields
@@ -53,10 +55,12 @@ MEGABATCH_FACTOR = 50  # LLaVA's length grouping sorts windows of batch_size * 5
 class SourceConfig:
     """One data source; ``weight`` scales how many of its samples an epoch draws (1 = each once).
 
-    Exactly one of: ``path`` (a JSON/JSONL file), ``miniworld: {task, split, n, seed}`` (a MiniWorld
-    task generated in memory, images drawn when loaded) or ``webdataset`` (tar shards: a path with
-    brace ranges such as ``shards/{00000..00009}.tar``, or a list of paths; images read from the
-    shard when loaded, see :mod:`mmbridge.data.formats.webdataset`).
+    Exactly one of: ``path`` (a JSON/JSONL file), ``webdataset`` (tar shards: a path with brace ranges
+    such as ``shards/{00000..00009}.tar``, or a list of paths; images read from the shard when loaded, see
+    :mod:`mmbridge.data.formats.webdataset`) or a registered source type (:data:`~mmbridge.data.sources.
+    SOURCE_TYPES`), written in a recipe as its key, e.g. ``miniworld: {task, split, n, seed}`` (a MiniWorld
+    task generated in memory, images drawn when loaded); :meth:`from_dict` turns that key into ``type`` and
+    ``spec``.
     ``format`` (files): ``llava`` (conversations), ``sharegpt`` (text-only conversations, the
     same ``from``/``value`` fields; read by the LLaVA loader), ``interleaved`` (image–text
     documents, MMC4 fields accepted) or ``auto`` (the default: the first record decides).
@@ -68,22 +72,25 @@ class SourceConfig:
     image_root: str | None = None
     weight: float | Literal["sqrt"] = 1.0
     name: str | None = None
-    miniworld: dict | None = None
     webdataset: str | list[str] | None = None
     format: str = "auto"
     max_samples: int | None = None
     shuffle_buffer: int | None = None
+    type: str | None = None  # a registered source type (SOURCE_TYPES), e.g. "miniworld"
+    spec: Any = None  # that type's spec, e.g. {task, split, n, seed}
 
     def __post_init__(self) -> None:
         if self.format not in SOURCE_FORMATS:
             raise ValueError(f"source {self.path or self.stem}: format must be one of {SOURCE_FORMATS}, "
                              f"got {self.format!r}")
-        given = [key for key in ("path", "miniworld", "webdataset") if getattr(self, key) is not None]
+        given = [key for key in ("path", "webdataset") if getattr(self, key) is not None]
+        given += [] if self.type is None else [self.type]
         if len(given) != 1:
-            raise ValueError(f"a data source needs exactly one of 'path' (a LLaVA JSON file), 'miniworld' "
-                             f"({{task, split, n, seed}}) or 'webdataset' (tar shards); got "
-                             f"{', '.join(given) or 'none'}: path={self.path!r}, miniworld={self.miniworld!r}, "
-                             f"webdataset={self.webdataset!r}")
+            raise ValueError(_exactly_one(given, f"path={self.path!r}, webdataset={self.webdataset!r}, "
+                                                 f"{self.type}={self.spec!r}"))
+        if self.type is not None and self.type not in SOURCE_TYPES:
+            raise ValueError(f"a data source has type {self.type!r}; known source types: "
+                             f"{', '.join(SOURCE_TYPES.keys())}")
         if isinstance(self.weight, str) and self.weight != SQRT:
             raise ValueError(f"source {self.stem}: weight must be a number >= 0 or {SQRT!r}, got {self.weight!r}")
         if not isinstance(self.weight, str) and self.weight < 0:
@@ -93,17 +100,53 @@ class SourceConfig:
             if value is not None and value < 1:
                 raise ValueError(f"source {self.stem}: {key} must be at least 1 (or absent), got {value}")
 
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "") -> SourceConfig:
+        """A source as a recipe writes it: the key of a registered source type (``{"miniworld": {...}}``)
+        gives ``type`` and ``spec`` (a null value counts as absent); the other fields as
+        :func:`~mmbridge.registry.config_from_dict` checks them."""
+        label = where or "data source"
+        if not isinstance(data, dict):
+            raise ValueError(f"{label}: expected a mapping of fields, got {data!r}")
+        typed = [key for key in data if key in SOURCE_TYPES and data[key] is not None]
+        fields = {key: value for key, value in data.items() if key not in SOURCE_TYPES}
+        names = [item.name for item in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(names))
+        if unknown:
+            raise ValueError(f"{label}: unknown field(s) {unknown}; valid fields: {sorted(names)}, or the key of "
+                             f"a source type: {', '.join(SOURCE_TYPES.keys())}")
+        named_kinds = typed + (["type"] if typed and fields.get("type") is not None else [])
+        if len(named_kinds) > 1:
+            raise ValueError(_exactly_one(named_kinds, ", ".join(f"{key}={data[key]!r}" for key in named_kinds)))
+        if typed:
+            fields.update(type=typed[0], spec=data[typed[0]])
+        return config_from_dict(cls, fields, where=where)
+
+    @property
+    def miniworld(self) -> Any:
+        """The spec of a MiniWorld source (the type ``miniworld``), else None: how code read it when it was a
+        field of its own."""
+        return self.spec if self.type == "miniworld" else None
+
     @property
     def stem(self) -> str:
-        """The default name: the file stem, ``miniworld-TASK-SPLIT``, or the first shard's stem without
-        its number (``cc3m`` for ``cc3m-{00000..00009}.tar``)."""
-        if self.miniworld is not None:
-            return f"miniworld-{self.miniworld.get('task')}-{self.miniworld.get('split')}"
+        """The default name: the file stem, the source type's (``miniworld-TASK-SPLIT``), or the first shard's
+        stem without its number (``cc3m`` for ``cc3m-{00000..00009}.tar``)."""
+        if self.type is not None:
+            stem = SOURCE_TYPES.get(self.type).stem if self.type in SOURCE_TYPES else None
+            return self.type if stem is None else stem(self.spec)
         if self.webdataset is not None:
             first = self.webdataset if isinstance(self.webdataset, str) else (self.webdataset or [""])[0]
             stem = os.path.basename(first).split("{")[0].split(".")[0].rstrip("-_0123456789")
             return stem or "webdataset"
         return os.path.splitext(os.path.basename(self.path))[0]
+
+
+def _exactly_one(given: list[str], values: str) -> str:
+    """The error of a source that names no kind or several: what it may name, what it named."""
+    return (f"a data source needs exactly one of 'path' (a LLaVA JSON file), 'webdataset' (tar shards) or the key "
+            f"of a source type ({', '.join(SOURCE_TYPES.keys()) or 'none registered'}, e.g. miniworld: "
+            f"{{task, split, n, seed}}); got {', '.join(given) or 'none'}: {values}")
 
 
 @dataclass
@@ -132,7 +175,7 @@ class DataConfig:
             raise ValueError(f"data num_workers must be an integer >= 0 (0: load in the training process), "
                              f"got {self.num_workers!r}")
         self.sources = [source if isinstance(source, SourceConfig)
-                        else config_from_dict(SourceConfig, dict(source), where=f"data source #{number}")
+                        else SourceConfig.from_dict(dict(source), where=f"data source #{number}")
                         for number, source in enumerate(self.sources)]
 
 
@@ -240,30 +283,15 @@ def batch_indices(dataset: MixtureDataset, epoch: int, seed: int, batch_size: in
     return [batches[position] for position in generator.permutation(len(batches))]
 
 
-@dataclass
-class LoadedSource:
-    """A source's samples, one list per shard (a single list for a file or MiniWorld source), and the
-    ``(id, reason)`` of samples dropped while reading it (a webdataset scan with ``skip_bad_samples``)."""
-
-    shards: list[list[Sample]]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def samples(self) -> list[Sample]:
-        return [sample for shard in self.shards for sample in shard]
-
-
 def load_source(source: SourceConfig, name: str, skip_bad_samples: bool = False) -> list[Sample]:
-    """A source's samples: read from its file or shards, or generated from its MiniWorld spec."""
+    """A source's samples: read from its file or shards, or as its source type reads its spec."""
     return load_source_shards(source, name, skip_bad_samples).samples
 
 
 def load_source_shards(source: SourceConfig, name: str, skip_bad_samples: bool = False) -> LoadedSource:
     """A source's samples grouped by shard; no image is opened (webdataset shards are scanned, not decoded)."""
-    if source.miniworld is not None:
-        from mmbridge.worlds.miniworld.stream import load_samples  # imported here: the world imports this package
-
-        return LoadedSource([load_samples(source.miniworld, source=name)])
+    if source.type is not None:
+        return LoadedSource([SOURCE_TYPES.get(source.type).load(source.spec, name)])
     if source.webdataset is not None:
         return load_webdataset(source.webdataset, source=name, skip_bad_samples=skip_bad_samples)
     records = read_records(source.path)  # read once, whichever format parses them

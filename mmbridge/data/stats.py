@@ -1,11 +1,11 @@
 """``mmbridge data stats RECIPE``: what each stage's mixture draws from each source per epoch.
 
-For every stage (its own ``data`` or the recipe's default) and every source: its kind, its size,
-its weight and cap, the draws per epoch (:func:`~mmbridge.data.mixture.draw_counts`, the numbers
-:meth:`~mmbridge.data.mixture.MixtureDataset.epoch_indices` uses) and their share of the epoch.
-Sources are read as the dataset reads them — JSON parsed, MiniWorld records generated, webdataset
-shards scanned — but no image is opened, rendered or decoded. A source used by several stages is
-read once.
+For every stage (its own ``data`` or the recipe's default: :func:`mmbridge.train.recipe.recipe_stats` picks it)
+and every source: its kind, its size, its weight and cap, the draws per epoch
+(:func:`~mmbridge.data.mixture.draw_counts`, the numbers :meth:`~mmbridge.data.mixture.MixtureDataset.epoch_indices`
+uses) and their share of the epoch. Sources are read as the dataset reads them — JSON parsed, a source type's
+samples made (MiniWorld's records generated), webdataset shards scanned — but no image is opened, rendered or
+decoded. A source used by several stages is read once.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ class SourceStats:
 
 
 def source_kind(source: SourceConfig) -> str:
-    """``miniworld``, ``webdataset`` or the file's ``format`` (``auto`` for a file left to its first record)."""
-    if source.miniworld is not None:
-        return "miniworld"
+    """The source type (``miniworld``…), ``webdataset`` or the file's ``format`` (``auto`` for a file left to its
+    first record)."""
+    if source.type is not None:
+        return source.type
     if source.webdataset is not None:
         return f"webdataset ({len(_shards(source))} shards)"
     return source.format
@@ -45,7 +46,7 @@ def mixture_stats(config: DataConfig, cache: dict | None = None) -> list[SourceS
     cache = {} if cache is None else cache
     sizes, skips = [], []
     for source, name in zip(config.sources, _source_names(config.sources)):
-        key = (repr(source.path), repr(source.miniworld), repr(source.webdataset), source.format,
+        key = (repr(source.path), source.type, repr(source.spec), repr(source.webdataset), source.format,
                source.image_root, config.skip_bad_samples)
         if key not in cache:
             loaded = load_source_shards(source, name, skip_bad_samples=config.skip_bad_samples)
@@ -73,18 +74,15 @@ def stats_table(rows: list[SourceStats]) -> str:
     return "\n".join(text)
 
 
-def recipe_stats(run) -> str:
-    """Every stage's table, headed by its name and epoch length (a :class:`~mmbridge.config.RunConfig`)."""
-    from mmbridge.train.recipe import stage_from_dict
-
+def stages_stats(stages: list[tuple[str, dict | DataConfig]]) -> str:
+    """Every stage's table, headed by its label and epoch length; ``stages`` pairs each label with the stage's
+    data (a mapping as a recipe writes it, or a :class:`DataConfig`). A source used by several stages is read
+    once."""
     cache: dict = {}
     blocks = []
-    for index, stage in enumerate(stage_from_dict(stage) for stage in run.stages):
-        spec = stage.data if stage.data is not None else run.data
-        label = f"stage {index} ({stage.name!r})"
-        if spec is None:
-            raise ValueError(f"{label} has no data and the recipe has no default 'data'")
-        config = config_from_dict(DataConfig, dict(spec), where=f"{label} data")
+    for label, spec in stages:
+        config = spec if isinstance(spec, DataConfig) else config_from_dict(DataConfig, dict(spec),
+                                                                             where=f"{label} data")
         rows = mixture_stats(config, cache)
         blocks.append(f"{label}: {sum(row.draws for row in rows):,} samples per epoch from {len(rows)} source(s)\n"
                       + stats_table(rows))

@@ -26,17 +26,17 @@ the official soft score ``min(#matches / 3, 1)`` (10-choose-9 average) instead.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from PIL import Image
 
 from mmbridge.boxes import check_box_format, rewrite_boxes
 from mmbridge.eval import metrics
 from mmbridge.eval.prompts import LETTERS, format_prompt
+from mmbridge.registry import Table
 
 SAMPLE_IMAGE_TOKEN = "<image>"  # the placeholder LLaVA-format files use
 POPE_TYPES = ("random", "popular", "adversarial")
@@ -289,46 +289,23 @@ class Suite:
         return self.load(task, split, n, seed)
 
 
-def load_miniworld(task: str, split: str, n: int, seed: int, box_format: str = "plain") -> list[Pair]:
-    """``n`` MiniWorld samples of ``task`` on ``split`` with their images (generated, not read from disk), boxes
-    written in ``box_format``."""
-    try:
-        world = importlib.import_module("mmbridge.worlds.miniworld")
-    except ModuleNotFoundError as error:
-        if not (error.name or "").startswith("mmbridge.worlds"):
-            raise
-        raise ValueError("the MiniWorld suites need mmbridge.worlds.miniworld, which is not available") from error
-    if task not in world.TASKS:
-        raise ValueError(f"MiniWorld has no task {task!r}; known: {sorted(world.TASKS)}")
-    return [world.make_sample(task, split, index, seed, box_format) for index in range(n)]
-
-
-MINIWORLD = Suite("miniworld", (
-    TaskSpec("attribute"),
-    TaskSpec("attribute", split="compositional"),
-    TaskSpec("counting"),
-    TaskSpec("spatial"),
-    TaskSpec("existence"),
-    TaskSpec("multiple_choice", circular=True, likelihood=True),
-    TaskSpec("grounding"),
-    TaskSpec("text_reading"),
-    TaskSpec("caption"),
-    TaskSpec("multi_image"),
-    TaskSpec("video"),
-), load_miniworld)
-
-# Small objects and small text on 896–1024 px canvases, for comparing high-resolution strategies (AnyRes, UHD,
-# Monkey, Fuyu); a suite of its own because these large images would slow the default one.
-HIGHRES = Suite("highres", (
-    TaskSpec("small_objects"),
-    TaskSpec("small_text"),
-), load_miniworld)
-
-SUITES: dict[str, Suite] = {"miniworld": MINIWORLD, "highres": HIGHRES}
+# Suites by name. A package adds its own when imported: SUITES.add(suite.name, suite); MiniWorld's (``miniworld``,
+# ``highres``) are added by mmbridge.worlds.miniworld.suites, which importing ``mmbridge`` loads.
+SUITES: Table[Suite] = Table("suite")
+_MOVED_TO_MINIWORLD = ("MINIWORLD", "HIGHRES", "load_miniworld")  # now in mmbridge.worlds.miniworld.suites
 
 
 def get_suite(name: str) -> Suite:
-    """The registered suite ``name``; an unknown name lists the known ones."""
-    if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; known: {sorted(SUITES)}")
-    return SUITES[name]
+    """The registered suite ``name``; an unknown name is a ``ValueError`` listing the known ones."""
+    try:
+        return SUITES.get(name)
+    except KeyError as error:
+        raise ValueError(error.args[0]) from None
+
+
+def __getattr__(name: str) -> Any:
+    """The MiniWorld suites and their loader, as this module held them before MiniWorld registered itself."""
+    if name in _MOVED_TO_MINIWORLD:
+        suite = get_suite("highres" if name == "HIGHRES" else "miniworld")
+        return suite.load if name == "load_miniworld" else suite
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

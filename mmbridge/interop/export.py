@@ -445,10 +445,12 @@ def _mmbridge_processor(model: MultimodalModel) -> Any:
     the same processor over the exported tokenizer, which holds it."""
     if model.config.image_token in model.tokenizer.get_vocab():
         return model.processor()
-    from mmbridge.data.processor import Processor
+    from mmbridge.data.processor import ImageTokens, Processor, TextSettings
 
-    return Processor(export_tokenizer(model), model.vision.transform, model.tokens_per_image, model.config.image_token,
-                     model.image_token_id, highres=model.highres, **model.processor_settings)
+    image_tokens = ImageTokens(per_image=model.tokens_per_image, placeholder=model.config.image_token,
+                               token_id=model.image_token_id)
+    return Processor(export_tokenizer(model), model.vision.transform, image_tokens,
+                     text_settings=TextSettings(**model.processor_settings), highres=model.highres)
 
 
 FAMILIES: dict[str, Family] = {

@@ -37,7 +37,7 @@ from torch import nn
 
 from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.data.collate import IGNORE_INDEX
-from mmbridge.data.processor import Processor
+from mmbridge.data.processor import ImageTokens, ModelText, Processor, TextSettings, VideoSettings
 from mmbridge.model import fusion  # noqa: F401  (registers the bridges that live inside the LLM)
 from mmbridge.model.bridges import BRIDGES, Bridge, FusionCall, build_bridge
 from mmbridge.model.highres import HIGHRES, HighResStrategy, build_highres
@@ -168,11 +168,18 @@ class MultimodalModel(nn.Module):
 
     def processor(self, **overrides: Any) -> Processor:
         """The :class:`~mmbridge.data.processor.Processor` matching this model (tokenizer, transform, token count,
-        what its bridge asks for), with the saved settings and ``overrides``."""
-        settings = {**self.bridge.processor_settings(), **self.processor_settings, **overrides}
-        return Processor(self.tokenizer, self.vision.transform, self.tokens_per_image, self.config.image_token,
-                         self.image_token_id, encoder_decoder=self.llm.is_encoder_decoder, highres=self.highres,
-                         **settings)
+        what its bridge needs), with the saved settings and ``overrides`` (TextSettings fields, a stage's
+        ``video_stride``)."""
+        settings = {**self.processor_settings, **overrides}
+        stride = settings.pop("video_stride", 1)
+        needs = self.bridge.processor_needs()
+        video = VideoSettings(as_media=needs.video_frames is not None, max_frames=needs.video_frames, stride=stride)
+        model_text = ModelText(encoder_decoder=self.llm.is_encoder_decoder, chunk_token=needs.chunk_token,
+                               bridge_tokenizer=needs.text_tokenizer)
+        image_tokens = ImageTokens(per_image=self.tokens_per_image, placeholder=self.config.image_token,
+                                   token_id=self.image_token_id)
+        return Processor(self.tokenizer, self.vision.transform, image_tokens, text_settings=TextSettings(**settings),
+                         model_text=model_text, video_settings=video, highres=self.highres)
 
     def add_lora(self, key: str, spec: LoraSpec) -> None:
         """Inject LoRA into module ``key`` and record it in the config (used by stages with ``lora``)."""

@@ -80,9 +80,10 @@ def _file_stamp(path: str) -> list:
 
 
 def _source_stamp(source: SourceConfig) -> Any:
-    """What a source's samples depend on: its file (path, size, mtime), its shards' or its MiniWorld spec."""
-    if source.miniworld is not None:
-        return {"miniworld": source.miniworld}
+    """What a source's samples depend on: its file (path, size, mtime), its shards' or its type's spec (MiniWorld's
+    stamp is ``{"miniworld": spec}``)."""
+    if source.type is not None:
+        return {source.type: source.spec}
     if source.webdataset is not None:
         from mmbridge.data.formats.webdataset import expand_shards
 

@@ -16,6 +16,7 @@ from typing import Any
 from mmbridge.config import RunConfig
 from mmbridge.data import DataConfig, SourceConfig
 from mmbridge.data.mixture import load_source
+from mmbridge.data.sources import SOURCE_TYPES
 from mmbridge.registry import config_from_dict
 from mmbridge.train.recipe import StageConfig
 
@@ -74,7 +75,7 @@ def stage_data(run: RunConfig, index: int, stage: StageConfig) -> DataConfig:
     if not isinstance(sources, list) or not sources:
         raise ValueError(f"{label} data needs 'sources', a non-empty list; got {sources!r}")
     parsed = [source if isinstance(source, SourceConfig) else
-              config_from_dict(SourceConfig, source, where=f"{label} data.sources.{number}")
+              SourceConfig.from_dict(source, where=f"{label} data.sources.{number}")
               for number, source in enumerate(sources)]
     data = config_from_dict(DataConfig, {**spec, "sources": parsed}, where=f"{label} data")
     for number, source in enumerate(data.sources):
@@ -85,13 +86,13 @@ def stage_data(run: RunConfig, index: int, stage: StageConfig) -> DataConfig:
 
 
 def check_source(source: SourceConfig, label: str) -> None:
-    """A file source exists and parses; a MiniWorld source names a known task and split; a webdataset
-    source's shards exist."""
-    if source.miniworld is not None:
-        from mmbridge.worlds.miniworld.stream import check_spec
-
+    """A file source exists and parses; a source type's spec passes its ``check`` (a MiniWorld source names a known
+    task and split); a webdataset source's shards exist."""
+    if source.type is not None:
+        check = SOURCE_TYPES.get(source.type).check
         try:
-            check_spec(source.miniworld)
+            if check is not None:
+                check(source.spec)
         except ValueError as error:
             raise ValueError(f"{label}: {error}") from None
         return

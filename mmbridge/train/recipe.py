@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmbridge.data.stats import stages_stats
 from mmbridge.model.lora import LoraSpec, has_lora
 from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
 from mmbridge.registry import config_from_dict
@@ -125,6 +126,19 @@ def _tune_spec(stage: str, key: str, value: Any) -> TuneSpec:
 
 def stage_from_dict(data: dict | StageConfig) -> StageConfig:
     return data if isinstance(data, StageConfig) else config_from_dict(StageConfig, data, where="stage")
+
+
+def recipe_stats(run: Any) -> str:
+    """``mmbridge data stats``: every stage's mixture table (:func:`~mmbridge.data.stats.stages_stats`), each stage
+    with its own data or the recipe's default (``run``: a :class:`~mmbridge.config.RunConfig`)."""
+    stages = []
+    for index, stage in enumerate(stage_from_dict(stage) for stage in run.stages):
+        label = f"stage {index} ({stage.name!r})"
+        spec = stage.data if stage.data is not None else run.data
+        if spec is None:
+            raise ValueError(f"{label} has no data and the recipe has no default 'data'")
+        stages.append((label, spec))
+    return stages_stats(stages)
 
 
 def apply_stage(model: MultimodalModel, stage: StageConfig, log: bool = True) -> list[dict]:

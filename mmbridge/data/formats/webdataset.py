@@ -43,11 +43,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mmbridge.data.formats.llava import ROLES, Sample, check_turn_order
+from mmbridge.data.sources import LoadedSource
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from mmbridge.data.mixture import LoadedSource
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "json")
@@ -148,8 +147,6 @@ def read_member(shard: str, offset: int, size: int) -> bytes:
 
 def load_webdataset(spec: str | list[str], source: str = "", skip_bad_samples: bool = False) -> LoadedSource:
     """Scan every shard of ``spec`` (see :func:`expand_shards`): samples per shard plus what was skipped."""
-    from mmbridge.data.mixture import LoadedSource  # the mixture imports this module
-
     loaded = LoadedSource(shards=[])
     for shard in expand_shards(spec):
         samples, skipped = scan_shard(shard, source, skip_bad_samples)

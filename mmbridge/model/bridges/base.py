@@ -28,7 +28,7 @@ upcycling), :meth:`Bridge.step_report` (numbers logged every step), :meth:`Bridg
 end of a stage), :meth:`Bridge.inactive_parameters_per_token` (``mmbridge info``).
 
 **Saving and processing.** :meth:`Bridge.export_config` (the config that rebuilds it as it is now),
-:attr:`Bridge.tokenizer` (its own text tokenizer, saved beside the model), :meth:`Bridge.processor_settings`
+:attr:`Bridge.tokenizer` (its own text tokenizer, saved beside the model), :meth:`Bridge.processor_needs`
 (what the processor must do for it: an end-of-chunk token, videos as one media, instruction text).
 """
 
@@ -47,6 +47,18 @@ from mmbridge.model.grid import FeatureGrid
 from mmbridge.registry import Registry
 
 BRIDGES: Registry["Bridge"] = Registry("bridge")
+
+
+@dataclass(frozen=True)
+class ProcessorNeeds:
+    """What a bridge needs from the model's processor: ``chunk_token`` ends each chunk of an interleaved document
+    (Flamingo's ``<|endofchunk|>``); ``text_tokenizer`` tokenizes each image's instruction into ``bridge_inputs``
+    (InstructBLIP); ``video_frames``: a video's frames reach the bridge as one media of at most this many frames
+    (None: each frame is an image)."""
+
+    chunk_token: str | None = None
+    text_tokenizer: Any = None
+    video_frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,9 +114,10 @@ class Bridge(nn.Module, abc.ABC):
         """The config that rebuilds this bridge as it is now; ``config`` is the one it was built from."""
         return config
 
-    def processor_settings(self) -> dict[str, Any]:
-        """Settings the model's processor needs for this bridge (``chunk_token``, ``video_as_media``, …)."""
-        return {"bridge_tokenizer": self.tokenizer} if self.tokenizer is not None else {}
+    def processor_needs(self) -> ProcessorNeeds:
+        """What the model's processor must do for this bridge (by default: tokenize instructions with its own
+        tokenizer, if it has one)."""
+        return ProcessorNeeds(text_tokenizer=self.tokenizer)
 
     # -- the sequence -------------------------------------------------------------------------------
     def attach(self, llm: nn.Module) -> None:

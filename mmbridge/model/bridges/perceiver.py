@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mmbridge.data.bridge_inputs import BridgeInputs
-from mmbridge.model.bridges.base import BRIDGES, Bridge
+from mmbridge.model.bridges.base import BRIDGES, Bridge, ProcessorNeeds
 from mmbridge.model.grid import FeatureGrid
 
 DEFAULT_MAX_HIDDEN = 1024
@@ -139,9 +139,9 @@ class PerceiverResampler(Bridge):
     def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
         return None
 
-    def processor_settings(self) -> dict[str, Any]:
+    def processor_needs(self) -> ProcessorNeeds:
         """A video's frames reach the resampler together, as one media behind one placeholder."""
-        return {"video_as_media": True, "max_video_frames": self.max_frames}
+        return ProcessorNeeds(video_frames=self.max_frames)
 
     def media_sequence(self, features: torch.Tensor) -> torch.Tensor:  # [B, N, D_v] | [B, T, N, D_v] -> [B, T·N, H]
         """Project features, add each frame's temporal embedding and flatten time × space."""

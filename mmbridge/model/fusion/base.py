@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mmbridge.data.bridge_inputs import BridgeInputs
-from mmbridge.model.bridges.base import Bridge, FusionCall, build_bridge
+from mmbridge.model.bridges.base import Bridge, FusionCall, ProcessorNeeds, build_bridge
 from mmbridge.model.grid import FeatureGrid
 
 
@@ -58,8 +58,8 @@ class FusionBridge(Bridge, abc.ABC):
     def grid_divisor(self) -> int:
         return self.projector.grid_divisor()
 
-    def processor_settings(self) -> dict[str, Any]:
-        return self.projector.processor_settings()
+    def processor_needs(self) -> ProcessorNeeds:
+        return self.projector.processor_needs()
 
     def forward(self, features: torch.Tensor, grid: FeatureGrid,
                 inputs: BridgeInputs | None = None) -> torch.Tensor:  # [B, N, D_v] -> [B, M, D]

@@ -25,6 +25,7 @@ it says which of each row's ``N`` image slots each position reads.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mmbridge.model.bridges.base import BRIDGES
+from mmbridge.model.bridges.base import BRIDGES, ProcessorNeeds
 from mmbridge.model.fusion.base import FusionBridge, projector_of, selected_layers
 from mmbridge.model.fusion.gate_plot import plot_gates
 from mmbridge.model.grid import FeatureGrid
@@ -168,9 +169,9 @@ class GatedXAttnBridge(FusionBridge):
     def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
         return None  # the marker has no place in the image
 
-    def processor_settings(self) -> dict[str, Any]:
+    def processor_needs(self) -> ProcessorNeeds:
         """The resampler's (a video as one media, for the Perceiver's temporal embeddings) and the chunk token."""
-        return {**self.projector.processor_settings(), "chunk_token": self.cfg.chunk_token}
+        return dataclasses.replace(self.projector.processor_needs(), chunk_token=self.cfg.chunk_token)
 
     def _attach(self, llm: nn.Module) -> None:
         config = llm.config

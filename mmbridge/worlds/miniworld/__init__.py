@@ -11,12 +11,16 @@ answer is computed from it. Samples are deterministic in ``(task, split, index, 
 
 Splits: ``train``, ``val``, ``test`` use only :data:`SEEN_PAIRS`; ``compositional``
 asks about :data:`HELD_OUT_PAIRS` (colour–shape pairs never seen in training).
+
+Importing this package registers MiniWorld as the data source type ``miniworld`` (:mod:`.stream`) and its
+evaluation suites ``miniworld`` and ``highres`` (:mod:`.suites`); importing ``mmbridge`` imports it.
 """
 
 from mmbridge.worlds.miniworld.render import render_image
 from mmbridge.worlds.miniworld.sample import iter_samples, make_episode, make_record, make_sample, render_images
 from mmbridge.worlds.miniworld.splits import SPLITS
-from mmbridge.worlds.miniworld.stream import load_samples
+from mmbridge.worlds.miniworld.stream import load_samples  # importing stream registers the source type
+from mmbridge.worlds.miniworld.suites import HIGHRES, MINIWORLD  # importing suites registers them
 from mmbridge.worlds.miniworld.task import Episode, Task
 from mmbridge.worlds.miniworld.tasks import TASKS, get_task
 from mmbridge.worlds.miniworld.vocabulary import COLOURS, HELD_OUT_PAIRS, SEEN_PAIRS, SHAPES, SIZES
@@ -24,4 +28,4 @@ from mmbridge.worlds.miniworld.writer import write_task
 
 __all__ = ["TASKS", "Task", "Episode", "SPLITS", "COLOURS", "SHAPES", "SIZES", "HELD_OUT_PAIRS", "SEEN_PAIRS",
            "get_task", "make_sample", "make_record", "make_episode", "render_images", "render_image", "iter_samples",
-           "write_task", "load_samples"]
+           "write_task", "load_samples", "MINIWORLD", "HIGHRES"]

@@ -1,7 +1,9 @@
 """Streaming: MiniWorld samples as in-memory :class:`~mmbridge.data.Sample` objects, images drawn on access.
 
-A data source ``{"miniworld": {"task": ..., "split": ..., "n": ..., "seed": ..., "box_format": ...}}`` builds
-the conversations up front (cheap) and gives each sample an ``image_loader`` that
+This module registers the data source type ``miniworld`` (:data:`mmbridge.data.sources.SOURCE_TYPES`) when it is
+imported (importing ``mmbridge`` imports it). A data source ``{"miniworld": {"task": ..., "split": ..., "n": ...,
+"seed": ..., "box_format": ...}}`` builds the conversations up front (cheap) and gives each sample an
+``image_loader`` that
 renders its images when the processor asks for them, so training needs no files. One-scene
 samples carry their objects as ``regions`` (box, colour, shape, size) for region–word alignment.
 ``box_format`` (``plain``, the default, or ``qwen``) is how grounding turns write boxes; regions stay in 000–999.
@@ -13,6 +15,7 @@ import functools
 
 from mmbridge.boxes import check_box_format
 from mmbridge.data.formats.llava import ROLES, Sample
+from mmbridge.data.sources import SOURCE_TYPES, SourceType
 from mmbridge.worlds.miniworld.sample import make_record, render_images
 from mmbridge.worlds.miniworld.splits import check_split
 from mmbridge.worlds.miniworld.tasks import get_task
@@ -71,3 +74,12 @@ def check_spec(spec: dict) -> tuple[str, str, int, int]:
     if count < 1:
         raise ValueError(f"miniworld source {spec}: n must be at least 1")
     return spec["task"], spec["split"], count, seed
+
+
+def source_stem(spec: dict) -> str:
+    """A MiniWorld source's default name: ``miniworld-TASK-SPLIT``."""
+    fields = spec if isinstance(spec, dict) else {}
+    return f"miniworld-{fields.get('task')}-{fields.get('split')}"
+
+
+SOURCE_TYPES.add("miniworld", SourceType(load=load_samples, check=check_spec, stem=source_stem))
