@@ -395,7 +395,7 @@ def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
     pad = torch.tensor(config.pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
-    run_class = _EncoderDecoderRun if getattr(model.llm, "is_encoder_decoder", False) else _Decoder
+    run_class = _EncoderDecoderRun if model.llm.is_encoder_decoder else _Decoder
     decoder = run_class(model, input_ids, attention_mask, images, config.use_cache, config.max_new_tokens)
     logits = decoder.prefill()  # [B, V]
     banned = _banned_ids(model, logits.shape[-1])
