@@ -29,7 +29,8 @@ def _features(rows: int, cols: int, width: int = 6, batch: int = 2) -> torch.Ten
 @pytest.mark.parametrize("rows, cols", [(4, 4), (2, 6), (6, 2), (4, 8)])
 def test_pixel_shuffle_equals_internvls_on_any_grid(rows, cols):
     features = _features(rows, cols)
-    theirs = InternVLModel.pixel_shuffle(None, features.reshape(2, rows, cols, 6), scale_factor=0.5)  # [B, r/2, c/2, 4D]
+    grid = features.reshape(2, rows, cols, 6)
+    theirs = InternVLModel.pixel_shuffle(None, grid, scale_factor=0.5)  # [B, rows/2, cols/2, 4·6]
     ours = pixel_shuffle_grid(features, FeatureGrid(rows, cols), 2)
     assert torch.equal(ours, theirs.reshape(2, -1, 24))
 

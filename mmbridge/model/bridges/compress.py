@@ -81,7 +81,8 @@ def average_pool_grid(features: torch.Tensor, grid: FeatureGrid, kernel: int) ->
 
 
 def pixel_shuffle_grid(features: torch.Tensor, grid: FeatureGrid, factor: int) -> torch.Tensor:
-    """``[B, h·w, D] → [B, (h/s)·(w/s), s²·D]``: channel ``(r·s + c)·D + d`` = channel ``d`` of block cell (r, c)."""
+    """``[B, h·w, D] → [B, (h/s)·(w/s), s²·D]``: channel ``(r·s + c)·D + d`` is channel ``d`` of block cell
+    (r, c)."""
     batch, count, width = features.shape
     grid.cells(f"pixel_shuffle bridge (factor {factor})", count)
     shuffled = shuffled_grid(grid, factor)

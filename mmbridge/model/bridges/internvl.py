@@ -37,7 +37,7 @@ class InternVLBridgeConfig:
 
 
 class InternVLBridge(Bridge):
-    """Pixel shuffle by ``factor``, then LayerNorm and a two-layer MLP: ``[B, h·w, D_v] → [B, h·w / factor², D]``."""
+    """Pixel shuffle by ``factor``, then LayerNorm and a two-layer MLP: ``[B, h·w, D_v] → [B, h·w / s², D]``."""
 
     def __init__(self, in_dim: int, out_dim: int, factor: int, activation: str) -> None:
         super().__init__()

@@ -11,9 +11,9 @@ For each frame (each image row of the batch) with features ``X`` ``[N, D_v]``:
   (features on a grid are pooled in 2-D when ``content_tokens`` is a square, e.g. 7x7 → 2x2; otherwise
   along the sequence), each through a second linear projector.
 
-``num_tokens == 1 + content_tokens`` for every grid (they have no place in the image): with the default ``content_tokens=1`` a frame costs
-exactly 2 LLM tokens, so a long video of ``F`` frames (one ``<image>`` per frame) costs
-``2F``. The features are LayerNorm-ed first (``vision_norm``) for the Q-Former, the context
+``num_tokens == 1 + content_tokens`` for every grid (they have no place in the image): with the default
+``content_tokens=1`` a frame costs exactly 2 LLM tokens, so a long video of ``F`` frames (one ``<image>`` per
+frame) costs ``2F``. The features are LayerNorm-ed first (``vision_norm``) for the Q-Former, the context
 attention and the pooling alike. The instruction arrives as the per-image
 :class:`~mmbridge.data.bridge_inputs.BridgeInputs` ``text_ids``/``text_mask``, tokenized with
 :attr:`LlamaVidBridge.tokenizer` (BERT's, from ``init_from`` or ``tokenizer``).

@@ -112,7 +112,8 @@ class MMABridge(FusionBridge):
                 module.register_forward_pre_hook(adapter.pre_hook, with_kwargs=True)
 
     def prompt_state(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
-                     image_tokens: torch.Tensor | None, image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     image_tokens: torch.Tensor | None,
+                     image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Each sample's modality, ``[B]`` (True: it holds an image), kept for every decoding step."""
         super().prompt_state(image_mask, attention_mask, image_tokens, image_attention_mask)  # refuses the IDEFICS mask
         return image_mask.any(-1)
