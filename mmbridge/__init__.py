@@ -7,7 +7,9 @@ Public API (re-exported names only)::
 """
 
 from mmbridge.config import RunConfig, load_run_config
-from mmbridge.model.bridges import BRIDGES
+from mmbridge.data.bridge_inputs import BridgeInputs
+from mmbridge.model.bridges import BRIDGES, Bridge
+from mmbridge.model.grid import FeatureGrid
 from mmbridge.model.llm import LLMS
 from mmbridge.model.multimodal import ModelConfig, MultimodalModel
 from mmbridge.model.vision import VISION_ENCODERS, ImageTransform
@@ -16,5 +18,5 @@ from mmbridge.worlds import miniworld as _miniworld  # registers the MiniWorld d
 __version__ = "0.1.0"
 
 
-__all__ = ["MultimodalModel", "ModelConfig", "RunConfig", "load_run_config", "BRIDGES", "LLMS",
-           "VISION_ENCODERS", "ImageTransform", "__version__"]
+__all__ = ["MultimodalModel", "ModelConfig", "RunConfig", "load_run_config", "BRIDGES", "Bridge", "BridgeInputs",
+           "FeatureGrid", "LLMS", "VISION_ENCODERS", "ImageTransform", "__version__"]

@@ -6,9 +6,9 @@ returns only the new tokens, ``[B, new]``. Position ids come from the model
 (:meth:`MultimodalModel.position_ids`: the attention mask's running count, clamped at 0, or a
 fusion bridge's own scheme such as CogVLM's one position per image), so a left-padded row
 decodes exactly as the same prompt alone; decoding continues from the prompt's last position.
-What a fusion bridge derives from the prompt and its images
-(:meth:`MultimodalModel.decode_context`) is computed once and passed to the prefill and every
-step. With the cache, the prompt and images go through the model once (prefill) and each step
+What the bridge keeps from the prompt and its images (:meth:`MultimodalModel.prompt_state`) is made
+once and passed to the prefill and every step; when the run ends, ``bridge.release_caches()`` drops
+what its modules kept for it. With the cache, the prompt and images go through the model once (prefill) and each step
 feeds one token per row; without it, every step recomputes the whole
 sequence from visual tokens encoded once, and greedy outputs are identical.
 
@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from mmbridge.data.bridge_inputs import BridgeInputs
+from mmbridge.data.collate import image_inputs
 from mmbridge.utils import eval_mode
 
 Streamer = Callable[[torch.Tensor], None]
@@ -214,7 +216,7 @@ def fast_step_decoder(model: nn.Module) -> nn.Module | None:
     the ``cache`` argument of transformers >= 5.24, none of its layers replaced, and no fusion bridge
     (its hooks read per-call context, which only the full forward sets).
     """
-    if getattr(getattr(model, "bridge", None), "fuses_into_llm", False):
+    if model.bridge.fuses_into_llm:
         return None
     llm = getattr(model, "llm", None)
     config = getattr(llm, "config", None)
@@ -232,8 +234,7 @@ class _Decoder:
     """One generation run: holds the growing mask, the cache or full sequence, and the visual tokens."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 pixel_values: torch.Tensor | None, use_cache: bool, bridge_inputs: dict[str, Any],
-                 max_new_tokens: int, image_attention_mask: torch.Tensor | None = None) -> None:
+                 images: PromptImages, use_cache: bool, max_new_tokens: int) -> None:
         self.model = model
         self.use_cache = use_cache
         self.sequence = input_ids  # [B, L]; grows only without the cache
@@ -244,12 +245,10 @@ class _Decoder:
         self.full_mask[:, :length] = attention_mask
         self.padded = not bool(attention_mask.all())  # without padding, decode steps need no mask at all
         self.length = length
-        self.image_tokens: torch.Tensor | None = None
-        if pixel_values is not None and pixel_values.shape[0] > 0:  # encoded once, whatever the mode
-            self.image_tokens = model.encode_images(pixel_values, **bridge_inputs)  # [n, M, D]
+        self.image_tokens = images.visual_tokens(model)  # [n, M, D]: encoded once, whatever the mode
         self.cache: Any = preallocated_cache(model, length + max_new_tokens) if use_cache else None
-        self.context = model.decode_context(input_ids, attention_mask, self.image_tokens,  # for every call
-                                            image_attention_mask)
+        self.prompt = model.prompt_state(input_ids, attention_mask, self.image_tokens,  # for every call
+                                         images.image_attention_mask)
         self.prompt_positions = model.position_ids(input_ids, attention_mask)  # [B, L]
         self.next_position = self.prompt_positions[:, -1:] + 1  # [B, 1]
         self.fast = fast_step_decoder(model) if use_cache else None
@@ -266,7 +265,7 @@ class _Decoder:
             return self._full_sequence_logits()
         output = self.model(self.sequence, self.prompt_mask, image_tokens=self.image_tokens,
                             position_ids=self.prompt_positions, cache=self.cache, use_cache=True,
-                            return_logits="last", context=self.context)
+                            return_logits="last", prompt_state=self.prompt)
         self.cache = output.cache
         return output.logits[:, -1]
 
@@ -281,7 +280,7 @@ class _Decoder:
             logits = self._fast_step(new_ids)
         else:
             output = self.model(new_ids, self.attention_mask if self.padded else None, position_ids=self.next_position,
-                                cache=self.cache, use_cache=True, return_logits="last", context=self.context)
+                                cache=self.cache, use_cache=True, return_logits="last", prompt_state=self.prompt)
             self.cache, logits = output.cache, output.logits[:, -1]
         self.next_position = self.next_position + 1
         return logits
@@ -301,7 +300,7 @@ class _Decoder:
         mask = self.attention_mask
         output = self.model(self.sequence, mask, position_ids=self.model.position_ids(self.sequence, mask),
                             image_tokens=self.image_tokens, use_cache=False, return_logits="last",
-                            context=self.context)
+                            prompt_state=self.prompt)
         return output.logits[:, -1]
 
 
@@ -311,15 +310,12 @@ class _EncoderDecoderRun:
     its KV cache (self- and cross-attention) or, without it, by rerunning the decoder on the whole answer."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 pixel_values: torch.Tensor | None, use_cache: bool, bridge_inputs: dict[str, Any],
-                 max_new_tokens: int, image_attention_mask: torch.Tensor | None = None) -> None:
-        if image_attention_mask is not None:
+                 images: PromptImages, use_cache: bool, max_new_tokens: int) -> None:
+        if images.image_attention_mask is not None:
             raise ValueError("image_attention_mask is for gated cross-attention; an encoder-decoder LLM takes none")
         self.model, self.use_cache = model, use_cache
         self.input_ids, self.encoder_mask = input_ids, attention_mask  # [B, L], the encoder's
-        self.image_tokens = None
-        if pixel_values is not None and pixel_values.shape[0] > 0:
-            self.image_tokens = model.encode_images(pixel_values, **bridge_inputs)  # [n, M, D]
+        self.image_tokens = images.visual_tokens(model)  # [n, M, D]
         self.sequence = input_ids.new_full((input_ids.shape[0], 1), model.llm.decoder_start_token_id)  # [B, T]
         self.encoder_hidden: torch.Tensor | None = None
         self.cache: Any = None
@@ -349,29 +345,49 @@ def _banned_ids(model: nn.Module, vocab_size: int) -> list[int]:
     return [image_id] if image_id is not None and 0 <= image_id < vocab_size else []
 
 
+@dataclass
+class PromptImages:
+    """A prompt batch's images as the model takes them: pixels (or crops), their sizes (high resolution), the
+    bridge's per-image extras, IDEFICS' ``image_attention_mask``, or visual tokens computed elsewhere."""
+
+    pixel_values: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
+    bridge_inputs: BridgeInputs | None = None
+    image_attention_mask: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
+
+    def visual_tokens(self, model: nn.Module) -> torch.Tensor | None:
+        """The images' visual tokens (None without images)."""
+        if self.image_tokens is not None:
+            return self.image_tokens
+        return model.visual_tokens(self.pixel_values, image_sizes=self.image_sizes, bridge_inputs=self.bridge_inputs)
+
+
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             pixel_values: torch.Tensor | None = None, streamer: Streamer | None = None,
+             pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+             bridge_inputs: BridgeInputs | None = None, image_attention_mask: torch.Tensor | None = None,
+             image_tokens: torch.Tensor | None = None, streamer: Streamer | None = None,
              generation_config: GenerationConfig | None = None, **settings: Any) -> torch.LongTensor:
     """Decode new tokens for LEFT-padded prompts ``[B, L]``; returns ``[B, new]``.
 
-    ``settings`` override fields of ``generation_config``; ``bridge_*`` settings are per-image
-    bridge inputs (e.g. instruction ids), passed as in training. Rows that emitted EOS continue
+    ``image_sizes``, ``bridge_inputs``, ``image_attention_mask`` and ``image_tokens`` (visual tokens computed
+    elsewhere, in place of ``pixel_values``) are taken as by the model's ``forward``.
+    ``settings`` override fields of ``generation_config``. Rows that emitted EOS continue
     with ``pad_token_id``; decoding ends when every row has finished or after
     ``max_new_tokens``. ``streamer(tokens)`` receives each step's ``[B]`` ids.
     """
-    bridge_inputs = {key[len("bridge_"):]: settings.pop(key) for key in list(settings) if key.startswith("bridge_")}
-    image_attention_mask = settings.pop("image_attention_mask", None)  # transformers' IDEFICS layout
+    images = PromptImages(pixel_values, image_sizes, bridge_inputs, image_attention_mask, image_tokens)
     config = resolve_config(model, generation_config, **settings)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids)
     with torch.inference_mode(), eval_mode(model):
-        return _decode(model, input_ids, attention_mask, pixel_values, streamer, config, bridge_inputs,
-                       image_attention_mask)
+        try:
+            return _decode(model, input_ids, attention_mask, images, streamer, config)
+        finally:  # the run made the prompt state: what the bridge's modules kept for it ends here
+            model.bridge.release_caches()
 
 
-def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            pixel_values: torch.Tensor | None, streamer: Streamer | None,
-            config: GenerationConfig, bridge_inputs: dict[str, Any],
-            image_attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
+def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: PromptImages,
+            streamer: Streamer | None, config: GenerationConfig) -> torch.LongTensor:
     """The decoding loop behind :func:`generate` (already under inference mode and eval mode)."""
     batch, device = input_ids.shape[0], input_ids.device
     if config.max_new_tokens == 0:
@@ -379,9 +395,8 @@ def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
     pad = torch.tensor(config.pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
-    run_class = _EncoderDecoderRun if getattr(model.llm, "is_encoder_decoder", False) else _Decoder
-    decoder = run_class(model, input_ids, attention_mask, pixel_values, config.use_cache, bridge_inputs,
-                        config.max_new_tokens, image_attention_mask)
+    run_class = _EncoderDecoderRun if model.llm.is_encoder_decoder else _Decoder
+    decoder = run_class(model, input_ids, attention_mask, images, config.use_cache, config.max_new_tokens)
     logits = decoder.prefill()  # [B, V]
     banned = _banned_ids(model, logits.shape[-1])
     eos_ids = _eos_tensor(config, logits.shape[-1], device)
@@ -434,14 +449,10 @@ def chat(model: nn.Module, prompt: str, images: list, history: list[dict] | None
     device = _model_device(model)
     encoded = processor.prompt_inputs(prompt, images, history)
     input_ids = encoded["input_ids"].to(device).unsqueeze(0)  # [1, L]
-    pixel_values = encoded["pixel_values"].to(device) if images else None  # [n, 3, H, W] (or crops)
-    bridge_inputs = {key: value.to(device) for key, value in
-                     {**processor.prompt_bridge_inputs(prompt, len(images), history), **encoded}.items()
-                     if key.startswith("bridge_")}
     streamer = settings.pop("streamer", None)
     config = resolve_config(model, settings.pop("generation_config", None), **settings)
-    new_tokens = generate(model, input_ids, pixel_values=pixel_values, generation_config=config,
-                          streamer=streamer, **bridge_inputs)[0]  # [new]
+    new_tokens = generate(model, input_ids, generation_config=config, streamer=streamer,
+                          **image_inputs(encoded, device))[0]  # [new]
     stops = torch.isin(new_tokens, torch.tensor(_as_ids(config.eos_token_id), dtype=torch.long, device=device))
     if bool(stops.any()):
         new_tokens = new_tokens[: int(stops.nonzero()[0, 0])]

@@ -15,9 +15,11 @@ from transformers import BertConfig, BertModel, BertTokenizer
 
 from mmbridge.config import RunConfig
 from mmbridge.data import ImageTokens, Processor, Sample, collate
+from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.model.bridges import BRIDGES
 from mmbridge.model.bridges.llama_vid import context_attention, pool_tokens
 from mmbridge.model.bridges.qformer import QFORMER_WEIGHTS, QFormerBridgeConfig, build_qformer, resolve_config
+from mmbridge.model.grid import FeatureGrid
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.testing import shape_image, tiny_vision_config, write_shape_dataset
 from mmbridge.train import StageConfig, apply_stage
@@ -31,6 +33,7 @@ TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size":
         "vocab_size": len(VOCAB), "max_position_embeddings": 64}
 BRIDGE_TYPES = ("qformer", "instruct_qformer", "llama_vid")
 TEXT = [5, 6, 7]
+GRID = FeatureGrid(3, 3)  # the features' grid in the bridge-level tests
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +59,9 @@ def _inputs(model: MultimodalModel, images: int = 1) -> dict:
     ids = torch.tensor([TEXT + run * images + TEXT])
     pixels = torch.randn(images, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "pixel_values": pixels}
-    if getattr(model.bridge, "tokenizer", None) is not None:
+    if model.bridge.tokenizer is not None:
         encoded = model.bridge.tokenizer(["what colour is the shape ?"] * images, return_tensors="pt")
-        inputs.update(bridge_text_ids=encoded["input_ids"], bridge_text_mask=encoded["attention_mask"])
+        inputs.update(bridge_inputs=BridgeInputs(encoded["input_ids"], encoded["attention_mask"]))
     return inputs
 
 
@@ -73,9 +76,10 @@ def test_output_shapes_and_token_counts(bert_dir, kind, extra, tokens):
     bridge = BRIDGES.build(_spec(kind, bert_dir, **extra), 24, 40)
     features = torch.randn(3, 49, 24)  # a 7x7 grid
     text = torch.randint(6, len(VOCAB), (3, 5))
-    output = bridge(features, text_ids=text, text_mask=torch.ones_like(text))
+    output = bridge(features, FeatureGrid(7, 7), BridgeInputs(text, torch.ones_like(text)))
     assert output.shape == (3, tokens, 40)
-    assert bridge.num_tokens(49) == bridge.num_tokens(9) == tokens
+    assert bridge.num_tokens(FeatureGrid(7, 7)) == bridge.num_tokens(FeatureGrid(3, 3)) == tokens
+    assert bridge.token_grid(FeatureGrid(7, 7)) is None  # queries have no place in the image
 
 
 def test_cross_attention_every_frequency_layers():
@@ -88,20 +92,21 @@ def test_cross_attention_every_frequency_layers():
 @pytest.mark.parametrize("kind", ["instruct_qformer", "llama_vid"])
 def test_instruction_bridges_need_text(bert_dir, kind):
     bridge = BRIDGES.build(_spec(kind, bert_dir), 24, 40)
-    with pytest.raises(ValueError, match="bridge_text_ids"):
-        bridge(torch.randn(2, 9, 24))
+    with pytest.raises(ValueError, match=r"bridge_inputs=BridgeInputs\(text_ids"):
+        bridge(torch.randn(2, 9, 24), GRID)
+    one = torch.ones(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="for 1 image"):
-        bridge(torch.randn(2, 9, 24), text_ids=torch.ones(1, 3, dtype=torch.long))
+        bridge(torch.randn(2, 9, 24), GRID, BridgeInputs(one, one))
 
 
 def test_instruction_changes_the_queries(bert_dir):
     bridge = BRIDGES.build(_spec("instruct_qformer", bert_dir), 24, 40).eval()
     features = torch.randn(1, 9, 24)
-    first = bridge(features, text_ids=torch.tensor([[2, 9, 10, 3]]))
-    second = bridge(features, text_ids=torch.tensor([[2, 20, 21, 3]]))
+    first = bridge(features, GRID, BridgeInputs(torch.tensor([[2, 9, 10, 3]]), torch.ones(1, 4, dtype=torch.long)))
+    second = bridge(features, GRID, BridgeInputs(torch.tensor([[2, 20, 21, 3]]), torch.ones(1, 4, dtype=torch.long)))
     assert (first - second).abs().max() > 1e-4
-    padded = bridge(features, text_ids=torch.tensor([[2, 9, 10, 3, 0, 0]]),
-                    text_mask=torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    padded = bridge(features, GRID, BridgeInputs(torch.tensor([[2, 9, 10, 3, 0, 0]]),
+                                                 torch.tensor([[1, 1, 1, 1, 0, 0]])))
     torch.testing.assert_close(padded, first, atol=1e-5, rtol=0)  # padding is invisible
 
 
@@ -110,11 +115,15 @@ def test_llama_vid_context_and_content_tokens():
     weights = (queries @ features.transpose(1, 2) / 8 ** 0.5).softmax(-1)  # [B, Q, N]
     expected = torch.stack([sum(weights[b, q] @ features[b] for q in range(3)) / 3 for b in range(2)])
     torch.testing.assert_close(context_attention(queries, features), expected)
-    grid = pool_tokens(features, 4)  # 4x4 grid → 2x2 cells
+    grid = pool_tokens(features, FeatureGrid(4, 4), 4)  # 4x4 grid → 2x2 cells
     cell = features[0].view(4, 4, 8)[:2, :2].reshape(4, 8).mean(0)
     torch.testing.assert_close(grid[0, 0], cell)
-    torch.testing.assert_close(pool_tokens(features, 1)[:, 0], features.mean(1))
-    assert pool_tokens(features, 3).shape == (2, 3, 8)  # not square: 1-D pooling
+    torch.testing.assert_close(pool_tokens(features, FeatureGrid(4, 4), 1)[:, 0], features.mean(1))
+    assert pool_tokens(features, FeatureGrid(4, 4), 3).shape == (2, 3, 8)  # not square: 1-D pooling
+    wide = pool_tokens(features, FeatureGrid(2, 8), 4)  # a 2x8 grid pools to 2x2 cells of 1x4
+    torch.testing.assert_close(wide[0, 1], features[0].view(2, 8, 8)[0, 4:].mean(0))
+    sequence = pool_tokens(features, FeatureGrid.sequence(16), 4)  # no grid: along the sequence
+    torch.testing.assert_close(sequence[0, 1], features[0, 4:8].mean(0))
 
 
 # -- initialisation from BERT / stage 1 --------------------------------------------------------
@@ -138,7 +147,7 @@ def test_bundled_minilm_initialises_the_qformer():
     bridge = BRIDGES.build({"type": "qformer", "init_from": "minilm", "num_queries": 8}, 24, 40)
     spec = bridge.export_config()
     assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.init_from) == (384, 6, 12, None)
-    assert bridge(torch.randn(1, 9, 24)).shape == (1, 8, 40)
+    assert bridge(torch.randn(1, 9, 24), GRID).shape == (1, 8, 40)
 
 
 # -- inside MultimodalModel --------------------------------------------------------------------
@@ -214,25 +223,26 @@ def test_processor_writes_the_user_turn_per_image(make_model, bert_dir):
     tokenizer = model.bridge.tokenizer
     expected = tokenizer(["What colour is the shape?", "Which shape?  Answer using a single word or phrase."],
                          padding=True, return_tensors="pt")
-    assert torch.equal(example["bridge_text_ids"], expected["input_ids"])
-    assert torch.equal(example["bridge_text_mask"], expected["attention_mask"])
+    assert torch.equal(example["bridge_inputs"].text_ids, expected["input_ids"])
+    assert torch.equal(example["bridge_inputs"].text_mask, expected["attention_mask"])
     batch = collate([example, processor(Sample("t", sample.conversation[:2]), images=[shape_image("red", "circle")])],
                     processor.pad_token_id)
-    assert batch["bridge_text_ids"].shape[0] == 3 == batch["pixel_values"].shape[0]
-    prompt = processor.prompt_bridge_inputs("What colour is the shape?", num_images=1)
+    assert batch["bridge_inputs"].text_ids.shape[0] == 3 == batch["pixel_values"].shape[0]
+    prompt = processor.prompt_inputs("What colour is the shape?", [shape_image("red", "circle", 16)])
     alone = tokenizer(["What colour is the shape?"], return_tensors="pt")["input_ids"]
-    assert torch.equal(prompt["bridge_text_ids"], alone)
-    assert Processor(processor.tokenizer, processor.transform, ImageTokens(4)).prompt_bridge_inputs("x", 1) == {}
+    assert torch.equal(prompt["bridge_inputs"].text_ids, alone)
+    assert "bridge_inputs" not in Processor(processor.tokenizer, processor.transform, ImageTokens(4)).prompt_inputs(
+        "x", [shape_image("red", "circle", 16)])
 
 
 def test_chat_passes_the_instruction_to_the_bridge(make_model, bert_dir):
     model = make_model(bridge=_spec("llama_vid", bert_dir))
     seen = []
     original = model.bridge.forward
-    model.bridge.forward = lambda features, **context: seen.append(context) or original(features, **context)
+    model.bridge.forward = lambda features, grid, inputs=None: seen.append(inputs) or original(features, grid, inputs)
     model.chat("What colour is the shape?", [shape_image("red", "circle", 16)], max_new_tokens=2)
     expected = model.bridge.tokenizer(["What colour is the shape?"], return_tensors="pt")["input_ids"]
-    assert torch.equal(seen[0]["text_ids"], expected)
+    assert torch.equal(seen[0].text_ids, expected)
 
 
 def test_training_run_with_an_instruction_bridge(tokenizer_dir, bert_dir, tmp_path):

@@ -2,7 +2,7 @@
 
 For each: shapes and ``num_tokens`` for several N, the full model's forward and loss, gradients
 that reach exactly the bridge, the trainable set per stage, cache/no-cache generation parity and
-save/load parity. Then the family specifics: temporal embeddings, sin-cos positions and grid hints,
+save/load parity. Then the family specifics: temporal embeddings, sin-cos positions on the encoder's grid,
 exact pooling / space-to-depth values and the size errors.
 """
 
@@ -15,6 +15,7 @@ from conftest import image_prompt
 from mmbridge.model.bridges import BRIDGES, build_bridge
 from mmbridge.model.bridges.compress import average_pool_grid, pixel_shuffle_grid
 from mmbridge.model.bridges.qwen_resampler import sincos_1d
+from mmbridge.model.grid import FeatureGrid
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.train import StageConfig, apply_stage
 
@@ -26,12 +27,12 @@ BRIDGE_SPECS = {
     "pool": {"type": "pool", "kernel": 2},
     "pixel_shuffle": {"type": "pixel_shuffle", "factor": 2},
 }
-# N -> expected token count (the tiny tower gives N = 16)
+# feature grid (rows, cols) -> (expected token count, expected token grid); the tiny tower gives a 4x4 grid
 EXPECTED_TOKENS = {
-    "perceiver": {16: 8, 49: 8, 64: 8},
-    "qwen_resampler": {16: 9, 49: 9, 64: 9},
-    "pool": {16: 4, 49: 16, 64: 16},
-    "pixel_shuffle": {16: 4, 36: 9, 64: 16},
+    "perceiver": {(4, 4): (8, None), (7, 7): (8, None), (3, 5): (8, None)},
+    "qwen_resampler": {(4, 4): (9, None), (7, 7): (9, None), (3, 5): (9, None)},
+    "pool": {(4, 4): (4, (2, 2)), (7, 7): (16, (4, 4)), (3, 5): (6, (2, 3))},
+    "pixel_shuffle": {(4, 4): (4, (2, 2)), (6, 6): (9, (3, 3)), (2, 8): (4, (1, 4))},
 }
 ALIGN = {"name": "align", "train": {"bridge": "full"}, "precision": "fp32"}
 INSTRUCT = {"name": "instruct", "precision": "fp32", "train": {"bridge": "full", "llm": {"mode": "lora", "r": 4}}}
@@ -54,15 +55,16 @@ def labelled_prompt(model: MultimodalModel) -> tuple[torch.Tensor, torch.Tensor]
 def test_shapes_and_token_counts(name):
     torch.manual_seed(0)
     bridge = build_bridge(BRIDGE_SPECS[name], FEATURE_DIM, LLM_DIM)
-    for count, expected in EXPECTED_TOKENS[name].items():
-        assert bridge.num_tokens(count) == expected
-        assert bridge(torch.randn(2, count, FEATURE_DIM)).shape == (2, expected, LLM_DIM)
+    for (rows, cols), (expected, token_grid) in EXPECTED_TOKENS[name].items():
+        grid = FeatureGrid(rows, cols)
+        assert bridge.num_tokens(grid) == expected and bridge.token_grid(grid) == token_grid
+        assert bridge(torch.randn(2, rows * cols, FEATURE_DIM), grid).shape == (2, expected, LLM_DIM)
 
 
 @pytest.mark.parametrize("name", sorted(BRIDGE_SPECS))
 def test_model_loss_and_gradients_reach_exactly_the_bridge(make_model, name):
     model = make_model(bridge=BRIDGE_SPECS[name])
-    assert model.tokens_per_image == EXPECTED_TOKENS[name][16]
+    assert model.tokens_per_image == EXPECTED_TOKENS[name][(4, 4)][0]
     apply_stage(model, StageConfig(**ALIGN), log=False)
     ids, labels = labelled_prompt(model)
     output = model(ids, pixel_values=torch.randn(1, 3, 16, 16), labels=labels)
@@ -118,20 +120,21 @@ def test_perceiver_takes_frames_and_their_order_matters():
     bridge = build_bridge(BRIDGE_SPECS["perceiver"], FEATURE_DIM, LLM_DIM)
     video = torch.randn(2, 3, 16, FEATURE_DIM)  # [B, T, N, D]
     reordered = video[:, [2, 0, 1]]
-    output = bridge(video)
+    grid = FeatureGrid(4, 4)
+    output = bridge(video, grid)
     assert output.shape == (2, 8, LLM_DIM)
-    assert not torch.allclose(bridge(reordered), output, atol=1e-5)
+    assert not torch.allclose(bridge(reordered, grid), output, atol=1e-5)
     with torch.no_grad():
         bridge.time_embeddings.zero_()  # without temporal embeddings the latents see a set: order is lost
-    torch.testing.assert_close(bridge(reordered), bridge(video))
+    torch.testing.assert_close(bridge(reordered, grid), bridge(video, grid))
 
 
 def test_perceiver_errors():
     bridge = build_bridge(BRIDGE_SPECS["perceiver"], FEATURE_DIM, LLM_DIM)
     with pytest.raises(ValueError, match="got 5 frames but max_frames is 4"):
-        bridge(torch.randn(1, 5, 16, FEATURE_DIM))
+        bridge(torch.randn(1, 5, 16, FEATURE_DIM), FeatureGrid(4, 4))
     with pytest.raises(ValueError, match=r"expects features \[B, N, D\] or \[B, T, N, D\]"):
-        bridge(torch.randn(16, FEATURE_DIM))
+        bridge(torch.randn(16, FEATURE_DIM), FeatureGrid(4, 4))
     with pytest.raises(ValueError, match="hidden_dim 30 must be divisible by heads"):
         build_bridge({"type": "perceiver", "hidden_dim": 30, "heads": 4}, FEATURE_DIM, LLM_DIM)
 
@@ -155,28 +158,36 @@ def test_qwen_key_positions_match_query_positions_on_the_query_grid():
     assert bridge.key_positions(3, 5).shape == (15, LLM_DIM)
 
 
-def test_qwen_non_square_grid_needs_a_hint():
+def test_qwen_positions_follow_the_grid_it_is_given():
     torch.manual_seed(0)
     bridge = build_bridge(BRIDGE_SPECS["qwen_resampler"], FEATURE_DIM, LLM_DIM)
     features = torch.randn(2, 12, FEATURE_DIM)
-    wide = bridge(features, grid=(3, 4))
+    wide = bridge(features, FeatureGrid(3, 4))
     assert wide.shape == (2, 9, LLM_DIM)
-    assert not torch.allclose(bridge(features, grid=(4, 3)), wide, atol=1e-5)  # positions shape the output
-    torch.testing.assert_close(bridge(features, grid=torch.tensor([[3, 4], [3, 4]])), wide)
-    with pytest.raises(ValueError, match="N=12 is not a perfect square"):
-        bridge(features)
-    with pytest.raises(ValueError, match="grid 2x5 holds 10 cells but N=12"):
-        bridge(features, grid=(2, 5))
-    with pytest.raises(ValueError, match="must share one grid"):
-        bridge(features, grid=torch.tensor([[3, 4], [4, 3]]))
+    assert not torch.allclose(bridge(features, FeatureGrid(4, 3)), wide, atol=1e-5)  # positions shape the output
+    with pytest.raises(ValueError, match="needs the encoder's features on a grid, but they are 12 tokens with no grid"):
+        bridge(features, FeatureGrid.sequence(12))
+    with pytest.raises(ValueError, match="the features hold 12 tokens but the grid 2x5 has 10"):
+        bridge(features, FeatureGrid(2, 5))
 
 
-def test_qwen_grid_hint_through_the_model(make_model):
-    model = make_model(bridge=BRIDGE_SPECS["qwen_resampler"])
-    ids = image_prompt(model, TEXT)
-    pixels = torch.randn(1, 3, 16, 16)
-    hinted = model(ids, pixel_values=pixels, bridge_grid=torch.tensor([[4, 4]])).logits
-    assert torch.equal(hinted, model(ids, pixel_values=pixels).logits)
+def test_the_encoders_non_square_grid_reaches_the_bridge_through_the_model(make_model):
+    """A 8x16 px image through a stride-4 convolution is a 2x4 grid: the model hands the bridge exactly that grid,
+    not a guess from the token count (8 tokens could as well be 4x2)."""
+    conv = {"type": "module", "target": "torch.nn:Conv2d", "layout": "grid", "feature_dim": FEATURE_DIM,
+            "kwargs": {"in_channels": 3, "out_channels": FEATURE_DIM, "kernel_size": 4, "stride": 4},
+            "image_transform": {"size": [8, 16]}}
+    model = make_model(vision=conv, bridge=BRIDGE_SPECS["qwen_resampler"])
+    assert model.vision.feature_layout() == FeatureGrid(2, 4)
+    pixels = torch.randn(1, 3, 8, 16)
+    with torch.no_grad():
+        features = model.vision(pixels)  # [1, 8, 32]
+        tokens = model.encode_images(pixels)
+        assert torch.equal(tokens, model.bridge(features, FeatureGrid(2, 4)))
+        assert not torch.allclose(tokens, model.bridge(features, FeatureGrid(4, 2)), atol=1e-5)
+        ids = image_prompt(model, TEXT)
+        torch.testing.assert_close(model(ids, pixel_values=pixels).logits,
+                                   model(ids, image_tokens=tokens).logits, rtol=0, atol=0)
 
 
 def test_qwen_config_errors():
@@ -187,16 +198,17 @@ def test_qwen_config_errors():
 
 
 # -- pool / pixel_shuffle: exact values and sizes --------------------------------------------------
-def grid_features(side: int, width: int = 2) -> torch.Tensor:
-    """``[1, side², width]`` with cell (r, c), channel d holding ``100·r + 10·c + d``."""
-    rows, cols, channels = torch.meshgrid(torch.arange(side), torch.arange(side), torch.arange(width), indexing="ij")
-    return (100 * rows + 10 * cols + channels).float().reshape(1, side * side, width)
+def grid_features(rows: int, cols: int | None = None, width: int = 2) -> torch.Tensor:
+    """``[1, rows·cols, width]`` with cell (r, c), channel d holding ``100·r + 10·c + d``."""
+    cols = rows if cols is None else cols
+    row, col, channel = torch.meshgrid(torch.arange(rows), torch.arange(cols), torch.arange(width), indexing="ij")
+    return (100 * row + 10 * col + channel).float().reshape(1, rows * cols, width)
 
 
 def test_average_pool_is_the_mean_of_each_block():
     features = grid_features(4)
     cells = features.reshape(4, 4, 2)
-    pooled = average_pool_grid(features, 2)
+    pooled = average_pool_grid(features, FeatureGrid(4, 4), 2)
     expected = torch.stack([cells[r:r + 2, c:c + 2].mean(dim=(0, 1)) for r in (0, 2) for c in (0, 2)])
     torch.testing.assert_close(pooled[0], expected)
 
@@ -204,29 +216,40 @@ def test_average_pool_is_the_mean_of_each_block():
 def test_average_pool_ceil_mode_averages_the_cells_a_partial_block_holds():
     features = grid_features(3)
     cells = features.reshape(3, 3, 2)
-    pooled = average_pool_grid(features, 2)
+    pooled = average_pool_grid(features, FeatureGrid(3, 3), 2)
     expected = torch.stack([cells[0:2, 0:2].mean(dim=(0, 1)), cells[0:2, 2].mean(dim=0),
                             cells[2, 0:2].mean(dim=0), cells[2, 2]])
     torch.testing.assert_close(pooled[0], expected)
 
 
-def test_pixel_shuffle_concatenates_each_block_row_major():
-    features = grid_features(4)
-    cells = features.reshape(4, 4, 2)
-    shuffled = pixel_shuffle_grid(features, 2)
-    assert shuffled.shape == (1, 4, 8)
-    for token, (r, c) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+def test_average_pool_on_a_non_square_grid():
+    features = grid_features(2, 3)
+    cells = features.reshape(2, 3, 2)
+    pooled = average_pool_grid(features, FeatureGrid(2, 3), 2)  # 2x3 → 1x2 in ceil mode
+    expected = torch.stack([cells[:, 0:2].mean(dim=(0, 1)), cells[:, 2].mean(dim=0)])
+    torch.testing.assert_close(pooled[0], expected)
+
+
+@pytest.mark.parametrize("rows, cols", [(4, 4), (2, 6), (6, 2)])
+def test_pixel_shuffle_concatenates_each_block_row_major(rows, cols):
+    features = grid_features(rows, cols)
+    cells = features.reshape(rows, cols, 2)
+    shuffled = pixel_shuffle_grid(features, FeatureGrid(rows, cols), 2)
+    assert shuffled.shape == (1, rows * cols // 4, 8)
+    blocks = [(r, c) for r in range(0, rows, 2) for c in range(0, cols, 2)]
+    for token, (r, c) in enumerate(blocks):
         block = torch.cat([cells[r, c], cells[r, c + 1], cells[r + 1, c], cells[r + 1, c + 1]])
         assert torch.equal(shuffled[0, token], block)
 
 
-@pytest.mark.parametrize("name, compress", [("pool", lambda f: average_pool_grid(f, 2)),
-                                            ("pixel_shuffle", lambda f: pixel_shuffle_grid(f, 2))])
+@pytest.mark.parametrize("name, compress", [("pool", lambda f, g: average_pool_grid(f, g, 2)),
+                                            ("pixel_shuffle", lambda f, g: pixel_shuffle_grid(f, g, 2))])
 def test_compression_bridges_project_the_compressed_grid(name, compress):
     torch.manual_seed(0)
     bridge = build_bridge(BRIDGE_SPECS[name], FEATURE_DIM, LLM_DIM)
     features = torch.randn(2, 16, FEATURE_DIM)
-    torch.testing.assert_close(bridge(features), bridge.projector(compress(features)))
+    grid = FeatureGrid(4, 4)
+    torch.testing.assert_close(bridge(features, grid), bridge.projector(compress(features, grid), FeatureGrid(2, 2)))
 
 
 def test_nested_projector_spec_gets_the_compressed_width():
@@ -238,15 +261,21 @@ def test_nested_projector_spec_gets_the_compressed_width():
 def test_compression_size_errors():
     pool = build_bridge({"type": "pool", "kernel": 3}, FEATURE_DIM, LLM_DIM)
     shuffle = build_bridge({"type": "pixel_shuffle", "factor": 4}, FEATURE_DIM, LLM_DIM)
-    for bridge, label in ((pool, r"pool bridge \(factor 3\)"), (shuffle, r"pixel_shuffle bridge \(factor 4\)")):
-        with pytest.raises(ValueError, match=label + ".*N=12 is not a perfect square"):
-            bridge(torch.randn(1, 12, FEATURE_DIM))
-        with pytest.raises(ValueError, match="N=12 is not a perfect square"):
-            bridge.num_tokens(12)
-    with pytest.raises(ValueError, match=r"grid side 6 \(N=36\) is not divisible by factor 4"):
-        shuffle(torch.randn(1, 36, FEATURE_DIM))
-    with pytest.raises(ValueError, match=r"grid side 6 \(N=36\) is not divisible by factor 4"):
-        shuffle.num_tokens(36)
-    assert pool.num_tokens(16) == 4  # 4×4 in ceil mode by 3 → 2×2
+    sequence = FeatureGrid.sequence(12)
+    for bridge, label in ((pool, r"pool bridge \(kernel 3\)"), (shuffle, r"pixel_shuffle bridge \(factor 4\)")):
+        with pytest.raises(ValueError, match=label + ".*12 tokens with no grid"):
+            bridge(torch.randn(1, 12, FEATURE_DIM), sequence)
+        with pytest.raises(ValueError, match=label + ".*12 tokens with no grid"):
+            bridge.num_tokens(sequence)
+        with pytest.raises(ValueError, match=label + r".*\(1 without a cell, then a 4x4 grid\)"):
+            bridge.num_tokens(FeatureGrid(4, 4, extra=1))  # a kept CLS token
+    with pytest.raises(ValueError, match="the feature grid 6x6 does not divide by factor 4"):
+        shuffle(torch.randn(1, 36, FEATURE_DIM), FeatureGrid(6, 6))
+    with pytest.raises(ValueError, match="the feature grid 4x6 does not divide by factor 4"):
+        shuffle.num_tokens(FeatureGrid(4, 6))
+    with pytest.raises(ValueError, match="the features hold 12 tokens but the grid 4x4 has 16"):
+        pool(torch.randn(1, 12, FEATURE_DIM), FeatureGrid(4, 4))
+    assert pool.num_tokens(FeatureGrid(4, 4)) == 4  # 4×4 in ceil mode by 3 → 2×2
+    assert shuffle.grid_divisor() == 4 and pool.grid_divisor() == 1
     with pytest.raises(ValueError, match="factor must be >= 1"):
         build_bridge({"type": "pool", "kernel": 0}, FEATURE_DIM, LLM_DIM)

@@ -283,8 +283,18 @@ def test_unknown_source_field_lists_the_valid_ones():
 def test_collate_pads_and_concatenates_per_image_bridge_inputs():
     from mmbridge.data import collate
 
-    first = {"id": "a", "input_ids": torch.tensor([1, 2]), "bridge_text_ids": torch.tensor([[7, 8, 9]])}
-    second = {"id": "b", "input_ids": torch.tensor([1]), "bridge_text_ids": torch.tensor([[5], [6]])}
+    from mmbridge.data.bridge_inputs import BridgeInputs
+
+    def text(rows: list[list[int]]) -> BridgeInputs:
+        return BridgeInputs(torch.tensor(rows), torch.ones(len(rows), len(rows[0]), dtype=torch.long))
+
+    first = {"id": "a", "input_ids": torch.tensor([1, 2]), "bridge_inputs": text([[7, 8, 9]]),
+             "image_sizes": torch.tensor([[10, 20]])}
+    second = {"id": "b", "input_ids": torch.tensor([1]), "bridge_inputs": text([[5], [6]]),
+              "image_sizes": torch.tensor([[30, 40], [50, 60]])}
     third = {"id": "c", "input_ids": torch.tensor([3])}
     batch = collate([first, second, third], pad_token_id=0)
-    assert batch["bridge_text_ids"].tolist() == [[7, 8, 9], [5, 0, 0], [6, 0, 0]]
+    assert batch["bridge_inputs"].text_ids.tolist() == [[7, 8, 9], [5, 0, 0], [6, 0, 0]]
+    assert batch["bridge_inputs"].text_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0]]
+    assert batch["image_sizes"].tolist() == [[10, 20], [30, 40], [50, 60]]
+    assert "bridge_inputs" not in collate([third], pad_token_id=0)

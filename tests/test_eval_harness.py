@@ -180,9 +180,9 @@ def test_blind_baseline_passes_no_pixels(make_model, monkeypatch) -> None:
     encoded, generated = [], []
     original_encode, original_generate = model.encode_images, model.generate
 
-    def spy_encode(pixel_values: torch.Tensor, **context: Any) -> torch.Tensor:
+    def spy_encode(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         encoded.append(pixel_values.shape[0])
-        return original_encode(pixel_values, **context)
+        return original_encode(pixel_values, *args, **kwargs)
 
     def spy_generate(input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: Any = None,
                      **settings: Any) -> torch.Tensor:

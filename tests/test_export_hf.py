@@ -23,7 +23,7 @@ from transformers import (AutoProcessor, AutoTokenizer, Blip2Config, Blip2ForCon
 
 import mmbridge.interop.export as export_module
 from mmbridge.cli import main
-from mmbridge.interop import from_hf_blip2, from_hf_idefics
+from mmbridge.interop import from_hf_blip2, from_hf_idefics, idefics_inputs
 from mmbridge.interop.export import export_hf
 from mmbridge.model.lora import LoraSpec
 from mmbridge.model.multimodal import MultimodalModel
@@ -203,8 +203,9 @@ def test_other_families_decode_as_mmbridge_on_their_processors_tensors(tokenizer
     with torch.no_grad():  # BLIP-2 decodes through its language model's own generation config: ban explicitly
         theirs = hf_model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                                    bad_words_ids=[[model.image_token_id]])[0, -NEW_TOKENS:]
-        ours = model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **extra)[0]
+        ours = model.generate(**idefics_inputs({key: inputs[key] for key in ("input_ids", "attention_mask",
+                                                                              "pixel_values")} | extra),
+                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)[0]
     assert theirs.tolist() == ours.tolist()
 
 

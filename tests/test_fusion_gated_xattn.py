@@ -55,16 +55,16 @@ def test_layout_lets_each_token_read_the_last_image_before_it_or_every_earlier_o
     for attend, expected in (("last", [[0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 1, 1]]),
                              ("all_previous", [[0, 1, 1, 1, 3, 3], [1, 1, 1, 1, 1, 1]])):
         bridge = GatedXAttnBridge(GatedXAttnConfig(attend=attend, resampler={"type": "linear"}), 4, 4)
-        layout = bridge._build_layout(latents, image_mask, None)
-        assert layout["latents"].shape == (2, 2 * 2, 4)  # each row's images, padded to the most (2)
-        assert layout["sees_image"].tolist() == [[False, True, True, True, True, True], [True] * 6]
-        readable = layout["allowed"].view(2, 6, 2, 2).all(-1).long()  # per image slot
-        images_read = (readable * torch.tensor([1, 2])).sum(-1) * layout["sees_image"]
+        layout = bridge.phi_layout(latents, image_mask, image_mask.sum(-1))
+        assert layout.latents.shape == (2, 2 * 2, 4)  # each row's images, padded to the most (2)
+        assert layout.sees_image.tolist() == [[False, True, True, True, True, True], [True] * 6]
+        readable = layout.allowed.view(2, 6, 2, 2).all(-1).long()  # per image slot
+        images_read = (readable * torch.tensor([1, 2])).sum(-1) * layout.sees_image
         assert images_read.tolist() == expected  # last: slot number; all_previous: sum of slot numbers
     # a decoding step (no image in the call) keeps reading the prompt's last image
     bridge = GatedXAttnBridge(GatedXAttnConfig(resampler={"type": "linear"}), 4, 4)
-    step = bridge._build_layout(latents, torch.zeros(2, 1, dtype=torch.bool), torch.tensor([2, 1]))
-    assert step["allowed"].view(2, 1, 2, 2).all(-1).long().tolist() == [[[0, 1]], [[1, 0]]]
+    step = bridge.phi_layout(latents, torch.zeros(2, 1, dtype=torch.bool), torch.tensor([2, 1]))
+    assert step.allowed.view(2, 1, 2, 2).all(-1).long().tolist() == [[[0, 1]], [[1, 0]]]
 
 
 @pytest.mark.parametrize("attend", ["last", "all_previous"])

@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from conftest import build_with_llm as build, image_batch, waken
+from mmbridge.model.bridges import FusionCall
 
 
 def test_router_mixes_paths_by_whether_the_sample_holds_an_image(tokenizer_dir):
     model = build(tokenizer_dir, {"type": "mma"})
     waken(model, scale=1.0)
     adapter = next(iter(model.bridge.adapters.values()))
-    with model.llm.use_context({"sample_has_image": torch.tensor([False, True])}):
+    call = FusionCall(torch.zeros(2, 3, dtype=torch.bool), prompt=torch.tensor([False, True]))
+    with model.llm.use_context(call):
         weights = adapter.path_weights(2)  # [2, paths]
     assert torch.allclose(weights.sum(-1), torch.ones(2))
     assert (weights[0] - weights[1]).abs().max() > 1e-3
@@ -41,13 +43,13 @@ def test_decoding_keeps_the_prompts_modality(tokenizer_dir):
     uncached = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], use_cache=False,
                               **settings)
     assert torch.equal(cached, uncached)
-    forgetful = model.decode_context
-    model.decode_context = lambda *args: {}  # a decoder that forgets: steps would route as text-only
+    forgetful = model.prompt_state
+    model.prompt_state = lambda *args: None  # a decoder that forgets: steps would route as text-only
     try:
         assert not torch.equal(model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                               **settings), cached)
     finally:
-        model.decode_context = forgetful
+        model.prompt_state = forgetful
 
 
 def test_trainable_part_is_the_adapters_routers_modality_tokens_and_projector(tokenizer_dir):

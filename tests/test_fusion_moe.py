@@ -12,6 +12,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, 
 
 from conftest import build_with_llm as build, image_batch, waken
 from mmbridge.config import RunConfig, load_run_config
+from mmbridge.model.bridges import FusionCall
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.testing import tiny_model_config, write_shape_dataset
 from mmbridge.train import StageConfig, apply_stage, train
@@ -50,11 +51,12 @@ def test_load_balancing_loss_matches_transformers(tokenizer_dir):
     waken(model, scale=0.5)
     batch = image_batch(model, left_pad=2)
     model.train()
-    context = model.call_context(batch["input_ids"], batch["attention_mask"])
+    call = FusionCall(batch["input_ids"] == model.image_token_id, batch["attention_mask"], training=True)
     embeds = model.embed(batch["input_ids"], batch["pixel_values"])
-    model.llm(embeds, attention_mask=batch["attention_mask"], context=context)
-    losses, stats = model.bridge.training_outputs(context)
-    logits = tuple(layer_logits for layer_logits, _ in context["moe_routing"])
+    model.llm(embeds, attention_mask=batch["attention_mask"], context=call)
+    logits = tuple(layer_logits for layer_logits, _ in model.bridge.routing[1])  # kept until training_outputs
+    losses, stats = model.bridge.training_outputs(call)
+    assert model.bridge.routing is None  # read once
     expected = load_balancing_loss_func(logits, 4, 2, batch["attention_mask"])
     torch.testing.assert_close(losses["moe_aux_loss"], 0.01 * expected, rtol=1e-6, atol=0)
     attended = int(batch["attention_mask"].sum())
@@ -72,9 +74,9 @@ def test_loss_adds_the_weighted_balance_term(tokenizer_dir):
 
 
 def _hidden_and_targets(model, batch):
-    context = model.call_context(batch["input_ids"], batch["attention_mask"])
+    call = FusionCall(batch["input_ids"] == model.image_token_id, batch["attention_mask"])
     embeds = model.embed(batch["input_ids"], batch["pixel_values"])
-    hidden, _ = model.llm(embeds, attention_mask=batch["attention_mask"], context=context)
+    hidden, _ = model.llm(embeds, attention_mask=batch["attention_mask"], context=call)
     return hidden[:, :-1], batch["labels"][:, 1:]
 
 

@@ -65,7 +65,7 @@ def test_processor_expands_each_image_to_its_own_count_and_carries_sizes(anyres_
     example = processor(sample, images=images)
     counts = [anyres_model.highres.layout((image.height, image.width)).visual_tokens for image in images]
     assert int((example["input_ids"] == anyres_model.image_token_id).sum()) == sum(counts)
-    assert example["bridge_image_sizes"].tolist() == [[10, 40], [30, 30]]
+    assert example["image_sizes"].tolist() == [[10, 40], [30, 30]]
     assert example["pixel_values"].shape == (4 + 5, 3, 16, 16)  # 1 + 3 crops, 1 + 4 crops
     assert not (example["labels"][example["input_ids"] == anyres_model.image_token_id] != -100).any()
 
@@ -101,13 +101,13 @@ def test_generation_with_cache_equals_without_and_chat_runs(anyres_model):
     prompts = [processor.prompt_inputs("What colour?", [image]) | {"id": str(index)}
                for index, image in enumerate([_image(40, 10), _image(30, 30)])]
     batch = collate(prompts, processor.pad_token_id, padding_side="left")
-    inputs = dict(pixel_values=batch["pixel_values"], bridge_image_sizes=batch["bridge_image_sizes"],
+    inputs = dict(pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
                   max_new_tokens=6, do_sample=False)
     cached = anyres_model.generate(batch["input_ids"], batch["attention_mask"], **inputs)
     plain = anyres_model.generate(batch["input_ids"], batch["attention_mask"], use_cache=False, **inputs)
     assert torch.equal(cached, plain)
     alone = anyres_model.generate(prompts[1]["input_ids"][None], pixel_values=prompts[1]["pixel_values"],
-                                  bridge_image_sizes=prompts[1]["bridge_image_sizes"], max_new_tokens=6,
+                                  image_sizes=prompts[1]["image_sizes"], max_new_tokens=6,
                                   do_sample=False)
     assert torch.equal(alone[0], cached[1])
     assert isinstance(anyres_model.chat("What colour?", images=[_image(40, 10)], max_new_tokens=3), str)
@@ -120,7 +120,7 @@ def test_save_and_load_rebuild_the_strategy_and_its_newline(anyres_model, tmp_pa
     saved = json.load(open(tmp_path / "model" / "config.json"))["model"]["highres"]
     assert saved["type"] == "anyres" and saved["grid"] == ANYRES["grid"]
     loaded = MultimodalModel.from_pretrained(str(tmp_path / "model"))
-    arguments = dict(pixel_values=inputs["pixel_values"], image_sizes=inputs["bridge_image_sizes"])
+    arguments = dict(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
     with torch.no_grad():
         assert torch.equal(loaded(inputs["input_ids"][None], **arguments).logits,
                            anyres_model(inputs["input_ids"][None], **arguments).logits)
@@ -170,7 +170,8 @@ def test_errors_name_what_is_wrong(anyres_model, make_model):
         anyres_model(ids, pixel_values=inputs["pixel_values"])
     with pytest.raises(ValueError, match="need 5 crops but pixel_values holds 4"):
         anyres_model(ids, pixel_values=inputs["pixel_values"], image_sizes=torch.tensor([[30, 30]]))
-    with pytest.raises(ValueError, match="not a grid"):
+    with pytest.raises(ValueError, match="anyres lays visual tokens out in rows, but the PerceiverResampler bridge's "
+                                         "tokens have no place in the image"):
         make_model(highres=ANYRES, bridge={"type": "perceiver", "num_latents": 5})
     with pytest.raises(ValueError, match="input-token bridges"):
         make_model(highres=ANYRES, bridge={"type": "mma"})

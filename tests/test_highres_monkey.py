@@ -87,7 +87,7 @@ def test_each_position_has_its_own_adapter_and_the_global_view_none(monkey_model
     assert torch.equal(again[LATENTS:], after[LATENTS:])
     global_pixels = monkey_model.highres.pixel_values(image)[2:]  # outside a context: the plain encoder
     with torch.no_grad():
-        plain = monkey_model.bridge(monkey_model.vision(global_pixels))[0]
+        plain = monkey_model.bridge(monkey_model.vision(global_pixels), monkey_model.vision.feature_layout())[0]
     torch.testing.assert_close(again[2 * LATENTS:], plain, atol=1e-6, rtol=1e-6)
 
 
@@ -149,7 +149,7 @@ def test_generation_with_cache_equals_without(monkey_model):
     prompts = [processor.prompt_inputs("What colour?", [image]) | {"id": str(index)}
                for index, image in enumerate([_image(40, 10), _image(30, 30, "blue")])]
     batch = collate(prompts, processor.pad_token_id, padding_side="left")
-    inputs = dict(pixel_values=batch["pixel_values"], bridge_image_sizes=batch["bridge_image_sizes"],
+    inputs = dict(pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
                   max_new_tokens=6, do_sample=False)
     cached = monkey_model.generate(batch["input_ids"], batch["attention_mask"], **inputs)
     plain = monkey_model.generate(batch["input_ids"], batch["attention_mask"], use_cache=False, **inputs)
@@ -162,7 +162,7 @@ def test_save_and_load_rebuild_the_adapters(monkey_model, tmp_path):
     monkey_model.save_pretrained(str(tmp_path / "model"))
     loaded = MultimodalModel.from_pretrained(str(tmp_path / "model"))
     assert loaded.config.highres.type == "monkey" and loaded.config.highres.windows == [1, 2]
-    arguments = dict(pixel_values=inputs["pixel_values"], image_sizes=inputs["bridge_image_sizes"])
+    arguments = dict(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
     with torch.no_grad():
         assert torch.equal(loaded(inputs["input_ids"][None], **arguments).logits,
                            monkey_model(inputs["input_ids"][None], **arguments).logits)

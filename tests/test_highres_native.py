@@ -12,6 +12,7 @@ from PIL import Image
 
 from mmbridge.data.collate import collate, model_inputs
 from mmbridge.data.formats.llava import Sample
+from mmbridge.interop import fuyu_inputs
 from mmbridge.model.highres.native import encoder_stride
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.testing import shape_image
@@ -91,7 +92,7 @@ def test_processor_example_trains_and_batches_of_sizes_equal_each_alone(make_mod
         assert ids[start:start + len(layout.tokens)] == model.image_token_ids((image.height, image.width))
         assert ids[start + len(layout.tokens) - 1] == newline and example["labels"][start] == -100
         assert example["pixel_values"].shape == (1, 3, *layout.crops[0].size)
-        assert example["bridge_image_sizes"].tolist() == [[image.height, image.width]]
+        assert example["image_sizes"].tolist() == [[image.height, image.width]]
     batch = model_inputs(collate(examples, processor.pad_token_id))
     model.requires_grad_(False)
     model.bridge.requires_grad_(True)
@@ -110,7 +111,7 @@ def test_generation_with_cache_equals_without(patch_model):
     prompts = [processor.prompt_inputs("What colour?", [image]) | {"id": str(index)}
                for index, image in enumerate([_image(37, 23), _image(20, 50, "blue")])]
     batch = collate(prompts, processor.pad_token_id, padding_side="left")
-    inputs = dict(pixel_values=batch["pixel_values"], bridge_image_sizes=batch["bridge_image_sizes"],
+    inputs = dict(pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
                   max_new_tokens=6, do_sample=False)
     cached = patch_model.generate(batch["input_ids"], batch["attention_mask"], **inputs)
     plain = patch_model.generate(batch["input_ids"], batch["attention_mask"], use_cache=False, **inputs)
@@ -119,14 +120,15 @@ def test_generation_with_cache_equals_without(patch_model):
 
 
 def test_patchified_inputs_without_sizes_give_the_same_logits(patch_model):
-    """transformers' Fuyu tensors: patches [N_total, 3·p·p] (or [n, N, 3·p·p]) and no image sizes."""
+    """transformers' Fuyu tensors (patches [N_total, 3·p·p] or [n, N, 3·p·p], no image sizes), converted by
+    :func:`mmbridge.interop.fuyu_inputs`, give what the model's own crops and sizes give."""
     inputs = patch_model.processor().prompt_inputs("What colour?", [_image(37, 23)])
     ids = inputs["input_ids"][None]
     patches = patch_model.vision(inputs["pixel_values"])  # [1, 60, 48]
     with torch.no_grad():
-        expected = patch_model(ids, pixel_values=inputs["pixel_values"], image_sizes=inputs["bridge_image_sizes"])
-        flat = patch_model(ids, pixel_values=patches[0])
-        batched = patch_model(ids, pixel_values=patches)
+        expected = patch_model(ids, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        flat = patch_model(ids, **fuyu_inputs(patch_model, {"pixel_values": patches[0]}))
+        batched = patch_model(ids, **fuyu_inputs(patch_model, {"pixel_values": patches}))
     assert torch.equal(flat.logits, expected.logits) and torch.equal(batched.logits, expected.logits)
 
 
@@ -139,7 +141,7 @@ def test_save_and_load_give_identical_logits(make_model, tmp_path):
                                 "stride": None}
     assert saved["vision"]["type"] == "patch" and saved["bridge"]["depth"] == 1
     loaded = MultimodalModel.from_pretrained(str(tmp_path / "model"))
-    arguments = dict(pixel_values=inputs["pixel_values"], image_sizes=inputs["bridge_image_sizes"])
+    arguments = dict(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
     with torch.no_grad():
         assert torch.equal(loaded(inputs["input_ids"][None], **arguments).logits,
                            model(inputs["input_ids"][None], **arguments).logits)
@@ -152,10 +154,11 @@ def test_errors_name_what_is_wrong(make_model, patch_model):
         _native_model(make_model, max_size=[40])
     with pytest.raises(ValueError, match="pad_colour"):
         _native_model(make_model, pad_colour=[0, 0, 300])
-    with pytest.raises(ValueError, match="not a grid"):
+    with pytest.raises(ValueError, match="native lays visual tokens out in rows, but the PerceiverResampler bridge's "
+                                         "tokens have no place in the image"):
         make_model(vision=PATCH, bridge={"type": "perceiver", "num_latents": 5}, highres=NATIVE)
     inputs = patch_model.processor().prompt_inputs("What colour?", [_image(37, 23)])
     ids = inputs["input_ids"].tolist()
     ids.remove(patch_model.image_token_id)  # one slot short of the image's 60
     with pytest.raises(ValueError, match="hold 59 <image> token positions but the images' visual tokens number 60"):
-        patch_model(torch.tensor([ids]), pixel_values=inputs["pixel_values"], image_sizes=inputs["bridge_image_sizes"])
+        patch_model(torch.tensor([ids]), pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])

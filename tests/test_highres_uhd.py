@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mmbridge.data.collate import collate, model_inputs
 from mmbridge.data.formats.llava import Sample
 from mmbridge.generate import generate
+from mmbridge.model.grid import FeatureGrid
 from mmbridge.model.highres.base import VISUAL
 from mmbridge.model.highres.uhd import choose_partition, plan_slices
 from mmbridge.model.multimodal import MultimodalModel
@@ -115,7 +116,7 @@ def _batch(model: MultimodalModel, images: list[Image.Image]) -> dict:
 def test_batch_of_two_sizes_trains_the_shared_bridge(uhd_model):
     images = [_image(48, 32), _image(20, 24, "blue")]  # 6 slices + overview; 2 slices + overview
     batch = _batch(uhd_model, images)
-    assert batch["bridge_image_sizes"].tolist() == [[32, 48], [24, 20]]
+    assert batch["image_sizes"].tolist() == [[32, 48], [24, 20]]
     assert batch["pixel_values"].shape[0] == 7 + 3
     slots = (batch["input_ids"] == uhd_model.image_token_id).sum(1).tolist()
     assert slots == [64 * 7, 64 * 3]
@@ -134,7 +135,7 @@ def test_cache_matches_no_cache_and_save_load_keeps_logits(uhd_model, tmp_path):
     processor = uhd_model.processor()
     encoded = processor.prompt_inputs("What is it?", [_image(40, 28), _image(12, 12, "green")])
     inputs = {"input_ids": encoded["input_ids"][None], "pixel_values": encoded["pixel_values"],
-              **{key: value for key, value in encoded.items() if key.startswith("bridge_")}}
+              "image_sizes": encoded["image_sizes"]}
     cached = generate(uhd_model, **inputs, max_new_tokens=5, use_cache=True, eos_token_id=[])
     recomputed = generate(uhd_model, **inputs, max_new_tokens=5, use_cache=False, eos_token_id=[])
     assert torch.equal(cached, recomputed)
@@ -170,9 +171,8 @@ def test_qwen_resampler_gets_each_crops_own_grid(make_model):
     with torch.no_grad():
         tokens = model.encode_images(pixels, image_sizes=sizes)  # [7 · 4, D]
         overview = model.vision(pixels[6:, :, :12, :16])  # [1, 12, D_v]
-        assert torch.equal(tokens[-4:], model.bridge(overview, grid=(3, 4))[0])
-        with pytest.raises(ValueError, match="square grid"):
-            model.bridge(overview)
+        assert torch.equal(tokens[-4:], model.bridge(overview, FeatureGrid(3, 4))[0])
+        assert not torch.allclose(tokens[-4:], model.bridge(overview, FeatureGrid(4, 3))[0], atol=1e-5)
 
 
 # -- the paper's compute claim -----------------------------------------------------------------------------------

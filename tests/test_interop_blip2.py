@@ -20,7 +20,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
                           InstructBlipVisionConfig, LlamaConfig, OPTConfig, T5Config)
 
 from conftest import left_padded_pair
-from mmbridge.interop import from_hf_blip2, from_hf_instructblip, to_hf_blip2, to_hf_instructblip
+from mmbridge.interop import blip2_inputs, from_hf_blip2, from_hf_instructblip, to_hf_blip2, to_hf_instructblip
 from mmbridge.model.multimodal import ModelConfig, MultimodalModel
 from mmbridge.testing import tiny_llm_config, tiny_t5_config, tiny_tokenizer
 
@@ -116,7 +116,7 @@ def _assert_parity(model: MultimodalModel, hf_model: torch.nn.Module, tokenizer:
     batch = _batch(model.image_token_id, tokenizer.pad_token_id, instruct, encoder_decoder=encoder_decoder)
     with torch.no_grad():
         expected = hf_model(**batch)
-        ours = model(**batch)
+        ours = model(**blip2_inputs(batch))
         other_images = hf_model(**{**batch, "pixel_values": batch["pixel_values"].flip(0)})
     # decoder-only: every real position of the sequence; T5: every decoder position
     real = torch.ones(batch["labels"].shape, dtype=torch.bool) if encoder_decoder else batch["attention_mask"].bool()
@@ -233,10 +233,10 @@ def test_greedy_generation_matches_hf(tokenizer, lm):
 def test_instructblip_generation_with_qformer_text_cache_agrees(tokenizer):
     model = from_hf_instructblip(_hf_instructblip(tokenizer, seed=4), tokenizer=tokenizer)
     batch = _batch(model.image_token_id, tokenizer.pad_token_id, instruct=True, seed=4)
-    text = {"bridge_text_ids": batch["qformer_input_ids"], "bridge_text_mask": batch["qformer_attention_mask"]}
-    settings = {"attention_mask": batch["attention_mask"], "pixel_values": batch["pixel_values"], "max_new_tokens": 5}
-    cached = model.generate(batch["input_ids"], use_cache=True, **settings, **text)
-    uncached = model.generate(batch["input_ids"], use_cache=False, **settings, **text)
+    inputs = blip2_inputs({key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values",
+                                                        "qformer_input_ids", "qformer_attention_mask")})
+    cached = model.generate(**inputs, use_cache=True, max_new_tokens=5)
+    uncached = model.generate(**inputs, use_cache=False, max_new_tokens=5)
     assert torch.equal(cached, uncached)
 
 

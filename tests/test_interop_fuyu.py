@@ -23,7 +23,7 @@ from transformers import FuyuConfig, FuyuForCausalLM, PersimmonConfig
 from transformers.image_utils import SizeDict
 from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
-from mmbridge.interop import from_hf_fuyu, to_hf_fuyu
+from mmbridge.interop import from_hf_fuyu, fuyu_inputs, to_hf_fuyu
 from mmbridge.model.multimodal import ModelConfig, MultimodalModel, positions_from_mask
 from mmbridge.testing import shape_image, tiny_tokenizer, tiny_vision_config
 
@@ -116,7 +116,7 @@ def _assert_parity(model: MultimodalModel, hf_model: FuyuForCausalLM, tokenizer:
     batch = _fuyu_batch(tokenizer)
     with torch.no_grad():
         expected = hf_model(**batch)
-        ours = model(**batch)
+        ours = model(**fuyu_inputs(model, batch))
         other_images = hf_model(**{**batch, "pixel_values": -batch["pixel_values"]})
     real = batch["attention_mask"].bool()
     assert ours.logits.shape == expected.logits.shape
@@ -145,8 +145,9 @@ def test_native_processor_matches_fuyus_image_processing(tokenizer, tmp_path):
     inputs = processor.prompt_inputs("|SPEAKER|What colour?", _images()[:1])
     with torch.no_grad():  # mmbridge's own tensors (crops + sizes) and Fuyu's patches: the same logits
         own = model(inputs["input_ids"][None], pixel_values=inputs["pixel_values"],
-                    image_sizes=inputs["bridge_image_sizes"]).logits
-        fuyus = model(inputs["input_ids"][None], pixel_values=_fuyu_image(_images()[0], tokenizer)[0]).logits
+                    image_sizes=inputs["image_sizes"]).logits
+        fuyus = model(inputs["input_ids"][None],
+                      **fuyu_inputs(model, {"pixel_values": _fuyu_image(_images()[0], tokenizer)[0]})).logits
         theirs = hf_model(inputs["input_ids"][None], pixel_values=_fuyu_image(_images()[0], tokenizer)[0]).logits
     torch.testing.assert_close(own, fuyus, atol=1e-5, rtol=0)  # patches equal to float rounding
     torch.testing.assert_close(own, theirs, atol=LOGIT_TOLERANCE, rtol=0)
@@ -167,7 +168,7 @@ def test_from_hf_fuyu_matches_logits_and_loss(tokenizer, tie):
     unpadded = {key: batch[key][1:] for key in ("input_ids", "attention_mask")}
     patches = batch["pixel_values"][-len(_fuyu_image(_images()[1], tokenizer)[0]):]
     with torch.no_grad():  # no padding: both sides' default (arange) position ids
-        torch.testing.assert_close(model(**unpadded, pixel_values=patches[None]).logits,
+        torch.testing.assert_close(model(**fuyu_inputs(model, {**unpadded, "pixel_values": patches[None]})).logits,
                                    hf_model(**unpadded, pixel_values=patches[None]).logits,
                                    atol=LOGIT_TOLERANCE, rtol=0)
 
@@ -188,7 +189,7 @@ def test_greedy_generation_matches_hf_token_for_token(tokenizer):
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():
         expected = hf_model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1]:]
-    ours = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    ours = model.generate(**fuyu_inputs(model, inputs), max_new_tokens=8, do_sample=False)
     assert expected.shape == (2, 8) and not (expected == model.image_token_id).any()  # mmbridge never emits it
     assert ours.tolist() == expected.tolist()
 

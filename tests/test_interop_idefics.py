@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
-from mmbridge.interop import from_hf_idefics, to_hf_idefics
+from mmbridge.interop import from_hf_idefics, idefics_inputs, to_hf_idefics
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.testing import tiny_tokenizer
 
@@ -58,7 +58,7 @@ def test_imported_model_gives_idefics_logits(hf_model, tokenizer):
     inputs = batch(tokenizer)
     with torch.no_grad():
         theirs = hf_model(**inputs).logits
-        mine = ours(**inputs).logits
+        mine = ours(**idefics_inputs(inputs)).logits
     real = inputs["attention_mask"].bool()
     assert mine.shape == theirs.shape
     torch.testing.assert_close(mine[real], theirs[real], rtol=0, atol=1e-4)
@@ -73,12 +73,9 @@ def test_greedy_generation_matches_token_for_token(hf_model, tokenizer):
     theirs = hf_model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None,
                                pad_token_id=tokenizer.pad_token_id, bad_words_ids=[[image]])
     theirs = theirs[:, inputs["input_ids"].shape[1]:]
-    mine = ours.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                         image_attention_mask=inputs["image_attention_mask"], max_new_tokens=8, eos_token_id=[])
+    mine = ours.generate(**idefics_inputs(inputs), max_new_tokens=8, eos_token_id=[])
     assert torch.equal(mine, theirs)
-    uncached = ours.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                             image_attention_mask=inputs["image_attention_mask"], max_new_tokens=8, eos_token_id=[],
-                             use_cache=False)
+    uncached = ours.generate(**idefics_inputs(inputs), max_new_tokens=8, eos_token_id=[], use_cache=False)
     assert torch.equal(uncached, mine)
 
 
@@ -92,11 +89,12 @@ def test_export_gives_back_the_same_logits_after_training_moves_the_weights(hf_m
     exported = to_hf_idefics(ours)
     real = inputs["attention_mask"].bool()
     with torch.no_grad():
-        torch.testing.assert_close(exported(**inputs).logits[real], ours(**inputs).logits[real], rtol=0, atol=1e-4)
+        torch.testing.assert_close(exported(**inputs).logits[real], ours(**idefics_inputs(inputs)).logits[real],
+                                   rtol=0, atol=1e-4)
     ours.save_pretrained(str(tmp_path))
     reloaded = MultimodalModel.from_pretrained(str(tmp_path))
     with torch.no_grad():
-        assert torch.equal(reloaded(**inputs).logits, ours(**inputs).logits)
+        assert torch.equal(reloaded(**idefics_inputs(inputs)).logits, ours(**idefics_inputs(inputs)).logits)
     assert to_hf_idefics(reloaded).config.vocab_size == hf_model.config.vocab_size
 
 
@@ -112,7 +110,7 @@ def test_lora_on_the_llm_is_merged_on_export(hf_model, tokenizer):
     inputs = batch(tokenizer)
     real = inputs["attention_mask"].bool()
     with torch.no_grad():
-        mine = ours(**inputs).logits[real]
+        mine = ours(**idefics_inputs(inputs)).logits[real]
         assert (mine - hf_model(**inputs).logits[real]).abs().max() > 1e-2  # the adapters matter
         torch.testing.assert_close(to_hf_idefics(ours)(**inputs).logits[real], mine, rtol=0, atol=1e-4)
 

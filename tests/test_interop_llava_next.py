@@ -19,7 +19,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaN
                           LlavaNextProcessor, SiglipVisionConfig)
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from mmbridge.interop import from_hf_llava_next, to_hf_llava, to_hf_llava_next
+from mmbridge.interop import from_hf_llava_next, llava_next_inputs, to_hf_llava, to_hf_llava_next
 from mmbridge.interop.llava_next import grid_to_pinpoints, pinpoints_to_grid
 from mmbridge.model.lora import LoraSpec
 from mmbridge.model.multimodal import ModelConfig, MultimodalModel
@@ -117,7 +117,7 @@ def _assert_parity(model: MultimodalModel, hf_model: LlavaNextForConditionalGene
     batch = _batch(tokenizer, model, tower)
     with torch.no_grad():
         expected = hf_model(**batch)
-        ours = model(**batch)
+        ours = model(**llava_next_inputs(model, batch))
         mirrored = hf_model(**{**batch, "pixel_values": batch["pixel_values"].flip(-1)})
     real = batch["attention_mask"].bool()
     assert ours.logits.shape == expected.logits.shape
@@ -159,9 +159,9 @@ def test_greedy_generation_matches_hf(tokenizer) -> None:
         expected = hf_model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
                                      max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1]:]
-        ours = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
-                              pixel_values=batch["pixel_values"], bridge_image_sizes=batch["image_sizes"],
-                              max_new_tokens=8, do_sample=False)
+        inputs = llava_next_inputs(model, {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values",
+                                                                       "image_sizes")})
+        ours = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert expected.shape == (3, 8)  # no early EOS: all eight steps of all three rows are compared
     assert ours.tolist() == expected.tolist()
 
@@ -236,8 +236,8 @@ def test_export_refuses_models_llava_next_cannot_run(tokenizer) -> None:
     no_newline = {"type": "anyres", "grid": [[1, 2], [2, 1]], "newline": False}
     with pytest.raises(ValueError, match="newline=False"):
         to_hf_llava_next(_mmbridge_model(tokenizer, highres=no_newline))
-    with pytest.raises(ValueError, match="to_hf_llava_next"):
-        to_hf_llava_next(_mmbridge_model(tokenizer, "siglip", select="drop_first"))
+    with pytest.raises(ValueError, match=r"no place in the image \(the encoder gives 15 tokens with no grid\)"):
+        _mmbridge_model(tokenizer, "siglip", select="drop_first")  # a dropped patch leaves no grid to stitch
     with pytest.raises(ValueError, match="to_hf_llava: this model has a high-resolution strategy"):
         to_hf_llava(_mmbridge_model(tokenizer))
     with pytest.raises(TypeError, match="from_hf_llava_next takes a LlavaNextForConditionalGeneration"):

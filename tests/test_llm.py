@@ -1,4 +1,4 @@
-"""The LLM adapter: hooks for fusion bridges (layer replacement, per-call context) and the bundled SmolLM2."""
+"""The LLM adapter: hooks for fusion bridges (layer replacement, the per-call FusionCall) and the bundled SmolLM2."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from mmbridge.model.llm import build_llm
 
 
 class _Recorder(nn.Module):
-    """Wraps a decoder layer and records the per-call context it sees."""
+    """Wraps a decoder layer and records the call it sees."""
 
     def __init__(self, layer: nn.Module, owner) -> None:
         super().__init__()
@@ -21,7 +21,7 @@ class _Recorder(nn.Module):
         return self.layer(hidden_states, *args, **kwargs)
 
 
-def test_replaced_layer_sees_per_call_visual_context(make_model):
+def test_replaced_layer_sees_the_calls_image_mask(make_model):
     model = make_model()
     ids = image_prompt(model, [5, 6, 7])
     pixels = torch.randn(1, 3, 16, 16)
@@ -29,11 +29,13 @@ def test_replaced_layer_sees_per_call_visual_context(make_model):
     original = model.llm.decoder_layers()[1]
     recorder = _Recorder(original, model.llm)
     assert model.llm.replace_layer(1, recorder) is original
-    logits = model(ids, pixel_values=pixels, context={"frame_index": 3}).logits
+    logits = model(ids, pixel_values=pixels).logits
     assert torch.equal(logits, expected)  # a pass-through wrapper changes nothing
     (seen,) = recorder.seen
-    assert torch.equal(seen["image_mask"], ids == model.image_token_id) and seen["frame_index"] == 3
-    assert model.llm.context is None  # the context lives only for the call
+    assert torch.equal(seen.image_mask, ids == model.image_token_id) and not seen.training
+    model(ids, pixel_values=pixels, labels=ids)
+    assert recorder.seen[-1].training  # labels given: modules keep what training_outputs reads
+    assert model.llm.context is None  # the call lives only while the LLM runs
 
 
 def test_bundled_smollm2_loads_offline_with_its_chat_template():

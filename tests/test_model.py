@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import image_prompt
+from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.model.bridges import BRIDGES
+from mmbridge.model.grid import FeatureGrid
 from mmbridge.model.lora import LoraSpec
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.registry import Registry
@@ -21,8 +23,8 @@ TEXT = [5, 6, 7, 8]
 def test_bridges_shapes_and_token_counts(make_model, bridge):
     model = make_model(bridge=bridge)
     features = torch.randn(3, 16, model.vision.feature_dim)
-    tokens = model.bridge(features)
-    assert tokens.shape == (3, model.bridge.num_tokens(16), model.llm.hidden_size)
+    tokens = model.bridge(features, FeatureGrid(4, 4))
+    assert tokens.shape == (3, model.bridge.num_tokens(FeatureGrid(4, 4)), model.llm.hidden_size)
     ids = image_prompt(model, TEXT, images=2)
     output = model(ids, pixel_values=torch.randn(2, 3, 16, 16))
     assert output.logits.shape == (1, ids.shape[1], model.llm.config.vocab_size)
@@ -121,21 +123,22 @@ def test_registry_errors_list_known_keys_and_fields():
         registry.register("x", dict)
 
 
-def test_bridge_inputs_reach_the_bridge_and_unknown_arguments_fail(make_model):
+def test_bridge_inputs_and_the_grid_reach_the_bridge_and_unknown_arguments_fail(make_model):
     model = make_model()
     seen = {}
     original = model.bridge.forward
 
-    def recording_forward(features, **context):
-        seen.update(context)
-        return original(features)
+    def recording_forward(features, grid, inputs=None):
+        seen.update(grid=grid, inputs=inputs)
+        return original(features, grid)
 
     model.bridge.forward = recording_forward
     ids = image_prompt(model, TEXT)
     text_ids = torch.tensor([[3, 4, 5]])
-    model(ids, pixel_values=torch.randn(1, 3, 16, 16), bridge_text_ids=text_ids)
-    assert torch.equal(seen["text_ids"], text_ids)
-    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['image_grid_thw'\]"):
+    extras = BridgeInputs(text_ids, torch.ones_like(text_ids))
+    model(ids, pixel_values=torch.randn(1, 3, 16, 16), bridge_inputs=extras)
+    assert seen["inputs"] is extras and seen["grid"] == model.vision.feature_layout() == FeatureGrid(4, 4)
+    with pytest.raises(TypeError, match="image_grid_thw"):
         model(ids, pixel_values=torch.randn(1, 3, 16, 16), image_grid_thw=[(1, 4, 4)])
     with pytest.raises(TypeError, match="image_sizes are for models with a high-resolution strategy"):
         model(ids, pixel_values=torch.randn(1, 3, 16, 16), image_sizes=torch.tensor([[16, 16]]))

@@ -36,10 +36,12 @@ def test_cells_take_the_words_of_the_smallest_region_over_their_centre(tokenizer
     groups = WordGroups.from_samples([_sample([big, small])], tokenizer)
     assert groups.names == ["colour", "shape"] and groups.words == {"colour": ["blue", "red"],
                                                                      "shape": ["circle", "square"]}
-    labels = groups.cell_labels([big, small], side=2)  # [2 groups, 4 cells]
+    labels = groups.cell_labels([big, small], grid=(2, 2))  # [2 groups, 4 cells]
     assert labels.tolist() == [[1, 0, 0, 0], [0, 1, 1, 1]]  # the top-left cell is in both: the small one wins
-    assert groups.cell_labels(None, side=2).eq(IGNORE).all()
-    assert groups.cell_labels([small], side=2)[:, 1:].eq(IGNORE).all()
+    assert groups.cell_labels(None, grid=(2, 2)).eq(IGNORE).all()
+    assert groups.cell_labels([small], grid=(2, 2))[:, 1:].eq(IGNORE).all()
+    wide = groups.cell_labels([small], grid=(2, 4))  # a 2x4 token grid: cells 250 wide, 500 high
+    assert wide.tolist() == [[1, 1, IGNORE, IGNORE] + [IGNORE] * 4, [0, 0, IGNORE, IGNORE] + [IGNORE] * 4]
 
 
 class _PrefixTokenizer:
@@ -66,9 +68,11 @@ def test_grid_and_transform_requirements(make_model):
         check_grid(clip)
     resampler = make_model(vision=GRID_VISION, bridge={"type": "perceiver", "num_latents": 3, "depth": 1,
                                                        "heads": 2})
-    with pytest.raises(ValueError, match="square grid over the image; this bridge gives 3 tokens"):
+    with pytest.raises(ValueError, match="the perceiver bridge's 3 tokens per image have no place in the image"):
         check_grid(resampler)
-    assert check_grid(make_model(vision=GRID_VISION)) == 4
+    assert check_grid(make_model(vision=GRID_VISION)) == (4, 4)
+    pooled = make_model(vision=GRID_VISION, bridge={"type": "pool", "kernel": 3})  # 4x4 in ceil mode: 2x2
+    assert check_grid(pooled) == (2, 2)
 
 
 def _data_with_regions(directory: str) -> str:

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from mmbridge.data.bridge_inputs import BridgeInputs
 
 IGNORE_INDEX = -100  # the label of a position that is not a target (prompt, image, padding), as in transformers
 
 BATCH_ONLY_KEYS = ("ids", "regions")  # batch entries that are not model inputs
+IMAGE_KEYS = ("pixel_values", "image_sizes", "bridge_inputs")  # how a batch's images reach the model
 
 
 def model_inputs(batch: dict) -> dict:
     """The batch without what only the data pipeline and losses read (sample ids, regions)."""
     return {key: value for key, value in batch.items() if key not in BATCH_ONLY_KEYS}
+
+
+def image_inputs(batch: dict, device: Any = None) -> dict[str, Any]:
+    """``pixel_values``, ``image_sizes`` and ``bridge_inputs`` of a batch or processed example (None where absent),
+    on ``device``: the keyword arguments ``generate`` and ``encode_images`` take."""
+    inputs = {key: batch.get(key) for key in IMAGE_KEYS}
+    if device is None:
+        return inputs
+    return {key: value.to(device) if value is not None else None for key, value in inputs.items()}
 
 
 def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = "right") -> dict:
@@ -20,7 +34,8 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
     Returns ``input_ids``, ``attention_mask`` and (when the examples carry them) ``labels``,
     all ``[B, L]`` (labels ``[B, T]`` when they are an encoder–decoder LLM's decoder targets);
     ``pixel_values`` ``[n_total_images, 3, H, W]`` in batch order, or ``None`` when no example
-    has an image; and ``ids``. Examples that carry precomputed encoder
+    has an image; ``image_sizes`` ``[n_total_images, 2]`` and ``bridge_inputs`` (joined in batch order) when the
+    examples carry them; and ``ids``. Examples that carry precomputed encoder
     outputs (a feature cache) give ``image_features`` ``[n_total_images, N, D_v]`` instead of
     ``pixel_values``. ``regions`` (a list per example, ``None`` where an example has none) come along
     when any example has them. Use ``padding_side="left"`` for generation.
@@ -45,21 +60,16 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
         batch["image_features"] = _concat_images(examples, "image_features")
     else:
         batch["pixel_values"] = _concat_images(examples)
-    for key in sorted({key for example in examples for key in example if key.startswith("bridge_")}):
-        batch[key] = _concat_per_image([example.get(key) for example in examples])
+    sizes = [example["image_sizes"] for example in examples if example.get("image_sizes") is not None]
+    if sizes:
+        batch["image_sizes"] = torch.cat(sizes)  # [n_total_images, 2]
+    extras = BridgeInputs.concat([example.get("bridge_inputs") for example in examples])
+    if extras is not None:
+        batch["bridge_inputs"] = extras
     batch["ids"] = [example["id"] for example in examples]
     if any("regions" in example for example in examples):  # region–word alignment targets, per sample
         batch["regions"] = [example.get("regions") for example in examples]
     return batch
-
-
-def _concat_per_image(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Per-image bridge inputs ``[n_i, T_i]`` → ``[sum n_i, max T]``, right-padded with 0, in batch order."""
-    rows = [row for row in rows if row is not None and len(row)]
-    if not rows:
-        return None
-    width = max(row.shape[1] for row in rows)
-    return torch.cat([torch.nn.functional.pad(row, (0, width - row.shape[1])) for row in rows])
 
 
 def _pad(rows: list[torch.Tensor], length: int, value: int, padding_side: str) -> torch.Tensor:

@@ -97,7 +97,7 @@ class ModelText:
 
     encoder_decoder: bool = False  # the LLM is an encoder-decoder (T5): prompt in the encoder, reply as targets
     chunk_token: str | None = None  # the model's end-of-chunk token for interleaved documents (Flamingo), or None
-    bridge_tokenizer: Any = None  # set: examples carry bridge_text_ids/bridge_text_mask per image (InstructBLIP)
+    bridge_tokenizer: Any = None  # set: examples carry each image's instruction in bridge_inputs (InstructBLIP)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_decoder", bool(self.encoder_decoder))
@@ -240,22 +240,21 @@ class ConversationTokenizer:
         text = f"{placeholder}\n" * (num_images - present) + text
         return self.with_system_prompt(history + [{"role": "user", "content": text}])
 
-    def bridge_text_inputs(self, messages: list[dict]) -> dict[str, torch.Tensor]:
+    def bridge_text(self, messages: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per image, the turn holding it without placeholders, tokenized by the bridge tokenizer.
 
-        Returns ``{"bridge_text_ids", "bridge_text_mask"}`` ``[n_images, T]`` (format instructions
-        kept, at most :data:`BRIDGE_TEXT_MAX_LENGTH` tokens), or ``{}`` without a bridge tokenizer
-        or images.
+        Returns ``(text_ids, text_mask)`` ``[n_images, T]`` (format instructions kept, at most
+        :data:`BRIDGE_TEXT_MAX_LENGTH` tokens), or None without a bridge tokenizer or images.
         """
         placeholder = self.image_tokens.placeholder
         texts = [turn["content"].replace(placeholder, "").strip()
                  for turn in messages for _ in range(turn["content"].count(placeholder))]
         bridge_tokenizer = self.model_text.bridge_tokenizer
         if bridge_tokenizer is None or not texts:
-            return {}
+            return None
         encoded = bridge_tokenizer(texts, padding=True, truncation=True, max_length=BRIDGE_TEXT_MAX_LENGTH,
                                    return_tensors="pt")
-        return {"bridge_text_ids": encoded["input_ids"].long(), "bridge_text_mask": encoded["attention_mask"].long()}
+        return encoded["input_ids"].long(), encoded["attention_mask"].long()
 
     # -- the shapes of text --------------------------------------------------------------------
     def _chat_ids(self, sample: Sample, messages: list[dict], image_count: int,

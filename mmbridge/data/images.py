@@ -6,11 +6,12 @@ What it does with a sample's images, in the order the processor asks:
   a missing or corrupt file is an :class:`ImageLoadError` naming the file and the sample id;
 - **sizes**: with a high-resolution strategy (``highres``) each image's (height, width), which the conversation
   side needs to lay out its tokens; read from the file headers when the pixels are not wanted (nothing decoded),
-  and carried by the example as ``bridge_image_sizes`` ``[n, 2]``;
+  and carried by the example as ``image_sizes`` ``[n, 2]`` (transformers' name);
 - **pixels**: the encoder's input — the image transform's ``[n, 3, H, W]``, or with ``highres`` every image's crops
   ``[n_crops, 3, H, W]`` (zero-padded to the largest crop);
 - **video**: for a model whose bridge takes video (:class:`VideoSettings`), which frames of a clip one media keeps
-  and ``bridge_media_frames`` ``[n_media, 1]``, the frames behind each placeholder.
+  and ``media_frames`` ``[n_media, 1]`` (carried in the example's ``bridge_inputs``), the frames behind each
+  placeholder.
 
 It reads no text: placeholders, templates and labels are :mod:`mmbridge.data.conversation`'s.
 """
@@ -36,7 +37,7 @@ class VideoSettings:
     """How a video sample reaches the model: as one media behind one placeholder when the model's bridge takes
     video (``as_media``, ``max_frames``: the bridge's), keeping every ``stride``-th frame (a stage's data setting)."""
 
-    as_media: bool = False  # True: a video's frames are one media (examples carry bridge_media_frames)
+    as_media: bool = False  # True: a video's frames are one media (examples carry bridge_inputs.media_frames)
     max_frames: int | None = None  # at most this many of the kept frames, spread evenly; None: all of them
     stride: int = 1  # keep every stride-th frame (the recipe's ``data.video_stride``)
 
@@ -99,8 +100,8 @@ class ImageInputs:
 
 
 def size_inputs(sizes: list[ImageSize] | None) -> dict[str, torch.Tensor]:
-    """``{"bridge_image_sizes": [n, 2]}`` for a high-resolution model's images (none without images)."""
-    return {"bridge_image_sizes": torch.tensor(sizes, dtype=torch.long)} if sizes else {}
+    """``{"image_sizes": [n, 2]}`` for a high-resolution model's images (none without images)."""
+    return {"image_sizes": torch.tensor(sizes, dtype=torch.long)} if sizes else {}
 
 
 def media_frames(image_count: int, frames: list[int] | None) -> torch.Tensor:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.data.conversation import (BRIDGE_TEXT_MAX_LENGTH, TEMPLATES, ConversationTokenizer, ImageTokens,
                                         ModelText, TextSettings, one_placeholder)
 from mmbridge.data.formats.llava import Sample
@@ -91,8 +92,9 @@ class Processor:
         """Process one sample; ``images`` (PIL) replace loading ``sample.images`` from disk.
 
         Returns ``{"id", "input_ids": [L], "labels": [L], "pixel_values": [n_images, 3, H, W]}`` (labels
-        ``[T]``, the decoder's targets, with an encoder–decoder LLM), plus
-        ``bridge_text_ids``/``bridge_text_mask`` ``[n_images, T]`` with a ``bridge_tokenizer``.
+        ``[T]``, the decoder's targets, with an encoder–decoder LLM), plus ``image_sizes`` ``[n_images, 2]``
+        (high resolution) and ``bridge_inputs`` (:class:`~mmbridge.data.bridge_inputs.BridgeInputs`: the
+        instruction per image with a ``bridge_tokenizer``, the frames per media for a model that takes video).
         ``pixels=False`` neither loads nor transforms the images and leaves ``pixel_values`` out
         (a feature cache supplies the encoder outputs instead).
         """
@@ -110,12 +112,10 @@ class Processor:
         messages = self.conversation.with_system_prompt(sample.conversation)
         input_ids, labels = self.conversation.conversation_ids(sample, messages, image_count, sizes)
         example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
-                   "labels": torch.tensor(labels, dtype=torch.long), **self.bridge_text_inputs(messages),
-                   **size_inputs(sizes)}
+                   "labels": torch.tensor(labels, dtype=torch.long), **size_inputs(sizes),
+                   **self._bridge_inputs(messages, image_count, frames)}
         if sample.regions is not None:
             example["regions"] = sample.regions
-        if self.video_as_media and image_count:
-            example["bridge_media_frames"] = self.media_frames(image_count, frames)
         if pixels:
             example["pixel_values"] = self.pixel_values([loaded[i] for i in frames] if frames else loaded)
         return example
@@ -173,9 +173,9 @@ class Processor:
     # -- generation prompts --------------------------------------------------------------------
     def prompt_inputs(self, text: str, images: list, history: list[dict] | None = None,
                       video: bool = False) -> dict[str, torch.Tensor | None]:
-        """A generation prompt's ``input_ids`` ``[L]``, ``pixel_values`` and, for a model that takes video,
-        ``bridge_media_frames``; ``video``: ``images`` are one clip's frames (placeholders in ``text`` or
-        ``history`` stand for frames and become one)."""
+        """A generation prompt's ``input_ids`` ``[L]``, ``pixel_values``, ``image_sizes`` (high resolution) and
+        ``bridge_inputs`` (the instruction per image, the frames per media); ``video``: ``images`` are one clip's
+        frames (placeholders in ``text`` or ``history`` stand for frames and become one)."""
         frames = self.video_frames(len(images)) if self.video_as_media and video and images else None
         if frames is not None:
             messages = one_placeholder([*(history or []), {"role": "user", "content": text}], self.image_token)
@@ -184,11 +184,21 @@ class Processor:
         count = 1 if frames else len(images)
         images = [as_image(image) for image in images]
         sizes = self.image_inputs.sizes_of(images)
-        inputs = {"input_ids": self.prompt(text, num_images=count, history=history, image_sizes=sizes),
-                  "pixel_values": self.encode_images(images) if images else None, **size_inputs(sizes)}
-        if self.video_as_media and images:
-            inputs["bridge_media_frames"] = self.media_frames(count, frames)
-        return inputs
+        messages = self.conversation.prompt_messages(text, count, history)
+        return {"input_ids": self.prompt(text, num_images=count, history=history, image_sizes=sizes),
+                "pixel_values": self.encode_images(images) if images else None, **size_inputs(sizes),
+                **self._bridge_inputs(messages, count if images else 0, frames)}
+
+    def _bridge_inputs(self, messages: list[dict], media_count: int,
+                       frames: list[int] | None) -> dict[str, BridgeInputs]:
+        """``{"bridge_inputs": ...}``: each image's instruction (with a bridge tokenizer) and, for a model that
+        takes video, the frames of each of ``media_count`` media; empty when there is neither."""
+        text = self.conversation.bridge_text(messages)
+        media = self.media_frames(media_count, frames) if self.video_as_media and media_count else None
+        if text is None and media is None:
+            return {}
+        text_ids, text_mask = text if text is not None else (None, None)
+        return {"bridge_inputs": BridgeInputs(text_ids, text_mask, media)}
 
     def prompt(self, text: str, num_images: int = 0, history: list[dict] | None = None,
                image_sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
@@ -199,20 +209,6 @@ class Processor:
         model needs every image's ``image_sizes`` (height, width).
         """
         return self.conversation.prompt(text, num_images, history, image_sizes)
-
-    def prompt_bridge_inputs(self, text: str, num_images: int = 0,
-                             history: list[dict] | None = None) -> dict[str, torch.Tensor]:
-        """The ``bridge_text_ids``/``bridge_text_mask`` of the prompt :meth:`prompt` builds (empty without them)."""
-        return self.bridge_text_inputs(self.conversation.prompt_messages(text, num_images, history))
-
-    def bridge_text_inputs(self, messages: list[dict]) -> dict[str, torch.Tensor]:
-        """Per image, the turn holding it without placeholders, tokenized by the bridge tokenizer.
-
-        Returns ``{"bridge_text_ids", "bridge_text_mask"}`` ``[n_images, T]`` (format instructions
-        kept, at most :data:`BRIDGE_TEXT_MAX_LENGTH` tokens), or ``{}`` without a bridge tokenizer
-        or images.
-        """
-        return self.conversation.bridge_text_inputs(messages)
 
     def encode_images(self, images: list) -> torch.Tensor:
         """PIL images or file paths → ``[n, 3, H, W]`` (a high-resolution model's crops: ``[n_crops, 3, H, W]``)."""

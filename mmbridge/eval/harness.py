@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmbridge.boxes import check_box_format
-from mmbridge.data.collate import collate
+from mmbridge.data.collate import collate, image_inputs
 from mmbridge.eval import tasks
 from mmbridge.eval.prompts import LETTERS
 from mmbridge.eval.tasks import Pair, Suite, TaskSpec
@@ -86,11 +86,8 @@ def generate_answers(model: nn.Module, prompts: list[Prompt], max_new_tokens: in
         chunk = prompts[start:start + batch_size]
         batch = collate([_encode_prompt(processor, prompt, start + offset) for offset, prompt in enumerate(chunk)],
                         processor.pad_token_id, padding_side="left")
-        pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-        bridge_inputs = {key: value.to(device) for key, value in batch.items()
-                         if key.startswith("bridge_") and value is not None}  # e.g. a video's frame count
         new_tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    pixel_values=pixel_values, generation_config=config, **bridge_inputs)  # [B, new]
+                                    generation_config=config, **image_inputs(batch, device))  # [B, new]
         answers += [_decode(model.tokenizer, row.cpu(), eos_ids) for row in new_tokens]
         if progress is not None:
             progress.update(len(chunk))
@@ -127,9 +124,7 @@ def continuation_log_likelihoods(model: nn.Module, prompt: Prompt, continuations
     with torch.inference_mode(), eval_mode(model):
         image_tokens = None
         if prompt.images:
-            bridge_inputs = {key[len("bridge_"):]: value.to(device) for key, value in encoded.items()
-                             if key.startswith("bridge_")}
-            image_tokens = model.encode_images(encoded["pixel_values"].to(device), **bridge_inputs)  # [n, M, D]
+            image_tokens = model.encode_images(**image_inputs(encoded, device))  # [n, M, D]
             image_tokens = image_tokens.repeat(len(rows), *[1] * (image_tokens.dim() - 1))  # [N * n, M, D]
         logits = model(input_ids, attention_mask, image_tokens=image_tokens, labels=labels, return_logits="all").logits
     if labels is not None:  # logits[:, t] scores labels[:, t]

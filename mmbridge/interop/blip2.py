@@ -18,9 +18,9 @@ with the same weights and logits:
 The imported model's forward takes the tensors the HF class takes: ``pixel_values``,
 ``input_ids`` with the ``image_token_id`` placeholder repeated ``num_query_tokens`` times
 (as transformers 5's processors expand it), ``attention_mask``, ``labels``, for T5
-``decoder_input_ids``/``decoder_attention_mask``, and for InstructBLIP
-``qformer_input_ids``/``qformer_attention_mask`` (aliases of
-``bridge_text_ids``/``bridge_text_mask``). :func:`to_hf_blip2` / :func:`to_hf_instructblip`
+``decoder_input_ids``/``decoder_attention_mask``; InstructBLIP's ``qformer_input_ids``/
+``qformer_attention_mask`` become the model's ``bridge_inputs`` through :func:`blip2_inputs`
+(``model(**blip2_inputs(hf_batch))``). :func:`to_hf_blip2` / :func:`to_hf_instructblip`
 go the other way (LoRA merged).
 
 Weights move through one explicit name map built from the mmbridge model's tensor names
@@ -41,6 +41,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
                           InstructBlipQFormerConfig, InstructBlipVisionConfig, InstructBlipVisionModel,
                           PreTrainedModel)
 
+from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.interop.llava import _DTYPE_NAMES, _directory_image_processor, _directory_tokenizer, _image_token, \
     _load_exactly, empty_model
 from mmbridge.model.bridges.instruct_qformer import InstructQFormerBridge
@@ -51,7 +52,8 @@ from mmbridge.model.multimodal import ModelConfig, MultimodalModel
 from mmbridge.model.vision.module import ModuleVisionEncoder
 from mmbridge.model.vision.transform import ImageTransform
 
-__all__ = ["BlipVisionTower", "from_hf_blip2", "to_hf_blip2", "from_hf_instructblip", "to_hf_instructblip"]
+__all__ = ["blip2_inputs", "BlipVisionTower", "from_hf_blip2", "to_hf_blip2", "from_hf_instructblip",
+           "to_hf_instructblip"]
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _TOWERS = {"blip_2_vision_model": (Blip2VisionConfig, Blip2VisionModel),
@@ -102,6 +104,18 @@ class BlipVisionTower(nn.Module):
 
 
 # -- import ------------------------------------------------------------------------------------
+def blip2_inputs(hf_inputs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``MultimodalModel.forward``/``generate`` for the tensors transformers' BLIP-2 and
+    InstructBLIP take: everything as is, but ``qformer_input_ids``/``qformer_attention_mask`` (InstructBLIP's
+    instruction per image) become ``bridge_inputs``."""
+    inputs = {key: value for key, value in hf_inputs.items() if not key.startswith("qformer_")}
+    if hf_inputs.get("qformer_input_ids") is not None:
+        text_ids = hf_inputs["qformer_input_ids"]
+        text_mask = hf_inputs.get("qformer_attention_mask")
+        inputs["bridge_inputs"] = BridgeInputs(text_ids, torch.ones_like(text_ids) if text_mask is None else text_mask)
+    return inputs
+
+
 def from_hf_blip2(model_or_dir: Blip2ForConditionalGeneration | str | os.PathLike,
                   tokenizer: Any = None) -> MultimodalModel:
     """Build a :class:`MultimodalModel` with the weights (and logits) of an HF BLIP-2 (decoder-only LM).

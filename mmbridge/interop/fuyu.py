@@ -20,9 +20,10 @@ expanded, ``|NEWLINE|`` ids in place), ``attention_mask``, ``pixel_values`` = th
 (``[N_total, 3·p·p]`` as ``FuyuProcessor(return_legacy_image_output=False)`` concatenates them, or
 ``[B, N, 3·p·p]``), written in order into the ``image_token_id`` positions by ``masked_scatter``; the
 ``image_patches`` keyword is a deprecated alias of ``pixel_values`` and ``image_patches_indices`` of older
-releases is gone. The imported model's forward takes the same tensors (with no image sizes, the ``native``
-strategy reads patch sequences as the visual tokens in slot order), as well as mmbridge's own
-(``pixel_values`` crops ``[n, 3, H, W]`` + ``image_sizes``). Fuyu's position ids default to ``arange``
+releases is gone. :func:`fuyu_inputs` turns those patch sequences into the visual tokens in slot order
+(``image_tokens``, through the bridge), which the model's ``forward`` and ``generate`` take
+(``model(**fuyu_inputs(model, hf_batch))``); the model's own inputs are ``pixel_values`` crops
+``[n, 3, H, W]`` + ``image_sizes``. Fuyu's position ids default to ``arange``
 whatever the mask says (so do mmbridge's when none are given); ``generate`` on both sides derives them
 from the attention mask, so left-padded prompts decode the same way.
 
@@ -42,6 +43,7 @@ from transformers import FuyuConfig, FuyuForCausalLM, PreTrainedModel
 from mmbridge.interop.llava import (_DTYPE_NAMES, _directory_image_processor, _directory_tokenizer, _image_token,
                                     _load_exactly, _rename, empty_model)
 from mmbridge.model.bridges.mlp import MLPBridge
+from mmbridge.model.grid import FeatureGrid
 from mmbridge.model.highres.native import FUYU_MAX_SIZE, FUYU_PAD_COLOUR, Native
 from mmbridge.model.llm.base import LanguageModel
 from mmbridge.model.lora import merged_state_dict
@@ -49,9 +51,23 @@ from mmbridge.model.multimodal import ModelConfig, MultimodalModel
 from mmbridge.model.vision.patch import PatchEncoder
 from mmbridge.model.vision.transform import ImageTransform
 
-__all__ = ["from_hf_fuyu", "to_hf_fuyu"]
+__all__ = ["from_hf_fuyu", "to_hf_fuyu", "fuyu_inputs"]
 
 FUYU_ROW_END = "|NEWLINE|"  # FuyuProcessor's image_newline_token
+
+
+def fuyu_inputs(model: MultimodalModel, hf_inputs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``MultimodalModel.forward``/``generate`` for the tensors transformers' Fuyu takes:
+    ``pixel_values`` that are patch sequences (``[N_total, 3·p·p]`` or ``[B, N, 3·p·p]``, every image's patches in
+    slot order) become ``image_tokens`` ``[N_total, D]`` through the patch encoder and the bridge; the rest is kept."""
+    inputs = dict(hf_inputs)
+    patches = hf_inputs.get("pixel_values")
+    if patches is not None and patches.dim() in (2, 3) and patches.shape[-1] == model.vision.feature_dim:
+        flat = patches.reshape(1, -1, patches.shape[-1])  # [1, N_total, 3·p·p]
+        features = model.vision(flat)  # [1, N_total, 3·p·p]: patchified input passes the patch encoder as is
+        inputs["image_tokens"] = model.bridge(features, FeatureGrid.sequence(flat.shape[1]))[0]  # [N_total, D]
+        del inputs["pixel_values"]
+    return inputs
 
 
 # -- import ------------------------------------------------------------------------------------

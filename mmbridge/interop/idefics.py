@@ -7,8 +7,9 @@ class token included, is what the resampler reads), bridge = ``gated_xattn`` who
 ``cross_layer_interval``-th layer, llm = a Llama with IDEFICS' text layers. IDEFICS' decoupled embedding
 and LM head (``additional_vocab_size`` extra rows for ``<image>`` and ``<fake_token_around_image>``)
 become the Llama's rows past the base vocabulary; the ``<image>`` row is also the bridge's marker
-embedding. The imported model takes IDEFICS' tensors — ``pixel_values [B, N, 3, H, W]``,
-``image_attention_mask [B, L, N]``, ``input_ids``, ``attention_mask`` — in ``forward`` and ``generate``.
+embedding. The imported model reads IDEFICS' tensors — ``pixel_values [B, N, 3, H, W]``,
+``image_attention_mask [B, L, N]``, ``input_ids``, ``attention_mask`` — in ``forward`` and ``generate`` once
+:func:`idefics_inputs` has flattened the pixels to ``[B·N, 3, H, W]`` (``model(**idefics_inputs(hf_batch))``).
 :func:`to_hf_idefics` goes back. ``tests/test_interop_idefics.py`` holds both to 1e-4 with opened gates on
 left-padded batches whose samples hold different numbers of images, and greedy ``generate`` token for token.
 """
@@ -29,6 +30,17 @@ from mmbridge.model.multimodal import ModelConfig, MultimodalModel
 IMAGE_TOKEN = "<image>"
 VISION_KEYS = ("hidden_size", "image_size", "patch_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "hidden_act", "layer_norm_eps", "num_channels")
+
+
+def idefics_inputs(hf_inputs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``MultimodalModel.forward``/``generate`` for the tensors transformers' IDEFICS takes:
+    ``pixel_values`` ``[B, N, 3, H, W]`` (``N`` image slots per row) become ``[B·N, 3, H, W]``; the
+    ``image_attention_mask`` ``[B, L, N]`` says which slot each position reads, as in IDEFICS."""
+    inputs = dict(hf_inputs)
+    pixel_values = hf_inputs.get("pixel_values")
+    if pixel_values is not None and pixel_values.dim() == 5:
+        inputs["pixel_values"] = pixel_values.flatten(0, 1)
+    return inputs
 
 
 # -- import ------------------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ What maps to what:
   tower (CLIP, ViT) and ``"full"`` on SigLIP. ``"full"`` on CLIP keeps the CLS token, ``"default"`` on
   SigLIP drops a patch; transformers cannot stitch either, so both are refused.
 
+Inputs: transformers pads every image's crops to the most crops of a batch (``pixel_values``
+``[n_images, max_crops, 3, H, W]``); :func:`llava_next_inputs` keeps each image's own crops (``[n_crops, 3, H, W]``,
+what the model takes with ``image_sizes``): ``model(**llava_next_inputs(model, hf_batch))``.
+
 Weights, memory, tokenizer and directories behave as in :mod:`mmbridge.interop.llava`, whose steps are
 reused; from a directory the image-processor settings (mean, std, resample) are read, and pinpoints saved
 there must agree with the model config's.
@@ -30,6 +34,7 @@ import dataclasses
 import os
 from typing import Any
 
+import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from mmbridge.interop.llava import (_directory_image_processor, check_exportable, export_fields, export_weights,
@@ -38,7 +43,7 @@ from mmbridge.model.highres.anyres import AnyRes, AnyResConfig
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.model.vision.hf import tower_has_cls
 
-__all__ = ["from_hf_llava_next", "to_hf_llava_next", "pinpoints_to_grid", "grid_to_pinpoints"]
+__all__ = ["from_hf_llava_next", "to_hf_llava_next", "llava_next_inputs", "pinpoints_to_grid", "grid_to_pinpoints"]
 
 NEWLINE_PAIR = (("bridge.image_newline", "model.image_newline"),)  # mmbridge name, HF name
 
@@ -66,6 +71,20 @@ def from_hf_llava_next(model_or_dir: LlavaNextForConditionalGeneration | str | o
     model = import_weights(hf_model, config, tokenizer, share=directory is not None, extra_pairs=NEWLINE_PAIR)
     _check_tile(model, caller)
     return model
+
+
+def llava_next_inputs(model: MultimodalModel, hf_inputs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``MultimodalModel.forward``/``generate`` for the tensors transformers' LLaVA-NeXT
+    takes: ``pixel_values`` ``[n_images, max_crops, 3, H, W]`` (crops past each image's count padded) become each
+    image's own crops ``[n_crops, 3, H, W]``, in order; the rest (``image_sizes`` included) is kept."""
+    inputs = dict(hf_inputs)
+    pixel_values, sizes = hf_inputs.get("pixel_values"), hf_inputs.get("image_sizes")
+    if pixel_values is not None and pixel_values.dim() == 5:
+        if sizes is None:
+            raise ValueError("LLaVA-NeXT pixel_values [n_images, max_crops, 3, H, W] need image_sizes [n_images, 2]")
+        counts = [len(model.highres.layout(tuple(size)).crops) for size in sizes.tolist()]
+        inputs["pixel_values"] = torch.cat([row[:count] for row, count in zip(pixel_values, counts)])
+    return inputs
 
 
 def pinpoints_to_grid(pinpoints: Any, tile: int) -> list[list[int]]:

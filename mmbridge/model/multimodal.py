@@ -12,6 +12,14 @@ input and the decoder produces the answer: ``labels`` are then the decoder's tar
 ``decoder_input_ids`` (or ``labels`` shifted right) its inputs — the tensors transformers'
 ``Blip2ForConditionalGeneration`` takes on that path.
 
+Inputs are explicit: ``image_sizes`` ``[n_images, 2]`` (height, width; transformers' name, for a
+high-resolution strategy) and ``bridge_inputs`` (:class:`~mmbridge.data.bridge_inputs.BridgeInputs`, per-image
+extras such as an instruction-aware bridge's text) are named arguments of :meth:`MultimodalModel.forward`,
+:meth:`~MultimodalModel.encode_images`, ``generate`` and ``chat``. transformers' own tensor layouts (IDEFICS'
+``[B, N, 3, H, W]``, LLaVA-NeXT's padded crops, Fuyu's patch sequences, ``qformer_input_ids``) are converted by
+the functions of :mod:`mmbridge.interop`. The model speaks to its bridge only through the hooks of
+:class:`~mmbridge.model.bridges.base.Bridge`, whatever its kind.
+
 Module keys are fixed: ``vision``, ``bridge``, ``llm`` (stages, checkpoints and logs speak them).
 """
 
@@ -27,9 +35,11 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.data.collate import IGNORE_INDEX
-from mmbridge.model.bridges import BRIDGES, build_bridge
-from mmbridge.model.fusion import FusionBridge
+from mmbridge.data.processor import ImageTokens, ModelText, Processor, TextSettings, VideoSettings
+from mmbridge.model import fusion  # noqa: F401  (registers the bridges that live inside the LLM)
+from mmbridge.model.bridges import BRIDGES, Bridge, FusionCall, build_bridge
 from mmbridge.model.highres import HIGHRES, HighResStrategy, build_highres
 from mmbridge.model.highres.base import crop_features, tokens_from_features
 from mmbridge.model.llm import LLMS, build_llm, load_tokenizer
@@ -40,16 +50,6 @@ from mmbridge.utils import atomic_write_json, atomic_path
 MODULE_KEYS = ("vision", "bridge", "llm")
 CONFIG_FILE, WEIGHTS_FILE, PROCESSOR_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "processor.json", "tokenizer"
 BRIDGE_TOKENIZER_DIR = "bridge_tokenizer"  # the bridge's own text tokenizer (instruction-aware bridges)
-# transformers' names for per-image bridge inputs (InstructBLIP's Q-Former text) → mmbridge's bridge_<name>
-# and LLaVA-NeXT's image_sizes [n_images, 2] (height, width), which a high-resolution strategy reads
-INPUT_ALIASES = {"qformer_input_ids": "bridge_text_ids", "qformer_attention_mask": "bridge_text_mask",
-                 "image_sizes": "bridge_image_sizes"}
-
-
-def _no_sizes(image_sizes: Any) -> None:
-    if image_sizes is not None:
-        raise TypeError("image_sizes are for models with a high-resolution strategy (ModelConfig.highres); this "
-                        "model encodes every image at its encoder's size")
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ class MultimodalOutput:
 class MultimodalModel(nn.Module):
     """A vision encoder, a bridge and a language model under the keys ``vision``, ``bridge``, ``llm``."""
 
-    def __init__(self, vision: nn.Module, bridge: nn.Module, llm: nn.Module, config: ModelConfig,
+    def __init__(self, vision: nn.Module, bridge: Bridge, llm: nn.Module, config: ModelConfig,
                  processor_settings: dict | None = None, highres: HighResStrategy | None = None) -> None:
         super().__init__()
         self.vision = vision
@@ -135,11 +135,10 @@ class MultimodalModel(nn.Module):
         vision = build_vision(config.vision)
         llm = build_llm(config.llm) if tokenizer is None else LLMS.get(config.llm.type).build(config.llm, tokenizer)
         bridge = build_bridge(config.bridge, vision.feature_dim, llm.hidden_size)
-        if isinstance(bridge, FusionBridge):
-            bridge.attach(llm)
+        bridge.attach(llm)
         highres = None
         if config.highres is not None:
-            if isinstance(bridge, FusionBridge) or llm.is_encoder_decoder:
+            if bridge.fuses_into_llm or llm.is_encoder_decoder:
                 raise ValueError(f"high-resolution strategy {config.highres.type!r} feeds input-token bridges of "
                                  f"decoder-only LLMs; bridge {type(bridge).__name__} / this LLM are not supported")
             highres = build_highres(config.highres)
@@ -158,7 +157,7 @@ class MultimodalModel(nn.Module):
     def tokens_per_image(self) -> int:
         """Visual tokens each ``<image>`` placeholder expands to (at the encoder's size; with a high-resolution
         strategy the count depends on each image: :meth:`image_token_ids`)."""
-        return self.bridge.num_tokens(self.vision.num_tokens())
+        return self.bridge.num_tokens(self.vision.feature_layout())
 
     def image_token_ids(self, image_size: tuple[int, int]) -> list[int]:
         """The ids one ``<image>`` of ``(height, width)`` pixels expands to: image-token slots for its visual tokens
@@ -167,46 +166,55 @@ class MultimodalModel(nn.Module):
             return [self.image_token_id] * self.tokens_per_image
         return self.highres.token_ids(image_size, self.image_token_id)
 
-    def processor(self, **overrides: Any) -> Any:
-        """The :class:`~mmbridge.data.processor.Processor` matching this model (tokenizer, transform, token count)."""
-        from mmbridge.data.processor import ImageTokens, ModelText, Processor, TextSettings, VideoSettings
-
-        settings = {**self.processor_settings, **overrides}  # TextSettings fields, and a stage's video_stride
+    def processor(self, **overrides: Any) -> Processor:
+        """The :class:`~mmbridge.data.processor.Processor` matching this model (tokenizer, transform, token count,
+        what its bridge needs), with the saved settings and ``overrides`` (TextSettings fields, a stage's
+        ``video_stride``)."""
+        settings = {**self.processor_settings, **overrides}
         stride = settings.pop("video_stride", 1)
-        chunk = getattr(getattr(self.bridge, "cfg", None), "chunk_token", None)  # gated cross-attention's <|endofchunk|>
-        video = VideoSettings(as_media=True, max_frames=getattr(self.bridge, "max_frames", None), stride=stride) \
-            if getattr(self.bridge, "takes_video", False) else VideoSettings(stride=stride)
-        model_text = ModelText(encoder_decoder=self.llm.is_encoder_decoder, chunk_token=chunk,
-                               bridge_tokenizer=getattr(self.bridge, "tokenizer", None))
+        needs = self.bridge.processor_needs()
+        video = VideoSettings(as_media=needs.video_frames is not None, max_frames=needs.video_frames, stride=stride)
+        model_text = ModelText(encoder_decoder=self.llm.is_encoder_decoder, chunk_token=needs.chunk_token,
+                               bridge_tokenizer=needs.text_tokenizer)
         image_tokens = ImageTokens(per_image=self.tokens_per_image, placeholder=self.config.image_token,
                                    token_id=self.image_token_id)
-        return Processor(self.tokenizer, self.vision.transform, image_tokens,
-                         text_settings=TextSettings(**settings), model_text=model_text, video_settings=video,
-                         highres=self.highres)
+        return Processor(self.tokenizer, self.vision.transform, image_tokens, text_settings=TextSettings(**settings),
+                         model_text=model_text, video_settings=video, highres=self.highres)
 
     def add_lora(self, key: str, spec: LoraSpec) -> None:
         """Inject LoRA into module ``key`` and record it in the config (used by stages with ``lora``)."""
         inject_lora(self.get_submodule(key), spec)
         self.config.adapters.append({"key": key, **spec.to_dict()})
 
-    # -- forward -------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor, **context: Any) -> torch.Tensor:
+    # -- images → visual tokens ------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
+                      bridge_inputs: BridgeInputs | None = None) -> torch.Tensor:
         """``[n_images, 3, H, W]`` → visual tokens ``[n_images, M, D_llm]``.
 
-        With a high-resolution strategy ``pixel_values`` are the crops of every image ``[n_crops, 3, H, W]``
-        (LLaVA-NeXT's ``[n_images, max_crops, 3, H, W]`` is accepted too), ``image_sizes`` ``[n_images, 2]``
-        (height, width) is required, and the result is the images' visual tokens in order, ``[sum M_i, D]``
-        (a strategy with ``sequence_inputs`` also takes patch sequences without sizes: transformers' Fuyu tensors).
-        The encoder runs without autograd when none of its parameters train.
+        With a high-resolution strategy ``pixel_values`` are the crops of every image ``[n_crops, 3, H, W]``,
+        ``image_sizes`` ``[n_images, 2]`` (height, width) is required, and the result is the images' visual tokens
+        in order, ``[sum M_i, D]``. ``bridge_inputs`` holds per-image extras. The encoder runs without autograd
+        when none of its parameters train.
         """
-        image_sizes = context.pop("image_sizes", None)
-        if self.highres is not None and (image_sizes is not None or pixel_values.dim() >= 4
-                                         or not self.highres.sequence_inputs):
-            return self._encode_highres(pixel_values, image_sizes, context)
-        _no_sizes(image_sizes)
-        if pixel_values.dim() == 5:  # [B, N_images, 3, H, W], as transformers' IDEFICS takes them
-            pixel_values = pixel_values.flatten(0, 1)
-        return self.bridge(self._vision_features(pixel_values), **context)  # [n, M, D]
+        if self.highres is not None:
+            features = crop_features(self.highres, pixel_values, self._sizes(image_sizes), self._vision_features)
+            return tokens_from_features(self.highres, features, image_sizes, self.bridge, bridge_inputs)
+        self._no_sizes(image_sizes)
+        features = self._vision_features(pixel_values)  # [n, N, D_v]
+        grid = self.vision.feature_layout(*pixel_values.shape[-2:], count=features.shape[-2])
+        return self.bridge(features, grid, bridge_inputs)  # [n, M, D]
+
+    def bridge_features(self, image_features: torch.Tensor, image_sizes: torch.Tensor | None = None,
+                        bridge_inputs: BridgeInputs | None = None) -> torch.Tensor:
+        """Encoder outputs (a feature cache's) → visual tokens, as :meth:`encode_images` continues after the encoder.
+        With a high-resolution strategy ``image_features`` are per crop ``[n_crops, N_max, D_v]`` (crops with fewer
+        features right-padded) and ``image_sizes`` is required."""
+        if self.highres is None:
+            self._no_sizes(image_sizes)
+            grid = self.vision.feature_layout(count=image_features.shape[-2])
+            return self.bridge(image_features, grid, bridge_inputs)  # [n, M, D]
+        features = self.highres.unpad_features(image_features, self._sizes(image_sizes))
+        return tokens_from_features(self.highres, features, image_sizes, self.bridge, bridge_inputs)  # [sum M_i, D]
 
     def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The encoder's features ``[n, N, D_v]``, with autograd only when one of its parameters trains."""
@@ -214,70 +222,67 @@ class MultimodalModel(nn.Module):
         with torch.set_grad_enabled(vision_trains and torch.is_grad_enabled()):
             return self.vision(pixel_values)  # [n, N, D_v]
 
-    def _encode_highres(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None,
-                        context: dict[str, Any]) -> torch.Tensor:
+    def _sizes(self, image_sizes: torch.Tensor | None) -> torch.Tensor:
         if image_sizes is None:
             raise ValueError(f"this model's high-resolution strategy ({self.config.highres.type}) needs image_sizes "
-                             f"[n_images, 2] (height, width) with pixel_values; processor examples carry them as "
-                             f"bridge_image_sizes")
-        if pixel_values.dim() == 5:  # LLaVA-NeXT: [n_images, max_crops, 3, H, W], crops past each image's count padded
-            counts = [len(self.highres.layout(tuple(size)).crops) for size in image_sizes.tolist()]
-            pixel_values = torch.cat([row[:count] for row, count in zip(pixel_values, counts)])
-        features = crop_features(self.highres, pixel_values, image_sizes, self._vision_features)
-        return tokens_from_features(self.highres, features, image_sizes, self.bridge, context)  # [sum M_i, D]
+                             f"[n_images, 2] (height, width) with the crops; the processor's examples carry them")
+        return image_sizes
+
+    @staticmethod
+    def _no_sizes(image_sizes: torch.Tensor | None) -> None:
+        if image_sizes is not None:
+            raise TypeError("image_sizes are for models with a high-resolution strategy (ModelConfig.highres); this "
+                            "model encodes every image at its encoder's size")
+
+    def visual_tokens(self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                      image_sizes: torch.Tensor | None = None,
+                      bridge_inputs: BridgeInputs | None = None) -> torch.Tensor | None:
+        """The visual tokens of a call's images, from pixels or cached encoder features; None without images."""
+        if image_features is not None and image_features.shape[0] > 0:
+            return self.bridge_features(image_features, image_sizes, bridge_inputs)  # [n, M, D]
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            return self.encode_images(pixel_values, image_sizes, bridge_inputs)  # [n, M, D]
+        return None
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_tokens: torch.Tensor | None = None, bridge_inputs: dict[str, Any] | None = None,
-              slots_given: bool = False) -> torch.Tensor:
-        """Token embeddings with the visual tokens written at the ``<image>`` positions, ``[B, L, D]``.
-        ``slots_given``: images come in per-row slots (an ``image_attention_mask``), not one per ``<image>``."""
+              image_tokens: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+              bridge_inputs: BridgeInputs | None = None, prompt_state: Any = None) -> torch.Tensor:
+        """Token embeddings with the visual tokens (of ``pixel_values``, or given) entered at the ``<image>``
+        positions as the bridge enters them, ``[B, L, D]``; ``prompt_state`` as in :meth:`forward`."""
+        if image_tokens is None:
+            image_tokens = self.visual_tokens(pixel_values, image_sizes=image_sizes, bridge_inputs=bridge_inputs)
         image_mask = input_ids == self.image_token_id  # [B, L]
         embeds = self.llm.embed_tokens(input_ids.masked_fill(image_mask, 0))  # [B, L, D]
-        slots = int(image_mask.sum())
-        if image_tokens is None and pixel_values is not None and pixel_values.shape[0] > 0:
-            image_tokens = self.encode_images(pixel_values, **(bridge_inputs or {}))
         if image_tokens is None:
+            slots = int(image_mask.sum())
             if slots:
                 raise ValueError(f"input_ids hold {slots} <image> token positions but no pixel_values were given")
             return embeds
-        if isinstance(self.bridge, FusionBridge) and not self.bridge.splices_tokens:
-            if image_tokens.shape[0] != slots and not slots_given:
-                raise ValueError(f"input_ids hold {slots} <image> token(s) but {image_tokens.shape[0]} image(s) were "
-                                 f"given")
-            return self.bridge.embed_markers(input_ids, embeds, image_mask)
-        if image_tokens.dim() == 2:  # [sum M_i, D]: images of different token counts (high resolution)
-            if image_tokens.shape[0] != slots:
-                raise ValueError(f"input_ids hold {slots} <image> token positions but the images' visual tokens "
-                                 f"number {image_tokens.shape[0]}")
-        elif image_tokens.shape[0] * image_tokens.shape[1] != slots:
-            count, per_image = image_tokens.shape[:2]
-            raise ValueError(f"input_ids hold {slots} <image> token positions but {count} image(s) × "
-                             f"{per_image} visual tokens = {count * per_image} were given")
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), image_tokens.to(embeds.dtype))
+        return self.bridge.embed_images(input_ids, embeds, image_mask, image_tokens, prompt_state)
 
+    # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
                 image_tokens: torch.Tensor | None = None, return_logits: str = "all",
-                context: dict[str, Any] | None = None, image_features: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                encoder_hidden: torch.Tensor | None = None, image_attention_mask: torch.Tensor | None = None,
-                **bridge_inputs: Any) -> MultimodalOutput:
+                image_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                bridge_inputs: BridgeInputs | None = None, image_attention_mask: torch.Tensor | None = None,
+                prompt_state: Any = None, decoder_input_ids: torch.Tensor | None = None,
+                decoder_attention_mask: torch.Tensor | None = None,
+                encoder_hidden: torch.Tensor | None = None) -> MultimodalOutput:
         """LLaVA-compatible forward (and BLIP-2-FlanT5-compatible with an encoder–decoder LLM).
 
         ``return_logits``: ``"all"`` (``[B, L, V]``, as transformers), ``"last"`` (``[B, 1, V]``,
         for decoding) or ``"none"`` (training: only the loss). ``image_tokens`` may replace
         ``pixel_values`` with bridge outputs computed elsewhere (decoding); ``image_features``
         (``[n_images, N, D_v]``, vision-encoder outputs, e.g. from a feature cache) skip the
-        encoder and go through the bridge. ``image_attention_mask`` ``[B, L, N]`` with ``pixel_values``
-        ``[B, N, 3, H, W]`` (transformers' IDEFICS tensors; gated cross-attention) says which image slots
-        each position reads, in place of the ``<image>`` tokens' φ layout.
-        ``context`` is per-call data for modules inside the LLM (fusion bridges); they read it,
-        together with ``image_mask`` (``[B, L]``, True at visual tokens), from ``llm.context``.
-        Keyword inputs named ``bridge_<name>`` (per-image tensors a batch carries, e.g. the
-        instruction ids of an instruction-aware bridge) reach the bridge as ``<name>=``;
-        transformers' ``qformer_input_ids``/``qformer_attention_mask`` are aliases of
-        ``bridge_text_ids``/``bridge_text_mask``.
+        encoder and go through the bridge. ``image_sizes`` ``[n_images, 2]`` (height, width) are what a
+        high-resolution strategy reads; ``bridge_inputs`` the per-image extras of the bridge (e.g. the
+        instruction of an instruction-aware Q-Former). ``image_attention_mask`` ``[B, L, N]`` says which of
+        each row's ``N`` images each position reads (IDEFICS' layout for gated cross-attention, with
+        ``pixel_values`` ``[B·N, 3, H, W]``), in place of the ``<image>`` tokens' φ. ``prompt_state``: the
+        bridge's :meth:`~mmbridge.model.bridges.base.Bridge.prompt_state` of the prompt a decoding step continues
+        (:meth:`prompt_state`); made from this call's own ids and images when not given.
 
         With an encoder–decoder LLM (T5, as BLIP-2 FlanT5) ``input_ids``/``attention_mask`` are the
         encoder's (visual tokens spliced in), the decoder reads ``decoder_input_ids`` (``labels``
@@ -285,110 +290,78 @@ class MultimodalModel(nn.Module):
         aligned with the decoder positions (no shift), logits are the decoder's, and
         ``encoder_hidden`` (``[B, L, D]``, from an earlier call's output) skips the encoder.
         """
-        bridge_inputs = {INPUT_ALIASES.get(key, key): value for key, value in bridge_inputs.items()}
-        unknown = sorted(key for key in bridge_inputs if not key.startswith("bridge_"))
-        if unknown:
-            raise TypeError(f"MultimodalModel.forward got unexpected argument(s) {unknown}; "
-                            f"per-image bridge inputs must be named bridge_<name>")
         if return_logits not in ("all", "last", "none"):
             raise ValueError(f"return_logits must be 'all', 'last' or 'none', got {return_logits!r}")
-        bridge_kwargs = {key[len("bridge_"):]: value for key, value in bridge_inputs.items()}
-        if image_tokens is None and image_features is not None and image_features.shape[0] > 0:
-            image_tokens = self.bridge_features(image_features, **bridge_kwargs)  # [n, M, D]
+        if image_tokens is None:
+            image_tokens = self.visual_tokens(pixel_values, image_features, image_sizes, bridge_inputs)
         if self.llm.is_encoder_decoder:
-            hidden, output = self._encoder_decoder_forward(
-                input_ids, attention_mask, pixel_values, labels, image_tokens, bridge_kwargs, decoder_input_ids,
-                decoder_attention_mask, encoder_hidden, cache, use_cache, context)
+            hidden, output = self._encoder_decoder_forward(input_ids, attention_mask, labels, image_tokens,
+                                                           decoder_input_ids, decoder_attention_mask, encoder_hidden,
+                                                           cache, use_cache)
         else:
             if decoder_input_ids is not None or decoder_attention_mask is not None or encoder_hidden is not None:
                 raise TypeError("decoder_input_ids, decoder_attention_mask and encoder_hidden are for "
                                 "encoder-decoder LLMs; this model's LLM is decoder-only")
-            input_ids = self._needs_ids(input_ids)
-            if image_tokens is None and pixel_values is not None and pixel_values.shape[0] > 0:
-                image_tokens = self.encode_images(pixel_values, **bridge_kwargs)  # [n, M, D]
-            if image_attention_mask is None:  # decoding passes it in the context
-                image_attention_mask = (context or {}).get("image_attention_mask")
-            embeds = self.embed(input_ids, pixel_values, image_tokens, bridge_kwargs,
-                                slots_given=image_attention_mask is not None)
-            call_context = self.call_context(input_ids, attention_mask, context)
-            if image_attention_mask is not None:
-                call_context["image_attention_mask"] = image_attention_mask
-            if image_tokens is not None and "visual_tokens" not in call_context:
-                call_context["visual_tokens"] = image_tokens  # read by bridges that do not splice them in
-            if position_ids is None and isinstance(self.bridge, FusionBridge):
-                position_ids = self.bridge.position_ids(call_context["image_mask"], attention_mask,
-                                                        self.tokens_per_image)
-            hidden, cache = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                     cache=cache, use_cache=use_cache, context=call_context)
-            output = MultimodalOutput(cache=cache)
-            if labels is not None:  # labels align with input_ids: position t predicts the label at t + 1
-                output.loss, output.num_label_tokens = self.target_loss(hidden[:, :-1], labels[:, 1:])
-                if isinstance(self.bridge, FusionBridge):
-                    output.aux_losses, output.stats = self.bridge.training_outputs(call_context)
-                    output.loss = output.loss + sum(output.aux_losses.values())
+            hidden, output = self._decoder_forward(self._needs_ids(input_ids), attention_mask, labels, image_tokens,
+                                                   image_attention_mask, prompt_state, position_ids, cache, use_cache)
         if return_logits == "all":
             output.logits = self.llm.logits(hidden)
         elif return_logits == "last":
             output.logits = self.llm.logits(hidden[:, -1:])
         return output
 
-    def bridge_features(self, image_features: torch.Tensor, **context: Any) -> torch.Tensor:
-        """Encoder outputs (a feature cache's) → visual tokens, as :meth:`encode_images` continues after the encoder.
-        With a high-resolution strategy ``image_features`` are per crop ``[n_crops, N_max, D_v]`` (crops with fewer
-        features right-padded) and ``image_sizes`` is required."""
-        image_sizes = context.pop("image_sizes", None)
-        if self.highres is None:
-            _no_sizes(image_sizes)
-            return self.bridge(image_features, **context)  # [n, M, D]
-        if image_sizes is None:
-            raise ValueError("cached features of a high-resolution model need image_sizes [n_images, 2]")
-        features = self.highres.unpad_features(image_features, image_sizes)
-        return tokens_from_features(self.highres, features, image_sizes, self.bridge, context)  # [sum M_i, D]
+    def _decoder_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         labels: torch.Tensor | None, image_tokens: torch.Tensor | None,
+                         image_attention_mask: torch.Tensor | None, prompt_state: Any,
+                         position_ids: torch.Tensor | None, cache: Any,
+                         use_cache: bool) -> tuple[torch.Tensor, MultimodalOutput]:
+        """A decoder-only LLM: embed (visual tokens entered), run the layers with this call's :class:`FusionCall`,
+        the loss over ``labels`` (aligned with ``input_ids``) plus the bridge's auxiliary terms."""
+        image_mask = input_ids == self.image_token_id  # [B, L]
+        own_prompt = prompt_state is None
+        if own_prompt:
+            prompt_state = self.bridge.prompt_state(image_mask, attention_mask, image_tokens, image_attention_mask)
+        embeds = self.embed(input_ids, image_tokens=image_tokens, prompt_state=prompt_state)
+        call = FusionCall(image_mask, attention_mask, prompt_state,
+                          self.bridge.call_state(image_mask, attention_mask, prompt_state), labels is not None)
+        if position_ids is None:
+            position_ids = self.bridge.position_ids(image_mask, attention_mask, self.tokens_per_image)
+        try:
+            hidden, cache = self.llm(embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                     cache=cache, use_cache=use_cache, context=call)
+        finally:
+            if own_prompt:  # this call made the prompt state: what modules kept for it ends here
+                self.bridge.release_caches()
+        output = MultimodalOutput(cache=cache)
+        if labels is not None:  # labels align with input_ids: position t predicts the label at t + 1
+            output.loss, output.num_label_tokens = self.target_loss(hidden[:, :-1], labels[:, 1:])
+            output.aux_losses, output.stats = self.bridge.training_outputs(call)
+            output.loss = output.loss + sum(output.aux_losses.values())
+        return hidden, output
 
-    def call_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     context: dict[str, Any] | None = None) -> dict[str, Any]:
-        """What modules inside the LLM read during one call: ``image_mask`` (``[B, L]``, visual tokens),
-        ``attention_mask``, the fusion bridge's :meth:`~FusionBridge.prompt_context`, then ``context`` (a
-        decoding step passes the prompt's, which wins over what its own single token would say)."""
-        image_mask = input_ids == self.image_token_id
-        derived = self.bridge.prompt_context(image_mask, attention_mask) if isinstance(self.bridge, FusionBridge) else {}
-        return {"image_mask": image_mask, "attention_mask": attention_mask, **derived, **(context or {})}
-
-    def decode_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       image_tokens: torch.Tensor | None = None,
-                       image_attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-        """What a fusion bridge needs at every call of one ``generate`` run, from the prompt ``[B, L]``, its
-        encoded images and (IDEFICS' layout) ``image_attention_mask`` (empty for other bridges)."""
-        if not isinstance(self.bridge, FusionBridge):
-            if image_attention_mask is not None:
-                raise ValueError("image_attention_mask is for gated cross-attention bridges (IDEFICS' layout); "
-                                 f"this model's bridge is {type(self.bridge).__name__}")
-            return {}
-        context = self.bridge.decode_context(input_ids == self.image_token_id, attention_mask, image_tokens)
-        if image_attention_mask is not None:
-            context["image_attention_mask"] = image_attention_mask
-        return context
+    def prompt_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     image_tokens: torch.Tensor | None = None,
+                     image_attention_mask: torch.Tensor | None = None) -> Any:
+        """What the bridge keeps from a prompt ``[B, L]`` and its encoded images for every call of one ``generate``
+        run (None for bridges that keep nothing); the run ends with ``self.bridge.release_caches()``."""
+        return self.bridge.prompt_state(input_ids == self.image_token_id, attention_mask, image_tokens,
+                                        image_attention_mask)
 
     def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Position ids ``[B, L]`` for a (left-padded) prompt: the bridge's (CogVLM: one per image) or the
         attention mask's running count."""
-        if isinstance(self.bridge, FusionBridge):
-            positions = self.bridge.position_ids(input_ids == self.image_token_id, attention_mask,
-                                                 self.tokens_per_image)
-            if positions is not None:
-                return positions
-        return positions_from_mask(attention_mask)
+        positions = self.bridge.position_ids(input_ids == self.image_token_id, attention_mask, self.tokens_per_image)
+        return positions if positions is not None else positions_from_mask(attention_mask)
 
     def _encoder_decoder_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                                 pixel_values: torch.Tensor | None, labels: torch.Tensor | None,
-                                 image_tokens: torch.Tensor | None, bridge_kwargs: dict[str, Any],
+                                 labels: torch.Tensor | None, image_tokens: torch.Tensor | None,
                                  decoder_input_ids: torch.Tensor | None, decoder_attention_mask: torch.Tensor | None,
-                                 encoder_hidden: torch.Tensor | None, cache: Any, use_cache: bool,
-                                 context: dict[str, Any] | None) -> tuple[torch.Tensor, MultimodalOutput]:
+                                 encoder_hidden: torch.Tensor | None, cache: Any,
+                                 use_cache: bool) -> tuple[torch.Tensor, MultimodalOutput]:
         """BLIP-2 FlanT5: spliced prompt → encoder (unless ``encoder_hidden`` is given) → decoder hidden states
         ``[B, T, D]``, and the output with the loss over ``labels`` aligned with the decoder positions."""
         if encoder_hidden is None:
-            embeds = self.embed(self._needs_ids(input_ids), pixel_values, image_tokens, bridge_kwargs)
+            embeds = self.embed(self._needs_ids(input_ids), image_tokens=image_tokens)
             encoder_hidden = self.llm.encode(embeds, attention_mask)  # [B, L, D]
         if decoder_input_ids is None:
             if labels is None:
@@ -396,7 +369,7 @@ class MultimodalModel(nn.Module):
                                  "to make them)")
             decoder_input_ids = self.llm.decoder_start_ids(labels)
         hidden, cache = self.llm(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask,
-                                 cache=cache, use_cache=use_cache, context=context)
+                                 cache=cache, use_cache=use_cache)
         output = MultimodalOutput(cache=cache, encoder_hidden=encoder_hidden)
         if labels is not None:
             output.loss, output.num_label_tokens = self.target_loss(hidden, labels)
@@ -422,11 +395,13 @@ class MultimodalModel(nn.Module):
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, **settings: Any) -> torch.Tensor:
+                 pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                 bridge_inputs: BridgeInputs | None = None, **settings: Any) -> torch.Tensor:
         """Decode new tokens (see :func:`mmbridge.generate.generate`); returns ``[B, new]`` ids."""
         from mmbridge.generate import generate
 
-        return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **settings)
+        return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                        image_sizes=image_sizes, bridge_inputs=bridge_inputs, **settings)
 
     def chat(self, prompt: str, images: list | None = None, history: list[dict] | None = None,
              **settings: Any) -> str:
@@ -450,13 +425,13 @@ class MultimodalModel(nn.Module):
 
     def inactive_parameters_per_token(self) -> int:
         """Parameters one token does not use (a fusion bridge's idle experts or bypassed originals; else 0)."""
-        return self.bridge.inactive_parameters_per_token() if isinstance(self.bridge, FusionBridge) else 0
+        return self.bridge.inactive_parameters_per_token()
 
     # -- save / load ---------------------------------------------------------------------------
     def export_config(self) -> ModelConfig:
         """A config that rebuilds this exact architecture offline (weights come from the safetensors)."""
-        bridge = self.bridge.export_config() if hasattr(self.bridge, "export_config") else self.config.bridge
-        return ModelConfig(vision=self.vision.export_config(), llm=self.llm.export_config(), bridge=bridge,
+        return ModelConfig(vision=self.vision.export_config(), llm=self.llm.export_config(),
+                           bridge=self.bridge.export_config(self.config.bridge),
                            image_token=self.config.image_token, image_token_id=self.image_token_id,
                            adapters=list(self.config.adapters),
                            highres=self.highres.export_config() if self.highres is not None else None)
@@ -467,7 +442,7 @@ class MultimodalModel(nn.Module):
         with atomic_path(os.path.join(directory, WEIGHTS_FILE)) as temporary:
             save_model(self, temporary)
         self.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
-        if getattr(self.bridge, "tokenizer", None) is not None:
+        if self.bridge.tokenizer is not None:
             self.bridge.tokenizer.save_pretrained(os.path.join(directory, BRIDGE_TOKENIZER_DIR))
         atomic_write_json(os.path.join(directory, PROCESSOR_FILE), self.processor_settings)
         atomic_write_json(os.path.join(directory, CONFIG_FILE),

@@ -162,7 +162,7 @@ class Server:
 
 def _context_length(model: nn.Module) -> int | None:
     """Positions a decoder-only LLM can hold (prompt + answer), if its config says; ``None`` otherwise."""
-    if getattr(model.llm, "is_encoder_decoder", False):
+    if model.llm.is_encoder_decoder:
         return None
     return getattr(getattr(model.llm, "config", None), "max_position_embeddings", None)
 

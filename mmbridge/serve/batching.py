@@ -68,8 +68,8 @@ Event = TextDelta | Finished | Failed
 
 @dataclass(eq=False)
 class Job:
-    """One request's decoding: its processed ``example`` (``input_ids`` ``[L]``, ``pixel_values``, ``bridge_*``),
-    settings and the queue its events go to."""
+    """One request's decoding: its processed ``example`` (``input_ids`` ``[L]``, ``pixel_values``, ``image_sizes``,
+    ``bridge_inputs``), settings and the queue its events go to."""
 
     example: dict[str, Any]
     sampling: Sampling

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmbridge.data.collate import collate
+from mmbridge.data.collate import collate, image_inputs
 from mmbridge.generate import generate
 from mmbridge.serve.batching import Failed, Finished, Job, TextDelta
 from mmbridge.serve.detokenize import AnswerText
@@ -115,9 +115,6 @@ class Engine:
     def _generate(self, jobs: list[Job], streamer: Any) -> None:
         batch = collate([{"id": str(index), **job.example} for index, job in enumerate(jobs)], self.pad_token_id,
                         padding_side="left")
-        pixel_values = batch["pixel_values"].to(self.device) if batch["pixel_values"] is not None else None
-        bridge_inputs = {key: value.to(self.device) for key, value in batch.items()
-                         if key.startswith("bridge_") and value is not None}
         generate(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                 pixel_values=pixel_values, streamer=streamer, max_new_tokens=max(job.max_tokens for job in jobs),
-                 **jobs[0].sampling.generate_settings(), **bridge_inputs)
+                 streamer=streamer, max_new_tokens=max(job.max_tokens for job in jobs),
+                 **jobs[0].sampling.generate_settings(), **image_inputs(batch, self.device))

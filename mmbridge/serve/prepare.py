@@ -59,14 +59,13 @@ def sampling_of(request: ChatCompletionRequest) -> Sampling:
 
 
 def encode_prompt(processor: Any, conversation: Conversation, images: list[Image.Image]) -> dict[str, Any]:
-    """``{"input_ids": [L], "pixel_values", "bridge_*"}`` for the conversation (as ``chat`` builds them)."""
+    """``{"input_ids": [L], "pixel_values", "image_sizes", "bridge_inputs"}`` for the conversation (as ``chat``
+    builds them; absent where the model needs none)."""
     try:
         encoded = processor.prompt_inputs(conversation.text, images, conversation.history)
-        bridge_text = processor.prompt_bridge_inputs(conversation.text, len(images), conversation.history)
     except (ValueError, jinja2.TemplateError) as error:  # the chat template or the placeholders refused the conversation
         raise invalid("messages", f"the conversation cannot be rendered for this model: {error}") from error
-    example = {**bridge_text, **encoded}
-    return {key: value for key, value in example.items() if value is not None}
+    return {key: value for key, value in encoded.items() if value is not None}
 
 
 def completion_budget(request: ChatCompletionRequest, prompt_tokens: int, settings: ServeSettings,

@@ -17,15 +17,14 @@ per cent of a caption step through a 135M LLM. The same idea is the "logit lens"
 (nostalgebraist, 2020) used as a training signal; the targets are region phrases as in
 grounded pretraining (Kosmos-2, arXiv 2306.14824; Shikra, arXiv 2306.15195).
 
-Requirements: the bridge's tokens form a square grid over the whole image in row-major order
-(token-wise projectors on a grid encoder, pooling, pixel shuffle), and the image transform
-keeps the whole image (``resize: exact``, no crop, no padding), so a box in 0–999 of the image
-is the same box on the token grid. Anything else is a clear ``ValueError``.
+Requirements: the bridge says its tokens lie on a grid over the whole image in row-major order
+(``Bridge.token_grid``: token-wise projectors on a grid encoder, pooling, pixel shuffle), and the
+image transform keeps the whole image (``resize: exact``, no crop, no padding), so a box in 0–999 of
+the image is the same box on the token grid. Anything else is a clear ``ValueError``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -69,13 +68,14 @@ class WordGroups:
             token_ids[name] = torch.tensor(ids)
         return cls(names, words, token_ids)
 
-    def cell_labels(self, regions: list[dict] | None, side: int) -> torch.Tensor:
-        """``[groups, side * side]`` word indices of the region covering each cell's centre (the smallest when
+    def cell_labels(self, regions: list[dict] | None, grid: tuple[int, int]) -> torch.Tensor:
+        """``[groups, rows * cols]`` word indices of the region covering each cell's centre (the smallest when
         several do), ``IGNORE`` where none does."""
-        labels = torch.full((len(self.names), side * side), IGNORE, dtype=torch.long)
-        for cell in range(side * side):
-            row, column = divmod(cell, side)
-            x, y = (column + 0.5) * 1000 / side, (row + 0.5) * 1000 / side  # the cell centre in 0–999 units
+        rows, cols = grid
+        labels = torch.full((len(self.names), rows * cols), IGNORE, dtype=torch.long)
+        for cell in range(rows * cols):
+            row, column = divmod(cell, cols)
+            x, y = (column + 0.5) * 1000 / cols, (row + 0.5) * 1000 / rows  # the cell centre in 0–999 units
             covering = [region for region in regions or []
                         if region["box"][0] <= x <= region["box"][2] and region["box"][1] <= y <= region["box"][3]]
             if not covering:
@@ -93,23 +93,24 @@ def _word_token(tokenizer, word: str) -> int:
     return next((token for token in ids if tokenizer.decode([token]).strip()), ids[0])
 
 
-def check_grid(model: nn.Module) -> int:
-    """The side of the bridge's token grid; a ``ValueError`` when tokens are not a square grid over the whole image."""
-    if getattr(model, "highres", None) is not None:
+def check_grid(model: nn.Module) -> tuple[int, int]:
+    """(rows, cols) of the bridge's token grid; a ``ValueError`` when its tokens do not lie on a grid over the whole
+    image."""
+    if model.highres is not None:
         raise ValueError(f"region_words reads one token grid over the whole image; a high-resolution strategy "
                          f"({model.config.highres.type}) gives each image crops and a layout of its own, which this "
                          f"objective does not read; train such a model's bridge with objective lm")
-    tokens = model.tokens_per_image
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ValueError(f"region_words needs the bridge's tokens to form a square grid over the image; this bridge "
-                         f"gives {tokens} tokens per image")
+    grid = model.bridge.token_grid(model.vision.feature_layout())
+    if grid is None:
+        raise ValueError(f"region_words reads each visual token as the words of the region under it, but the "
+                         f"{model.config.bridge.type} bridge's {model.tokens_per_image} tokens per image have no place "
+                         f"in the image; use a bridge that keeps the grid (mlp, pool, pixel_shuffle)")
     transform = model.vision.transform
     if transform.resize != "exact" or transform.crop or transform.pad_to_square:
         raise ValueError("region_words needs an image transform that keeps the whole image (resize: exact, no crop, "
                          f"no pad_to_square); this encoder's is resize={transform.resize!r}, crop={transform.crop}, "
                          f"pad_to_square={transform.pad_to_square}")
-    return side
+    return grid
 
 
 class RegionWordLoss(NamedTuple):
@@ -127,16 +128,13 @@ def region_word_loss(model: nn.Module, batch: dict, groups: WordGroups) -> Regio
 
     Every sample holds one image; one without regions contributes the norm term only.
     """
-    side = check_grid(model)
-    if batch.get("image_features") is not None:
-        tokens = model.bridge(batch["image_features"])  # [B, M, D]
-    else:
-        tokens = model.encode_images(batch["pixel_values"])  # [B, M, D]
+    grid = check_grid(model)
+    tokens = model.visual_tokens(batch.get("pixel_values"), batch.get("image_features"))  # [B, M, D]
     regions = batch.get("regions") or [None] * len(batch["ids"])
     if tokens.shape[0] != len(regions):
         raise ValueError(f"region_words takes one image per sample; this batch has {tokens.shape[0]} images for "
                          f"{len(regions)} samples ({batch['ids'][:3]}…)")
-    labels = torch.stack([groups.cell_labels(sample_regions, side) for sample_regions in regions])  # [B, G, M]
+    labels = torch.stack([groups.cell_labels(sample_regions, grid) for sample_regions in regions])  # [B, G, M]
     hidden = model.llm.final_norm()(tokens.float() if tokens.dtype != torch.float32 else tokens)  # [n, M, D]
     head = model.llm.lm_head.weight  # [V, D]
     loss = tokens.new_zeros((), dtype=torch.float32)

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from mmbridge.config import RunConfig, save_run_config
 from mmbridge.data import DataConfig, MixtureDataset, Processor, batch_indices, collate, model_inputs
 from mmbridge.data.loader import MicroBatches
-from mmbridge.eval.plots import plot_gates
 from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.distributed import any_process, check_launch, gather, make_accelerator, micro_seed
@@ -116,14 +115,14 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
         _rewrite_log(run.output_dir, state.history)
     result = TrainResult(model, state.history, output_dir=run.output_dir, main_process=accelerator.is_main_process)
     touched: set[str] = set()
-    check_upcycle(model, stages)
+    for stage in stages:  # what a stage asks of the bridge (MoE upcycling), before any stage trains
+        model.bridge.check_stage(stage)
     for index, stage in enumerate(stages):
         resuming = saved is not None and index == state.stage_index
         if resuming and state.step == 0:  # saved at a stage boundary: restore before this stage's LoRA init
             ckpt.load_trainable(saved_path, model)
             ckpt.restore_rng(saved_path, saved)
-        if stage.upcycle:  # copies the FFNs as trained so far; a checkpoint of later training overwrites them
-            model.bridge.upcycle()
+        model.bridge.start_stage(stage)  # e.g. MoE upcycling: copies the FFNs as trained so far
         rows = apply_stage(model, stage, log=False)
         touched |= {name for name, p in model.named_parameters() if p.requires_grad}
         if index < state.stage_index:
@@ -252,8 +251,7 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
                                   _Tally.merged(tallies), seconds)
             if grad_norm is not None:  # before clipping; the same in every process (gradients are averaged first)
                 record["grad_norm"] = float(grad_norm)
-            if hasattr(model.bridge, "step_report"):  # e.g. the tanh gates of gated cross-attention, every step
-                record.update(model.bridge.step_report())
+            record.update(model.bridge.step_report())  # e.g. the tanh gates of gated cross-attention
             result.history.append(record)
             if accelerator.is_main_process:
                 _append_log(run.output_dir, record)
@@ -292,10 +290,9 @@ def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: Multimodal
     model.eval()
     accelerator.free_memory()  # drops the stage's DDP wrapper (its hooks and buckets) and optimizer
     stage_records = [record for record in result.history if record["stage_index"] == index]
-    if accelerator.is_main_process and any("gates" in record for record in stage_records):
-        path = plot_gates(stage_records, os.path.join(run.output_dir, f"gates-{index + 1}-{stage.name}.png"),
-                          title=f"stage {index + 1} '{stage.name}'")
-        logger.info("gate plot: %s", path)
+    if accelerator.is_main_process:
+        for path in model.bridge.write_plots(stage_records, run.output_dir, index + 1, stage.name):
+            logger.info("plot: %s", path)
     if dataset.skipped:
         result.skipped[stage.name] = dict(dataset.skipped)
         logger.warning("stage '%s' skipped samples: %s", stage.name, dict(dataset.skipped))
@@ -424,14 +421,6 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 def _on_device(batch: dict, device: torch.device) -> dict:
     """The batch with its tensors on ``device`` (ids and regions stay as they are)."""
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-
-
-def check_upcycle(model: MultimodalModel, stages: list[StageConfig]) -> None:
-    """A stage that says ``upcycle`` needs a bridge that can (``moe``); say so before any stage trains."""
-    for stage in stages:
-        if stage.upcycle and not hasattr(model.bridge, "upcycle"):
-            raise ValueError(f"stage '{stage.name}' sets upcycle, which copies FFNs into MoE experts, but the "
-                             f"bridge ({type(model.bridge).__name__}) has none: use bridge type 'moe'")
 
 
 def add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:

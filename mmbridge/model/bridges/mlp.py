@@ -7,7 +7,7 @@
 * ``swiglu`` — ``down(silu(gate(x)) * up(x))`` after an input projection, the 2-layer
   SwiGLU adapter of CogVLM (arXiv 2311.03079).
 
-All keep the token count: ``num_tokens(N) == N``.
+All map each feature to one token: the token grid is the feature grid.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mmbridge.model.bridges.base import BRIDGES, Bridge
+from mmbridge.data.bridge_inputs import BridgeInputs
+from mmbridge.model.bridges.base import BRIDGES, Bridge, token_wise_grid
+from mmbridge.model.grid import FeatureGrid
 
 
 def default_projector() -> dict:
@@ -69,10 +71,14 @@ class MLPBridge(Bridge):
             self.add_module(f"linear_{index + 1}", nn.Linear(widths[index], widths[index + 1], bias=bias))
         self.act = ACT2FN[activation]
 
-    def num_tokens(self, num_features: int) -> int:
-        return num_features
+    def num_tokens(self, grid: FeatureGrid) -> int:
+        return grid.count
 
-    def forward(self, features: torch.Tensor, **context) -> torch.Tensor:  # [B, N, D_v] -> [B, N, D]
+    def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
+        return token_wise_grid(grid)
+
+    def forward(self, features: torch.Tensor, grid: FeatureGrid,
+                inputs: BridgeInputs | None = None) -> torch.Tensor:  # [B, N, D_v] -> [B, N, D]
         hidden = features
         for index in range(1, self.depth + 1):
             if index > 1:
@@ -92,10 +98,14 @@ class SwiGLUBridge(Bridge):
         self.up_proj = nn.Linear(out_dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, out_dim, bias=bias)
 
-    def num_tokens(self, num_features: int) -> int:
-        return num_features
+    def num_tokens(self, grid: FeatureGrid) -> int:
+        return grid.count
 
-    def forward(self, features: torch.Tensor, **context) -> torch.Tensor:  # [B, N, D_v] -> [B, N, D]
+    def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
+        return token_wise_grid(grid)
+
+    def forward(self, features: torch.Tensor, grid: FeatureGrid,
+                inputs: BridgeInputs | None = None) -> torch.Tensor:  # [B, N, D_v] -> [B, N, D]
         hidden = self.linear_proj(features)  # [B, N, D]
         return self.down_proj(nn.functional.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
 

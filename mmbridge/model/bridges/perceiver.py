@@ -17,7 +17,9 @@ the latents stay at the encoder's width (``output_dim``), for a consumer that ma
 
 Video: ``forward`` takes ``[B, N, D_v]`` (one frame) or ``[B, T, N, D_v]`` with ``T ≤ max_frames``;
 a learned temporal embedding is added to every feature of frame ``t`` and time × space is flattened
-before the latents attend, so frame order changes the output. ``num_tokens(N) == num_latents``.
+before the latents attend, so frame order changes the output. A video sent as one media by the processor
+arrives as frames ``[n_frames, N, D_v]`` with ``inputs.media_frames`` (the frames of each media).
+``num_tokens == num_latents`` for every grid; latents have no place in the image (``token_grid`` is None).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmbridge.model.bridges.base import BRIDGES, Bridge
+from mmbridge.data.bridge_inputs import BridgeInputs
+from mmbridge.model.bridges.base import BRIDGES, Bridge, ProcessorNeeds
+from mmbridge.model.grid import FeatureGrid
 
 DEFAULT_MAX_HIDDEN = 1024
 
@@ -106,8 +110,6 @@ class PerceiverLayer(nn.Module):
 class PerceiverResampler(Bridge):
     """Learned latents cross-attend to (time × space) features; ``num_latents`` tokens out for any input."""
 
-    takes_video = True  # the processor may send a video's frames as one media (``media_frames``)
-
     def __init__(self, in_dim: int, out_dim: int, num_latents: int, depth: int, heads: int, hidden_dim: int,
                  ff_mult: int, max_frames: int, head_dim: int | None = None, activation: str = "gelu",
                  project: bool = True) -> None:
@@ -131,8 +133,15 @@ class PerceiverResampler(Bridge):
         self.norm = nn.LayerNorm(hidden_dim)
         self.output_proj = nn.Linear(hidden_dim, out_dim) if project else nn.Identity()
 
-    def num_tokens(self, num_features: int) -> int:
+    def num_tokens(self, grid: FeatureGrid) -> int:
         return self.num_latents
+
+    def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
+        return None
+
+    def processor_needs(self) -> ProcessorNeeds:
+        """A video's frames reach the resampler together, as one media behind one placeholder."""
+        return ProcessorNeeds(video_frames=self.max_frames)
 
     def media_sequence(self, features: torch.Tensor) -> torch.Tensor:  # [B, N, D_v] | [B, T, N, D_v] -> [B, T·N, H]
         """Project features, add each frame's temporal embedding and flatten time × space."""
@@ -145,10 +154,11 @@ class PerceiverResampler(Bridge):
         media = self.input_proj(frames) + self.time_embeddings[:count, None, :]  # [B, T, N, H]
         return media.flatten(1, 2)  # [B, T·N, H]
 
-    def forward(self, features: torch.Tensor, media_frames: torch.Tensor | None = None,
-                **context: Any) -> torch.Tensor:  # [B, (T,) N, D_v] -> [B, L, D]
-        """``media_frames`` (``[n_media, 1]``, what the processor sends with video) groups the rows of
+    def forward(self, features: torch.Tensor, grid: FeatureGrid,
+                inputs: BridgeInputs | None = None) -> torch.Tensor:  # [B, (T,) N, D_v] -> [B, L, D]
+        """``inputs.media_frames`` (``[n_media, 1]``, what the processor sends with video) groups the rows of
         ``features`` ``[n_frames, N, D_v]`` into media of that many consecutive frames; one output per media."""
+        media_frames = inputs.media_frames if inputs is not None else None
         if media_frames is not None and features.dim() == 3:
             counts = [int(count) for count in media_frames.reshape(-1).tolist()]
             if sum(counts) != features.shape[0]:

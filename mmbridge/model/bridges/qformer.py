@@ -44,7 +44,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
+from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.model.bridges.base import BRIDGES, Bridge
+from mmbridge.model.grid import FeatureGrid
 from mmbridge.utils import atomic_path, atomic_write_json
 
 BUNDLED_BERT = "minilm"  # init_from value naming the bundled all-MiniLM-L6-v2
@@ -396,28 +398,36 @@ def save_qformer(qformer: QFormer, cfg: QFormerBridgeConfig, directory: str, tok
         tokenizer.save_pretrained(os.path.join(directory, QFORMER_TOKENIZER))
 
 
-# -- the BLIP-2 bridge -------------------------------------------------------------------------
-class QFormerBridge(Bridge):
-    """BLIP-2 stage 2: the queries' outputs ``[B, Q, H]`` through one FC layer to the LLM width.
+# -- the bridges ---------------------------------------------------------------------------------
+class QueryBridge(Bridge):
+    """A Q-Former-family bridge: ``num_queries`` tokens per image, which have no place in the image."""
 
-    ``num_tokens(N) == num_queries`` whatever the encoder's token count.
-    """
-
-    def __init__(self, qformer: QFormer, out_dim: int, config: QFormerBridgeConfig) -> None:
+    def __init__(self, qformer: QFormer, config: QFormerBridgeConfig) -> None:
         super().__init__()
         self.qformer = qformer
-        self.projection = nn.Linear(config.hidden_size, out_dim)
         self.spec = config
 
-    def num_tokens(self, num_features: int) -> int:
+    def num_tokens(self, grid: FeatureGrid) -> int:
         return self.qformer.num_queries
 
-    def forward(self, features: torch.Tensor, **context: Any) -> torch.Tensor:  # [B, N, D_v] -> [B, Q, D]
-        return self.projection(self.qformer(features))  # [B, Q, D]
+    def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
+        return None
 
-    def export_config(self) -> QFormerBridgeConfig:
-        """The resolved architecture without checkpoint paths (weights come from the saved model)."""
+    def export_config(self, config: Any = None) -> QFormerBridgeConfig:
+        """The resolved architecture without checkpoint paths (weights and tokenizer come from the saved model)."""
         return dataclasses.replace(self.spec, init_from=None, tokenizer=None)
+
+
+class QFormerBridge(QueryBridge):
+    """BLIP-2 stage 2: the queries' outputs ``[B, Q, H]`` through one FC layer to the LLM width."""
+
+    def __init__(self, qformer: QFormer, out_dim: int, config: QFormerBridgeConfig) -> None:
+        super().__init__(qformer, config)
+        self.projection = nn.Linear(config.hidden_size, out_dim)
+
+    def forward(self, features: torch.Tensor, grid: FeatureGrid,
+                inputs: BridgeInputs | None = None) -> torch.Tensor:  # [B, N, D_v] -> [B, Q, D]
+        return self.projection(self.qformer(features))  # [B, Q, D]
 
 
 @BRIDGES.register("qformer", QFormerBridgeConfig)

@@ -13,21 +13,22 @@ functions are evaluated directly at the feature cells' centres expressed in quer
 (``(i + 0.5) · G / h - 0.5`` for row ``i`` of ``h``, ``G = √num_queries``), which are the points
 that resizing samples, so any ``h × w`` works without interpolation and both grids share one frame.
 
-Features must form a square grid (``N = h·h``) unless the call passes ``grid=(h, w)`` (a pair, or a
-tensor ``[2]`` / ``[B, 2]`` with equal rows, e.g. from a batch's ``bridge_grid``).
-``num_tokens(N) == num_queries`` for every ``N``.
+The feature grid is the one the encoder reports for the call (any ``h × w``; crops of a high-resolution
+strategy each bring their own). ``num_tokens == num_queries`` for every grid; the queries have no place of
+their own in the image (``token_grid`` is None), since each reads the whole grid.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.model.bridges.base import BRIDGES, Bridge
+from mmbridge.model.grid import FeatureGrid
 
 
 @dataclass
@@ -62,25 +63,6 @@ def cell_centres(cells: int, query_side: int) -> torch.Tensor:
     return (torch.arange(cells, dtype=torch.float64) + 0.5) * (query_side / cells) - 0.5
 
 
-def grid_from_context(num_features: int, grid: Any = None) -> tuple[int, int]:
-    """``(h, w)`` of the feature grid: the ``grid`` hint, or the square root of ``num_features``."""
-    if grid is None:
-        side = math.isqrt(num_features)
-        if side * side != num_features:
-            raise ValueError(f"qwen_resampler needs a square grid of features, but N={num_features} is not a "
-                             f"perfect square; pass grid=(h, w) for a non-square grid")
-        return side, side
-    if isinstance(grid, torch.Tensor):
-        rows = grid.reshape(-1, 2)
-        if not torch.equal(rows, rows[:1].expand_as(rows)):
-            raise ValueError(f"qwen_resampler: every image in a call must share one grid, got {rows.tolist()}")
-        grid = rows[0].tolist()
-    height, width = (int(value) for value in grid)
-    if height * width != num_features:
-        raise ValueError(f"qwen_resampler: grid {height}x{width} holds {height * width} cells but N={num_features}")
-    return height, width
-
-
 class QwenResampler(Bridge):
     """Learned queries + one ``nn.MultiheadAttention`` over the features, with 2D sin-cos positions."""
 
@@ -103,8 +85,11 @@ class QwenResampler(Bridge):
         self.ln_post = nn.LayerNorm(hidden_dim)
         self.proj = nn.Linear(hidden_dim, out_dim, bias=False)
 
-    def num_tokens(self, num_features: int) -> int:
+    def num_tokens(self, grid: FeatureGrid) -> int:
         return self.num_queries
+
+    def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
+        return None
 
     def query_positions(self) -> torch.Tensor:
         """Sin-cos codes of the query grid's cells, ``[num_queries, hidden]``."""
@@ -116,9 +101,9 @@ class QwenResampler(Bridge):
         rows, cols = cell_centres(height, self.query_side), cell_centres(width, self.query_side)
         return sincos_2d(rows, cols, self.hidden_dim)
 
-    def forward(self, features: torch.Tensor, grid: Any = None,
-                **context: Any) -> torch.Tensor:  # [B, N, D_v] -> [B, Q, D]
-        height, width = grid_from_context(features.shape[1], grid)
+    def forward(self, features: torch.Tensor, grid: FeatureGrid,
+                inputs: BridgeInputs | None = None) -> torch.Tensor:  # [B, N, D_v] -> [B, Q, D]
+        height, width = grid.cells("qwen_resampler (2D positions of the features)", features.shape[1])
         values = self.ln_kv(self.kv_proj(features))  # [B, N, H]
         keys = values + self.key_positions(height, width).to(values)  # [B, N, H]
         queries = self.ln_q(self.query) + self.query_positions().to(values)  # [Q, H]

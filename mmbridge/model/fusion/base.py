@@ -11,18 +11,19 @@ frozen LLM's decoder layers. It keeps the contract of ``DESIGN.md`` ("bridges in
    parameter names and tensors stay those of the HF model.
 2. *Identity at init.* Experts are copies, adapters have zero output projections: a fresh
    model gives the base LLM's logits on text-only input.
-3. *One forward, one generate.* Per-call data comes from :attr:`LanguageModel.context` (set by
-   :meth:`MultimodalModel.forward`): ``image_mask`` ``[B, L]`` (True at visual tokens of this
-   call), ``attention_mask``, whatever :meth:`FusionBridge.prompt_context` derives from the
-   call's ids, and what :meth:`FusionBridge.decode_context` derives from the prompt — computed
-   once per ``generate`` call and passed to the prefill and every decoding step. A bridge whose
-   ``splices_tokens`` is False (gated cross-attention) keeps each ``<image>`` as one token and
-   finds the bridge's outputs in the context as ``visual_tokens``.
+3. *One forward, one generate.* Per-call data is one :class:`~mmbridge.model.bridges.base.FusionCall`
+   (:attr:`FusionBridge.call`, set by :meth:`MultimodalModel.forward` for the duration of the LLM's
+   forward), which modules only read: ``image_mask`` ``[B, L]``, ``attention_mask``, the bridge's
+   prompt state (:meth:`~mmbridge.model.bridges.base.Bridge.prompt_state`, made once per ``forward`` or
+   once per ``generate`` run and passed to the prefill and every step) and its call state
+   (:meth:`~mmbridge.model.bridges.base.Bridge.call_state`). What a module keeps across calls lives on the
+   module, with its lifetime stated where it is kept. A bridge that keeps each ``<image>`` as one token
+   (gated cross-attention) overrides :meth:`~mmbridge.model.bridges.base.Bridge.embed_images`.
 4. *Same tools.* Recipes, stages, the feature cache (features go through :meth:`forward`, the
    projector), the eval harness and save/load need nothing special.
 
-:attr:`FusionBridge.fuses_into_llm` tells the decoder's fast path (which calls the layers
-outside the model's forward, without context) to stay off.
+:attr:`~mmbridge.model.bridges.base.Bridge.fuses_into_llm` tells the decoder's fast path (which calls the
+layers outside the model's forward, without a call) to stay off.
 """
 
 from __future__ import annotations
@@ -33,25 +34,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmbridge.model.bridges.base import Bridge, build_bridge
+from mmbridge.data.bridge_inputs import BridgeInputs
+from mmbridge.model.bridges.base import Bridge, FusionCall, ProcessorNeeds, build_bridge
+from mmbridge.model.grid import FeatureGrid
 
 
 class FusionBridge(Bridge, abc.ABC):
     """A ``projector`` for the visual tokens plus parts inside the LLM, added by :meth:`attach`."""
 
     fuses_into_llm = True
-    splices_tokens = True  # False: <image> stays one token and the visual tokens reach the LLM another way
 
     def __init__(self, projector: Bridge) -> None:
         super().__init__()
         self.projector = projector
         self.__dict__["llm"] = None  # the LanguageModel adapter; referenced, never registered (its weights are llm.…)
 
-    def num_tokens(self, num_features: int) -> int:
-        return self.projector.num_tokens(num_features)
+    def num_tokens(self, grid: FeatureGrid) -> int:
+        return self.projector.num_tokens(grid)
 
-    def forward(self, features: torch.Tensor, **context: Any) -> torch.Tensor:  # [B, N, D_v] -> [B, M, D]
-        return self.projector(features, **context)
+    def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
+        return self.projector.token_grid(grid)
+
+    def grid_divisor(self) -> int:
+        return self.projector.grid_divisor()
+
+    def processor_needs(self) -> ProcessorNeeds:
+        return self.projector.processor_needs()
+
+    def forward(self, features: torch.Tensor, grid: FeatureGrid,
+                inputs: BridgeInputs | None = None) -> torch.Tensor:  # [B, N, D_v] -> [B, M, D]
+        return self.projector(features, grid, inputs)
 
     # -- inside the LLM -------------------------------------------------------------------------
     def attach(self, llm: nn.Module) -> None:
@@ -66,32 +78,9 @@ class FusionBridge(Bridge, abc.ABC):
         """Build the modules that act inside ``llm``'s decoder layers and hook them in."""
 
     @property
-    def context(self) -> dict[str, Any]:
-        """The running call's context (empty outside a call)."""
-        return (self.llm.context if self.llm is not None else None) or {}
-
-    def prompt_context(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
-        """Per-call data derived from the prompt that decoding steps must keep (none by default)."""
-        return {}
-
-    def decode_context(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
-                       image_tokens: torch.Tensor | None) -> dict[str, Any]:
-        """What every call of one ``generate`` run passes (prefill and steps): by default the prompt context."""
-        return self.prompt_context(image_mask, attention_mask)
-
-    def position_ids(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
-                     tokens_per_image: int) -> torch.Tensor | None:
-        """Position ids ``[B, L]`` this bridge wants for a sequence, or None for the model's default."""
-        return None
-
-    def training_outputs(self, context: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """After a training forward: auxiliary loss terms (already weighted, added to the loss) and statistics
-        to log (lists of counts, summed over micro-batches). None by default."""
-        return {}, {}
-
-    def inactive_parameters_per_token(self) -> int:
-        """Parameters of this bridge (and of the LLM it bypasses) that one token does not use."""
-        return 0
+    def call(self) -> FusionCall | None:
+        """The running call (None outside the LLM's forward, e.g. in the decoder's fast path)."""
+        return self.llm.context if self.llm is not None else None
 
 
 def selected_layers(llm: nn.Module, layers: list[int] | None, every: int = 1, where: str = "bridge") -> list[int]:
@@ -125,17 +114,9 @@ def submodule(layer: nn.Module, name: str, index: int, where: str) -> nn.Module:
 def projector_of(spec: Any, in_dim: int, out_dim: int) -> Bridge:
     """The input-token bridge a fusion bridge's ``projector`` field names."""
     built = build_bridge(spec, in_dim, out_dim)
-    if isinstance(built, FusionBridge):
+    if built.fuses_into_llm:
         raise ValueError(f"a fusion bridge's projector must be an input-token bridge, got {type(built).__name__}")
     return built
-
-
-def image_positions(context: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(rows, columns)`` of this call's visual tokens, or None when it has none; computed once per call."""
-    if "image_index" not in context:
-        mask = context.get("image_mask")
-        context["image_index"] = mask.nonzero(as_tuple=True) if mask is not None and bool(mask.any()) else None
-    return context["image_index"]
 
 
 def shared_image_positions(image_mask: torch.Tensor, attention_mask: torch.Tensor | None,

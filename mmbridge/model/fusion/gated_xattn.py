@@ -17,20 +17,27 @@ text; both take embeddings that belong to the bridge (``marker_embeddings``), wr
 LLM's rows, which stay frozen and unused. φ masking: a token cross-attends only to the latents
 of the last ``<image>`` at or before it (none before the first image; ``attend: all_previous``
 reads every image so far). While decoding, new tokens keep reading the prompt's last image, and
-each block computes the latents' keys and values once per ``generate`` call.
+each block computes the latents' keys and values once per ``generate`` run (:class:`XAttnPrompt` is the
+prompt state every step reads; the blocks keep the keys and values of the latest one until
+:meth:`GatedXAttnBridge.release_caches`). IDEFICS' ``image_attention_mask`` ``[B, L, N]`` may replace φ:
+it says which of each row's ``N`` image slots each position reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mmbridge.model.bridges.base import BRIDGES
+from mmbridge.model.bridges.base import BRIDGES, ProcessorNeeds
 from mmbridge.model.fusion.base import FusionBridge, projector_of, selected_layers
+from mmbridge.model.fusion.gate_plot import plot_gates
+from mmbridge.model.grid import FeatureGrid
 
 ATTEND = ("last", "all_previous")
 CHUNK_TOKEN = "<|endofchunk|>"
@@ -50,6 +57,25 @@ class GatedXAttnConfig:
     attend: str = "last"
     alpha_init: float = 0.0
     chunk_token: str | None = CHUNK_TOKEN  # None: no chunk token (IDEFICS has none)
+
+
+@dataclass(frozen=True)
+class XAttnPrompt:
+    """What a prompt's images say for every call of its run: the latents of its images ``[n, M, D]`` in order,
+    each row's image count ``[B]``, and IDEFICS' ``image_attention_mask`` ``[B, L, N]`` when given."""
+
+    latents: torch.Tensor
+    image_counts: torch.Tensor
+    image_attention_mask: torch.Tensor | None = None
+
+
+class XAttnLayout(NamedTuple):
+    """One call's latents per row ``[B, I·M, D]``, which of them each position may read ``[B, L, I·M]``, and
+    whether a position reads any ``[B, L]``."""
+
+    latents: torch.Tensor
+    allowed: torch.Tensor
+    sees_image: torch.Tensor
 
 
 class RMSNorm(nn.Module):
@@ -87,33 +113,36 @@ class GatedCrossAttentionBlock(nn.Module):
         self.act = ACT2FN[activation]
         self.alpha_attn = nn.Parameter(torch.full((1,), float(alpha_init)))
         self.alpha_ff = nn.Parameter(torch.full((1,), float(alpha_init)))
-        self.__dict__["bridge"] = bridge  # referenced for the call's context, not registered
+        self.__dict__["bridge"] = bridge  # referenced for the running call, not registered
         self.key = key
+        # the latents' keys and values for one prompt state, kept from the first call of its run (a forward, or a
+        # generate run's prefill) until the bridge's release_caches: (XAttnPrompt, keys, values) or None
+        self.__dict__["kv_cache"] = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
-        layout = self.bridge.layout(hidden.shape[0], hidden.shape[1])
+        call = self.bridge.call
+        layout: XAttnLayout | None = call.state if call is not None else None
         if layout is not None:
-            keys, values = self.keys_values(layout["latents"])  # [B, H, I·M, d]
+            keys, values = self.keys_values(call.prompt, layout.latents)  # [B, H, I·M, d]
             batch, length, _ = hidden.shape
             queries = self.q_proj(self.attn_norm(hidden)).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
             attended = nn.functional.scaled_dot_product_attention(
-                queries, keys.to(queries.dtype), values.to(queries.dtype), attn_mask=layout["allowed"][:, None])
+                queries, keys.to(queries.dtype), values.to(queries.dtype), attn_mask=layout.allowed[:, None])
             attended = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))  # [B, L, D]
-            attended = attended * layout["sees_image"][..., None].to(attended.dtype)  # no image yet: nothing read
+            attended = attended * layout.sees_image[..., None].to(attended.dtype)  # no image yet: nothing read
             hidden = hidden + torch.tanh(self.alpha_attn).to(hidden.dtype) * attended.to(hidden.dtype)
         normed = self.ff_norm(hidden)
         dense = self.down_proj(self.act(self.gate_proj(normed)) * self.up_proj(normed))
         return hidden + torch.tanh(self.alpha_ff).to(hidden.dtype) * dense.to(hidden.dtype)
 
-    def keys_values(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The latents' keys and values ``[B, H, S, d]``, computed once per call (once per ``generate``)."""
-        memo = self.bridge.context.setdefault("xattn_memo", {})
-        if self.key not in memo:
+    def keys_values(self, prompt: XAttnPrompt, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents' keys and values ``[B, H, S, d]``, computed once per prompt state (once per ``generate``)."""
+        if self.kv_cache is None or self.kv_cache[0] is not prompt:
             batch, slots, _ = latents.shape
             shape = (batch, slots, self.heads, self.head_dim)
-            memo[self.key] = (self.k_proj(latents).view(shape).transpose(1, 2),
-                              self.v_proj(latents).view(shape).transpose(1, 2))
-        return memo[self.key]
+            self.__dict__["kv_cache"] = (prompt, self.k_proj(latents).view(shape).transpose(1, 2),
+                                         self.v_proj(latents).view(shape).transpose(1, 2))
+        return self.kv_cache[1], self.kv_cache[2]
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Forward pre-hook on the decoder layer this block precedes."""
@@ -125,8 +154,6 @@ class GatedCrossAttentionBlock(nn.Module):
 class GatedXAttnBridge(FusionBridge):
     """Resampler + gated cross-attention blocks in front of the chosen decoder layers (module docstring)."""
 
-    splices_tokens = False  # visual tokens reach the LLM through cross-attention, not through the sequence
-
     def __init__(self, cfg: GatedXAttnConfig, in_dim: int, out_dim: int) -> None:
         super().__init__(projector_of(cfg.resampler, in_dim, out_dim))
         if cfg.attend not in ATTEND:
@@ -136,20 +163,15 @@ class GatedXAttnBridge(FusionBridge):
         self.blocks = nn.ModuleDict()  # str(layer index) → GatedCrossAttentionBlock
         self.chunk_token_id: int | None = None
 
-    def num_tokens(self, num_features: int) -> int:
+    def num_tokens(self, grid: FeatureGrid) -> int:
         return 1  # each <image> is one ordinary token
 
-    @property
-    def takes_video(self) -> bool:
-        """Whether a video's frames reach the resampler together (the Perceiver's temporal embeddings)."""
-        return bool(getattr(self.projector, "takes_video", False))
+    def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
+        return None  # the marker has no place in the image
 
-    @property
-    def max_frames(self) -> int | None:
-        return getattr(self.projector, "max_frames", None)
-
-    def latents_per_image(self, num_features: int) -> int:
-        return self.projector.num_tokens(num_features)
+    def processor_needs(self) -> ProcessorNeeds:
+        """The resampler's (a video as one media, for the Perceiver's temporal embeddings) and the chunk token."""
+        return dataclasses.replace(self.projector.processor_needs(), chunk_token=self.cfg.chunk_token)
 
     def _attach(self, llm: nn.Module) -> None:
         config = llm.config
@@ -169,20 +191,43 @@ class GatedXAttnBridge(FusionBridge):
             decoder_layers[index].register_forward_pre_hook(block.pre_hook, with_kwargs=True)
 
     # -- the sequence -----------------------------------------------------------------------------
-    def embed_markers(self, input_ids: torch.Tensor, embeds: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        """Write the bridge's own ``<image>`` and ``<|endofchunk|>`` embeddings into ``embeds`` ``[B, L, D]``."""
+    def embed_images(self, input_ids: torch.Tensor, embeds: torch.Tensor, image_mask: torch.Tensor,
+                     image_tokens: torch.Tensor, prompt: XAttnPrompt | None = None) -> torch.Tensor:
+        """Write the bridge's own ``<image>`` and ``<|endofchunk|>`` embeddings into ``embeds`` ``[B, L, D]``; the
+        latents reach the LLM through cross-attention. With IDEFICS' ``image_attention_mask`` in the prompt the
+        images fill per-row slots rather than one per ``<image>``."""
+        slots = int(image_mask.sum())
+        slots_given = prompt is not None and prompt.image_attention_mask is not None
+        if image_tokens.shape[0] != slots and not slots_given:
+            raise ValueError(f"input_ids hold {slots} <image> token(s) but {image_tokens.shape[0]} image(s) were given")
         chunk_mask = input_ids == self.chunk_token_id if self.chunk_token_id is not None else torch.zeros_like(image_mask)
         markers = chunk_mask.long()  # 0 at <image>, 1 at <|endofchunk|>
         replace = (image_mask | chunk_mask).unsqueeze(-1)
         return torch.where(replace, self.marker_embeddings(markers).to(embeds.dtype), embeds)
 
-    def decode_context(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
-                       image_tokens: torch.Tensor | None) -> dict[str, Any]:
-        """What decoding steps keep: the latents, each row's image count, and the keys/values memo."""
-        return {"visual_tokens": image_tokens, "image_counts": image_mask.sum(-1), "xattn_memo": {}}
+    def prompt_state(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
+                     image_tokens: torch.Tensor | None,
+                     image_attention_mask: torch.Tensor | None = None) -> XAttnPrompt | None:
+        """The prompt's latents and each row's image count (None without images): what decoding steps read."""
+        if image_tokens is None or image_tokens.shape[0] == 0:
+            return None
+        return XAttnPrompt(image_tokens, image_mask.sum(-1), image_attention_mask)
 
-    def idefics_layout(self, latents: torch.Tensor, image_attention_mask: torch.Tensor,
-                       length: int) -> dict[str, torch.Tensor]:
+    def call_state(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
+                   prompt: XAttnPrompt | None) -> XAttnLayout | None:
+        """Which latents each position of this call reads (φ, or IDEFICS' mask); None when no row holds an image."""
+        if prompt is None:
+            return None
+        if prompt.image_attention_mask is not None:
+            return self.idefics_layout(prompt.latents, prompt.image_attention_mask, image_mask.shape[1])
+        return self.phi_layout(prompt.latents, image_mask, prompt.image_counts)
+
+    def release_caches(self) -> None:
+        """Drop every block's keys and values of the latest prompt's latents."""
+        for block in self.blocks.values():
+            block.__dict__["kv_cache"] = None
+
+    def idefics_layout(self, latents: torch.Tensor, image_attention_mask: torch.Tensor, length: int) -> XAttnLayout:
         """The layout transformers' IDEFICS takes instead of φ: ``image_attention_mask`` ``[B, L, N]`` (1 where a
         position reads image slot ``n`` of its row; padded slots hold any pixels and are never read) and latents
         for ``B·N`` slots. Generated positions read as the mask's last row (as transformers' ``generate`` extends it)."""
@@ -198,29 +243,12 @@ class GatedXAttnBridge(FusionBridge):
         per_image = latents.shape[1]
         sees_image = mask.any(-1)  # [B, L]
         allowed = (mask | ~sees_image[..., None]).repeat_interleave(per_image, dim=-1)  # [B, L, N·M]
-        return {"latents": latents.reshape(batch, slots * per_image, -1), "allowed": allowed,
-                "sees_image": sees_image}
+        return XAttnLayout(latents.reshape(batch, slots * per_image, -1), allowed, sees_image)
 
-    def layout(self, batch: int, length: int) -> dict[str, torch.Tensor] | None:
-        """This call's latents per row ``[B, I·M, D]``, which of them each position may read ``[B, L, I·M]``,
-        and whether it reads any ``[B, L]``; None when no row holds an image. Computed once per call."""
-        context = self.context
-        if "xattn_layout" in context:
-            return context["xattn_layout"]
-        latents, image_mask = context.get("visual_tokens"), context.get("image_mask")
-        layout = None
-        if latents is not None and latents.shape[0] > 0 and context.get("image_attention_mask") is not None:
-            layout = self.idefics_layout(latents, context["image_attention_mask"], length)
-        elif latents is not None and latents.shape[0] > 0 and image_mask is not None:
-            layout = self._build_layout(latents, image_mask, context.get("image_counts"))
-        context["xattn_layout"] = layout
-        return layout
-
-    def _build_layout(self, latents: torch.Tensor, image_mask: torch.Tensor,
-                      counts: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def phi_layout(self, latents: torch.Tensor, image_mask: torch.Tensor, counts: torch.Tensor) -> XAttnLayout:
+        """Flamingo's φ: each position reads the last image at or before it (``attend: all_previous``: every image
+        so far). ``counts`` ``[B]``: each row's images in the whole sequence (a decoding step sees none itself)."""
         batch, length = image_mask.shape
-        in_call = image_mask.sum(-1)  # [B]
-        counts = in_call if counts is None else counts  # images per row in the whole sequence
         if int(counts.sum()) != latents.shape[0]:
             raise ValueError(f"the sequences hold {int(counts.sum())} <image> tokens but {latents.shape[0]} "
                              f"image(s) were given")
@@ -230,6 +258,7 @@ class GatedXAttnBridge(FusionBridge):
         valid = slot[None] < counts[:, None]  # [B, I]
         index = (first[:, None] + slot[None]).clamp(max=latents.shape[0] - 1)
         padded = latents[index] * valid[..., None, None].to(latents.dtype)  # [B, I, M, D]
+        in_call = image_mask.sum(-1)  # [B]
         phi = (counts - in_call)[:, None] + image_mask.long().cumsum(-1)  # [B, L]: 1-based last image, 0 none
         image_number = slot[None, None] + 1  # [1, 1, I]
         if self.cfg.attend == "last":
@@ -239,7 +268,7 @@ class GatedXAttnBridge(FusionBridge):
         sees_image = phi > 0  # [B, L]
         allowed = allowed | ~sees_image[..., None]  # rows that see nothing attend anywhere; their output is zeroed
         allowed = allowed.repeat_interleave(per_image, dim=-1)  # [B, L, I·M]
-        return {"latents": padded.reshape(batch, most * per_image, -1), "allowed": allowed, "sees_image": sees_image}
+        return XAttnLayout(padded.reshape(batch, most * per_image, -1), allowed, sees_image)
 
     # -- reporting --------------------------------------------------------------------------------
     def step_report(self) -> dict[str, Any]:
@@ -250,6 +279,13 @@ class GatedXAttnBridge(FusionBridge):
         return {"gates": {"layers": [int(key) for key in self.blocks],
                           "attn": [gate(block.alpha_attn) for block in self.blocks.values()],
                           "dense": [gate(block.alpha_ff) for block in self.blocks.values()]}}
+
+    def write_plots(self, records: list[dict], directory: str, number: int, name: str) -> list[str]:
+        """Flamingo's gate figure (``gates-<number>-<name>.png``) from the stage's step records."""
+        if not any("gates" in record for record in records):
+            return []
+        return [plot_gates(records, os.path.join(directory, f"gates-{number}-{name}.png"),
+                           title=f"stage {number} '{name}'")]
 
 
 @BRIDGES.register("gated_xattn", GatedXAttnConfig)

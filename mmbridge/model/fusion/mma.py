@@ -11,7 +11,7 @@ the model starts as the LLM), mixed per sample by a router:
 ``t_m`` is a learned modality token: one embedding for samples that hold an image and one
 for text-only samples, so the router shifts each input between single- and multi-modal
 paths. Whether a sample holds an image is read once from the prompt
-(:meth:`MMABridge.prompt_context`) and kept while decoding. The adapters are linear (RepAdapter,
+(:meth:`MMABridge.prompt_state`) and kept while decoding. The adapters are linear (RepAdapter,
 as LaVIN) and train end to end with the ``projector``; the paper's point is that the trainable
 part is tiny (``mmbridge info`` and the trainer's stage table report it). LaVIN also places
 adapters in the image encoder; here the encoder is the user's choice and stays as the stage
@@ -59,7 +59,7 @@ class ModalityAdapter(nn.Module):
             nn.init.zeros_(up.bias)
         self.router = nn.Linear(dim, cfg.paths)
         self.temperature, self.scale = cfg.temperature, cfg.scale
-        self.__dict__["bridge"] = bridge  # referenced for the call's context and modality tokens, not registered
+        self.__dict__["bridge"] = bridge  # referenced for the running call and modality tokens, not registered
 
     def adapt(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         weights = self.path_weights(hidden.shape[0])  # [B, P]
@@ -69,7 +69,8 @@ class ModalityAdapter(nn.Module):
 
     def path_weights(self, batch: int) -> torch.Tensor:
         """Routing weights ``[B, P]`` from each sample's modality token."""
-        has_image = self.bridge.context.get("sample_has_image")
+        call = self.bridge.call
+        has_image = call.prompt if call is not None else None  # [B], the prompt state
         if has_image is None:  # called outside a MultimodalModel forward: text only
             has_image = torch.zeros(batch, dtype=torch.bool, device=self.down.weight.device)
         if has_image.shape[0] != batch:
@@ -110,9 +111,12 @@ class MMABridge(FusionBridge):
                 self.adapters[f"{index}_{site.replace('.', '_')}"] = adapter
                 module.register_forward_pre_hook(adapter.pre_hook, with_kwargs=True)
 
-    def prompt_context(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
+    def prompt_state(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None,
+                     image_tokens: torch.Tensor | None,
+                     image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Each sample's modality, ``[B]`` (True: it holds an image), kept for every decoding step."""
-        return {"sample_has_image": image_mask.any(-1)}
+        super().prompt_state(image_mask, attention_mask, image_tokens, image_attention_mask)  # refuses the IDEFICS mask
+        return image_mask.any(-1)
 
 
 @BRIDGES.register("mma", MMAConfig)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmbridge.model.bridges.base import BRIDGES
+from mmbridge.model.bridges.base import BRIDGES, FusionCall
 from mmbridge.model.bridges.mlp import default_projector
 from mmbridge.model.fusion.base import FusionBridge, projector_of, selected_layers, submodule
 
@@ -62,7 +62,7 @@ class SparseMoE(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         self.experts = nn.ModuleList(copy.deepcopy(dense) for _ in range(cfg.num_experts))
         self.top_k = cfg.top_k
-        self.__dict__["bridge"] = bridge  # referenced for the call's context, not registered
+        self.__dict__["bridge"] = bridge  # referenced for the running call, not registered
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         flat = hidden.reshape(-1, hidden.shape[-1])  # [T, D]
@@ -115,6 +115,9 @@ class MoEBridge(FusionBridge):
         self.active = cfg.start == "moe"
         self.moe_layers = nn.ModuleDict()  # str(layer index) → SparseMoE
         self.__dict__["dense_ffns"] = {}  # str(layer index) → the LLM's FFN (referenced, not registered)
+        # the router logits and choices of every MoE layer in the latest training call, kept from that call's
+        # first layer until training_outputs reads them (or the next training call starts)
+        self.__dict__["routing"] = None  # (the FusionCall, [(logits [T, E], chosen [T, k]) per layer]) or None
 
     def _attach(self, llm: nn.Module) -> None:
         decoder_layers = llm.decoder_layers()
@@ -128,6 +131,15 @@ class MoEBridge(FusionBridge):
             setattr(parent, name, MoEFeedForward(dense, moe))
 
     # -- MoE-tuning -----------------------------------------------------------------------------
+    def check_stage(self, stage: Any) -> None:
+        """Every stage suits MoE-tuning (``upcycle`` included)."""
+
+    def start_stage(self, stage: Any) -> None:
+        """A stage with ``upcycle`` copies the FFNs as trained so far (a checkpoint of later training overwrites
+        them on resume)."""
+        if getattr(stage, "upcycle", False):
+            self.upcycle()
+
     @torch.no_grad()
     def upcycle(self) -> None:
         """Copy each layer's FFN (as trained so far) into all its experts and route from now on."""
@@ -137,7 +149,7 @@ class MoEBridge(FusionBridge):
                 expert.load_state_dict(state)
         self.active = True
 
-    def export_config(self) -> MoEConfig:
+    def export_config(self, config: Any = None) -> MoEConfig:
         """The config that rebuilds this bridge as it is now (``start: moe`` once upcycled)."""
         from dataclasses import replace
 
@@ -145,18 +157,22 @@ class MoEBridge(FusionBridge):
 
     # -- training signals -----------------------------------------------------------------------
     def record(self, logits: torch.Tensor, chosen: torch.Tensor) -> None:
-        """Keep one layer's router logits ``[T, E]`` and choices ``[T, k]`` in the call's context."""
-        context = self.context
-        if context:
-            context.setdefault("moe_routing", []).append((logits, chosen))
+        """Keep one layer's router logits ``[T, E]`` and choices ``[T, k]`` during a training call."""
+        call = self.call
+        if call is None or not call.training:
+            return
+        if self.routing is None or self.routing[0] is not call:
+            self.__dict__["routing"] = (call, [])
+        self.routing[1].append((logits, chosen))
 
-    def training_outputs(self, context: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """``moe_aux_loss`` (weighted load-balancing loss) and ``moe_tokens_per_expert`` (per layer)."""
-        routing = context.get("moe_routing")
+    def training_outputs(self, call: FusionCall) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``moe_aux_loss`` (weighted load-balancing loss) and ``moe_tokens_per_expert`` (per layer) of ``call``."""
+        routing = self.routing[1] if self.routing is not None and self.routing[0] is call else []
+        self.__dict__["routing"] = None
         if not routing:
             return {}, {}
         tokens = routing[0][0].shape[0]
-        mask = context.get("attention_mask")
+        mask = call.attention_mask
         keep = (mask.reshape(-1).float() if mask is not None and mask.numel() == tokens
                 else torch.ones(tokens, device=routing[0][0].device))  # [T]
         experts = self.cfg.num_experts

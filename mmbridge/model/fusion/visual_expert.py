@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from mmbridge.model.bridges.base import BRIDGES
-from mmbridge.model.fusion.base import (FusionBridge, image_positions, projector_of, selected_layers,
-                                        shared_image_positions, submodule)
+from mmbridge.model.fusion.base import (FusionBridge, projector_of, selected_layers, shared_image_positions,
+                                        submodule)
 
 
 @dataclass
@@ -51,17 +51,18 @@ class LayerExperts(nn.Module):
     def __init__(self, originals: dict[str, nn.Module], bridge: "VisualExpertBridge") -> None:
         super().__init__()
         self.experts = nn.ModuleDict({name: copy.deepcopy(module) for name, module in originals.items()})
-        self.__dict__["bridge"] = bridge  # referenced for the call's context, not registered
+        self.__dict__["bridge"] = bridge  # referenced for the running call, not registered
 
     def route(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         """Forward hook: the expert's output replaces the original's at this call's visual positions."""
-        index = image_positions(self.bridge.context)
+        call = self.bridge.call
+        index = call.image_positions if call is not None else None
         if index is None:
             return None
         inputs = args[0]  # [B, L, D_in]
-        if inputs.shape[:2] != self.bridge.context["image_mask"].shape:
+        if inputs.shape[:2] != call.image_mask.shape:
             raise RuntimeError(f"visual expert {name}: input {tuple(inputs.shape)} does not line up with the "
-                               f"image mask {tuple(self.bridge.context['image_mask'].shape)}")
+                               f"image mask {tuple(call.image_mask.shape)}")
         expert_output = self.experts[name](inputs[index])  # [n_visual, D_out]
         return output.index_put(index, expert_output.to(output.dtype))
 

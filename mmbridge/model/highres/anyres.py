@@ -8,7 +8,8 @@ tokens of a global view (the whole image resized to the encoder's size) come fir
 what transformers' ``LlavaNextForConditionalGeneration`` builds (``pack_image_features``), so a
 LLaVA-NeXT checkpoint imports exactly (:mod:`mmbridge.interop.llava_next`).
 
-The bridge must keep the spatial grid (MLP, pooling, pixel shuffle): AnyRes stitches token grids.
+The bridge must report where its tokens lie (``token_grid``: MLP, pooling, pixel shuffle): AnyRes stitches
+token grids.
 """
 
 from __future__ import annotations
@@ -57,23 +58,11 @@ class AnyRes(HighResStrategy):
         if self.cfg.newline and not hasattr(bridge, "image_newline"):
             # LLaVA-NeXT's initialisation: N(0, 1/hidden) per entry
             bridge.register_parameter("image_newline", nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size)))
-        self.token_grid(self.encoder_size)  # fail early when the bridge does not keep the grid
+        self.token_grid(self.encoder_size)  # fail early when the bridge's tokens have no place in the image
 
     def candidates(self) -> list[tuple[int, int]]:
         height, width = self.encoder_size
         return [(rows * height, cols * width) for rows, cols in self.cfg.grid]
-
-    def token_grid(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(rows, cols) of one crop's bridge tokens: the encoder grid, shrunk evenly when the bridge pools."""
-        grid_height, grid_width = self.vision.feature_grid(*size)  # type: ignore[union-attr]
-        count = int(self.bridge.num_tokens(grid_height * grid_width))  # type: ignore[union-attr]
-        if count == grid_height * grid_width:
-            return grid_height, grid_width
-        ratio = math.isqrt(grid_height * grid_width // max(count, 1))
-        if ratio * ratio * count == grid_height * grid_width and grid_height % ratio == 0 and grid_width % ratio == 0:
-            return grid_height // ratio, grid_width // ratio
-        raise ValueError(f"anyres stitches token grids, but the bridge turns a {grid_height}x{grid_width} grid into "
-                         f"{count} tokens, which is not a grid; use a bridge that keeps it (mlp, pool, pixel_shuffle)")
 
     def plan(self, image_size: tuple[int, int]) -> ImageLayout:
         tile = self.encoder_size

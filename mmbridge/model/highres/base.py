@@ -9,11 +9,14 @@ The layout is a pure function of the image size and the model, so
 * the processor asks the model for it per image and expands each ``<image>`` to exactly that
   sequence (the token count depends on each image's size);
 * the batch carries only the crops' pixels ``[n_crops, 3, H, W]`` (padded to the batch's largest
-  crop) and ``bridge_image_sizes`` ``[n_images, 2]`` (original height, width, as transformers'
-  ``image_sizes``); the model recomputes every layout from those sizes;
+  crop) and ``image_sizes`` ``[n_images, 2]`` (original height, width, transformers' name); the model
+  recomputes every layout from those sizes;
 * the model encodes the crops (grouped by size, and by tile position where the strategy switches
-  encoder adapters per position), runs the bridge per crop and lets the strategy merge one image's
-  crop tokens into the visual tokens that fill its slots.
+  encoder adapters per position), runs the bridge per crop with that crop's feature grid and lets the
+  strategy merge one image's crop tokens into the visual tokens that fill its slots.
+
+What a crop costs and where its tokens lie come from the bridge itself: ``bridge.num_tokens`` and
+``bridge.token_grid`` of the encoder's :class:`~mmbridge.model.grid.FeatureGrid` at the crop's size.
 
 Parameters a strategy adds live under the fixed module keys: the ``image_newline`` of AnyRes on the
 bridge, Monkey's per-position LoRA inside the vision encoder. :meth:`HighResStrategy.attach` adds them,
@@ -23,7 +26,6 @@ as a fusion bridge's ``attach`` does, so save/load rebuild them from the config.
 from __future__ import annotations
 
 import abc
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,7 +34,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.data.collate import pad_stack
+from mmbridge.model.grid import FeatureGrid
 from mmbridge.registry import Registry
 
 VISUAL = -1  # a visual slot in an ImageLayout's token sequence
@@ -71,10 +75,6 @@ class ImageLayout:
 class HighResStrategy(abc.ABC):
     """Base class. Subclasses implement :meth:`plan` (the layout), :meth:`crop` (PIL geometry) and may override
     :meth:`merge` (crop tokens → the image's visual tokens; default: concatenation in crop order)."""
-
-    # True where an image is one crop merged as is, so already-patchified pixel_values ([n, N, D] or [N_total, D],
-    # transformers' Fuyu tensors) given without image sizes are the visual tokens' inputs in slot order
-    sequence_inputs = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -124,10 +124,25 @@ class HighResStrategy(abc.ABC):
         """The encoder's native input (height, width)."""
         return tuple(self.vision.transform.output_size)  # type: ignore[union-attr,return-value]
 
+    def feature_grid(self, size: tuple[int, int]) -> FeatureGrid:
+        """The encoder's feature grid for a crop of ``size`` (height, width)."""
+        return self.vision.feature_layout(*size)  # type: ignore[union-attr]
+
     def crop_tokens(self, crop: Crop) -> int:
-        """Bridge tokens of one crop (its feature count through the bridge)."""
-        grid = self.vision.feature_grid(*crop.size)  # type: ignore[union-attr]
-        return int(self.bridge.num_tokens(grid[0] * grid[1]))  # type: ignore[union-attr]
+        """Bridge tokens of one crop."""
+        return int(self.bridge.num_tokens(self.feature_grid(crop.size)))  # type: ignore[union-attr]
+
+    def token_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of the bridge's tokens for a crop of ``size``; a ``ValueError`` naming the bridge when its
+        tokens have no place in the image (this strategy lays tokens out in rows)."""
+        grid = self.feature_grid(size)
+        tokens = self.bridge.token_grid(grid)  # type: ignore[union-attr]
+        if tokens is None:
+            raise ValueError(f"{type(self).__name__.lower()} lays visual tokens out in rows, but the "
+                             f"{type(self.bridge).__name__} bridge's tokens have no place in the image (the encoder "
+                             f"gives {grid.describe()}); use a bridge that keeps the grid (mlp, pool, pixel_shuffle) "
+                             f"on an encoder whose features are all cells of a grid")
+        return tokens
 
     def encoder_context(self, key: Any) -> Any:
         """A context manager active while crops of :meth:`adapter_key` ``key`` are encoded (Monkey: a tile's LoRA)."""
@@ -138,13 +153,6 @@ class HighResStrategy(abc.ABC):
     def adapter_key(self, crop: Crop) -> Any:
         """Crops with equal keys share one encoder pass (the tile position, where adapters differ per tile)."""
         return None
-
-    def crop_context(self, crop: Crop) -> dict[str, Any]:
-        """Bridge arguments of one crop beyond the per-image context: its feature ``grid`` (rows, cols) for a bridge
-        whose forward takes one (qwen_resampler's 2D positions), so crops of other shapes get their own positions."""
-        if "grid" not in inspect.signature(self.bridge.forward).parameters:  # type: ignore[union-attr]
-            return {}
-        return {"grid": tuple(self.vision.feature_grid(*crop.size))}  # type: ignore[union-attr]
 
     def merge(self, layout: ImageLayout, tokens: list[torch.Tensor]) -> torch.Tensor:
         """One image's crop tokens (``[M_c, D]`` per crop) → its visual tokens ``[layout.visual_tokens, D]``."""
@@ -173,8 +181,7 @@ class HighResStrategy(abc.ABC):
                 for crop in self.layout(tuple(size)).crops]
 
     def feature_count(self, crop: Crop) -> int:
-        rows, cols = self.vision.feature_grid(*crop.size)  # type: ignore[union-attr]
-        return rows * cols
+        return self.feature_grid(crop.size).count
 
     def unpad_features(self, features: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """Cached per-crop features ``[n_crops, N_max, D_v]`` (right-padded) → ``[N_c, D_v]`` per crop."""
@@ -197,12 +204,12 @@ def crop_features(strategy: HighResStrategy, pixel_values: torch.Tensor, image_s
 
 
 def tokens_from_features(strategy: HighResStrategy, features: list[torch.Tensor], image_sizes: torch.Tensor,
-                         bridge: Callable[..., torch.Tensor], context: dict[str, Any]) -> torch.Tensor:
+                         bridge: Callable[..., torch.Tensor], inputs: BridgeInputs | None) -> torch.Tensor:
     """Per-crop features → bridge per crop → each image's crops merged: visual tokens ``[sum of slots, D]`` in image
-    order. Per-image ``context`` rows (``[n_images, …]``) are repeated for each of the image's crops."""
+    order. Each crop's row of the per-image ``inputs`` is its image's."""
     crops = strategy.crops_of(image_sizes)
-    tokens = bridge_crops(features, [index for index, _ in crops], bridge, context,
-                          [strategy.crop_context(crop) for _, crop in crops])
+    tokens = bridge_crops(features, [index for index, _ in crops], bridge, inputs,
+                          [strategy.feature_grid(crop.size) for _, crop in crops])
     merged, cursor = [], 0
     for size in image_sizes.tolist():
         layout = strategy.layout(tuple(size))
@@ -234,20 +241,17 @@ def encode_crops(strategy: HighResStrategy, pixel_values: torch.Tensor, crops: l
 
 
 def bridge_crops(features: list[torch.Tensor], owners: list[int], bridge: Callable[..., torch.Tensor],
-                 context: dict[str, Any], crop_context: list[dict[str, Any]] | None = None) -> list[torch.Tensor]:
-    """Bridge tokens ``[M_c, D]`` per crop; crops with equally many features (and equal ``crop_context``, each
-    crop's own arguments) go through one call, each with its image's row of every per-image ``context`` tensor."""
-    crop_context = crop_context or [{}] * len(features)
-    groups: dict[tuple, list[int]] = {}
-    for index, feature in enumerate(features):
-        groups.setdefault((tuple(feature.shape), tuple(sorted(crop_context[index].items()))), []).append(index)
+                 inputs: BridgeInputs | None, grids: list[FeatureGrid]) -> list[torch.Tensor]:
+    """Bridge tokens ``[M_c, D]`` per crop; crops with the same feature grid go through one call, each with its
+    image's (``owners``) row of the per-image ``inputs``."""
+    groups: dict[FeatureGrid, list[int]] = {}
+    for index, grid in enumerate(grids):
+        groups.setdefault(grid, []).append(index)
     tokens: list[torch.Tensor | None] = [None] * len(features)
-    for members in groups.values():
+    for grid, members in groups.items():
         rows = torch.tensor([owners[index] for index in members], dtype=torch.long)
-        per_crop = {key: value[rows.to(value.device)] if isinstance(value, torch.Tensor) else value
-                    for key, value in context.items()}
-        per_crop.update(crop_context[members[0]])
-        bridged = bridge(torch.stack([features[index] for index in members]), **per_crop)  # [n, M, D]
+        bridged = bridge(torch.stack([features[index] for index in members]), grid,
+                         inputs.rows(rows) if inputs is not None else None)  # [n, M, D]
         for row, index in enumerate(members):
             tokens[index] = bridged[row]
     return tokens  # type: ignore[return-value]

@@ -42,7 +42,7 @@ def image_cost(vision: nn.Module, bridge: nn.Module, strategy: HighResStrategy |
     crop at the encoder's size, whatever the image's size)."""
     if strategy is None:
         crops = [Crop(tuple(vision.transform.output_size))]
-        tokens = [VISUAL] * int(bridge.num_tokens(vision.num_tokens()))
+        tokens = [VISUAL] * int(bridge.num_tokens(vision.feature_layout()))
     else:
         layout = strategy.layout(image_size)
         crops, tokens = layout.crops, layout.tokens
@@ -69,9 +69,9 @@ def _crop_flops(vision: nn.Module, bridge: nn.Module, strategy: HighResStrategy 
         with FlopCounterMode(display=False) as counter, context:
             features = _detached_call(vision, pixels)  # [1, N, D_v]
         encoder = counter.get_total_flops()
-        extra = strategy.crop_context(crop) if strategy else {}
+        grid = vision.feature_layout(*crop.size)
         with FlopCounterMode(display=False) as counter:
-            _detached_call(bridge, features, **extra)
+            _detached_call(bridge, features, grid)
     return int(encoder), int(counter.get_total_flops())
 
 

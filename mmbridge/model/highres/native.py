@@ -3,7 +3,8 @@
 No tiling and no fixed input size: an image is encoded as one crop, itself, scaled down only when it
 exceeds ``max_size`` (aspect ratio kept; Fuyu's 1080 × 1920 by default) and padded at the bottom and
 right up to multiples of the encoder's stride (the pixels per feature-grid cell: the patch size of
-the ``patch`` encoder or of a ViT, 32 for EfficientNet). Its tokens are the bridge's tokens in
+the ``patch`` encoder or of a ViT, 32 for EfficientNet) times the bridge's ``grid_divisor`` (pixel
+shuffle's factor, so its blocks tile the grid). Its tokens are the bridge's tokens in
 row-major order with a literal ``row_end`` token id after each row (Fuyu's ``|NEWLINE|``), so the
 LLM sees the 2-D layout; the merge is the identity.
 
@@ -18,7 +19,7 @@ Fuyu's preprocessing, as transformers' ``FuyuImageProcessor`` and ``FuyuProcesso
 With the ``patch`` encoder and a depth-1 ``mlp`` bridge (Fuyu's ``vision_embed_tokens``) this is Fuyu;
 with any encoder that reports a feature grid at any multiple of its stride (EfficientNet-Lite0, HF
 CLIP/SigLIP towers, which interpolate their position embeddings) it is "native resolution" for that
-encoder. The bridge must keep the spatial grid (or shrink it evenly, as pooling bridges do).
+encoder. The bridge must report where its tokens lie (``token_grid``: MLP, pooling, pixel shuffle).
 """
 
 from __future__ import annotations
@@ -66,14 +67,14 @@ class Native(HighResStrategy):
     """One crop per image at its own (capped) size; see the module docstring."""
 
     cfg: NativeConfig
-    sequence_inputs = True  # one crop per image, merged as is: already-patchified sequences are the visual tokens
 
     def attach(self, vision: nn.Module, bridge: nn.Module, tokenizer: Any, hidden_size: int) -> None:
         super().attach(vision, bridge, tokenizer, hidden_size)
         self.row_end_id = None if self.cfg.row_end is None else \
             single_token_id(tokenizer, self.cfg.row_end, "native row_end")
         self.stride = int(self.cfg.stride) if self.cfg.stride is not None else encoder_stride(vision)
-        self.token_grid((2 * self.stride, 3 * self.stride))  # fail early when the bridge does not keep the grid
+        self.multiple = self.stride * bridge.grid_divisor()  # pixels a padded side is a multiple of
+        self.token_grid((2 * self.multiple, 3 * self.multiple))  # fail early when the tokens have no place
 
     def scaled_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(height, width) after Fuyu's downscaling to fit ``max_size`` (unchanged when it already fits)."""
@@ -87,19 +88,8 @@ class Native(HighResStrategy):
         return max(1, int(height * scale)), max(1, int(width * scale))
 
     def padded_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """``size`` rounded up to multiples of the encoder's stride."""
-        return tuple(math.ceil(side / self.stride) * self.stride for side in size)  # type: ignore[return-value]
-
-    def token_grid(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(rows, cols) of one crop's bridge tokens: the encoder grid, shrunk evenly when the bridge pools."""
-        rows, cols = self.vision.feature_grid(*size)  # type: ignore[union-attr]
-        count = int(self.bridge.num_tokens(rows * cols))  # type: ignore[union-attr]
-        ratio = math.isqrt(rows * cols // max(count, 1))
-        if count >= 1 and ratio * ratio * count == rows * cols and rows % ratio == 0 and cols % ratio == 0:
-            return rows // ratio, cols // ratio
-        raise ValueError(f"native resolution writes a row end after each row of tokens, but the bridge turns a "
-                         f"{rows}x{cols} grid into {count} tokens, which is not a grid; use a bridge that keeps it "
-                         f"(mlp, pool, pixel_shuffle)")
+        """``size`` rounded up to multiples of the encoder's stride (times the bridge's grid divisor)."""
+        return tuple(math.ceil(side / self.multiple) * self.multiple for side in size)  # type: ignore[return-value]
 
     def plan(self, image_size: tuple[int, int]) -> ImageLayout:
         scaled = self.scaled_size(image_size)

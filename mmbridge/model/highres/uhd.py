@@ -45,8 +45,9 @@ from mmbridge.model.vision.transform import resample_filter
 
 @dataclass
 class UHDConfig:
-    """``max_slices``: most slices per image (6 in the paper); ``multiple``: crop sides are multiples of it (None:
-    the encoder's patch or stride, read from its feature grid); ``column_separator`` / ``row_separator``: the text
+    """``max_slices``: most slices per image (6 in the paper); ``multiple``: one cell of the encoder's feature grid in
+    pixels (None: the encoder's patch or stride, read from its feature grid); crop sides are multiples of it times
+    the bridge's ``grid_divisor``; ``column_separator`` / ``row_separator``: the text
     after a slice inside a row / at the end of a row (each must be one token of the LLM's tokenizer);
     ``overview_first``: the overview's tokens before the slices' (the reference code puts them after)."""
 
@@ -142,11 +143,12 @@ class UHD(HighResStrategy):
 
     def attach(self, vision: nn.Module, bridge: nn.Module, tokenizer: Any, hidden_size: int) -> None:
         super().attach(vision, bridge, tokenizer, hidden_size)
-        self.multiple = self.cfg.multiple or self.encoder_stride()
-        rows, cols = vision.feature_grid(2 * self.multiple, 3 * self.multiple)
+        cell = self.cfg.multiple or self.encoder_stride()
+        rows, cols = vision.feature_grid(2 * cell, 3 * cell)
         if (rows, cols) != (2, 3):
-            raise ValueError(f"uhd multiple {self.multiple} px must be one cell of the encoder's feature grid, but a "
-                             f"{2 * self.multiple}x{3 * self.multiple} input gives a {rows}x{cols} grid, not 2x3")
+            raise ValueError(f"uhd multiple {cell} px must be one cell of the encoder's feature grid, but a "
+                             f"{2 * cell}x{3 * cell} input gives a {rows}x{cols} grid, not 2x3")
+        self.multiple = cell * bridge.grid_divisor()  # crop sides: whole cells, in blocks the bridge can fold
         self.column_id = single_token_id(tokenizer, self.cfg.column_separator, "uhd column_separator")
         self.row_id = single_token_id(tokenizer, self.cfg.row_separator, "uhd row_separator")
 

@@ -10,9 +10,9 @@ prompt tokens.
 Room for bridges that live inside the LLM (Flamingo cross-attention, CogVLM experts,
 MoE): :meth:`decoder_layers` exposes the decoder's layer list and
 :meth:`replace_layer` swaps one for a wrapper, without editing transformers' code;
-per-call visual context (features, token-type masks, per-token image indices…) is
-passed to :meth:`forward` and readable by such modules as :attr:`context` for the
-duration of the call.
+the call's :class:`~mmbridge.model.bridges.base.FusionCall` (image mask, the bridge's prompt and call
+state) is passed to :meth:`forward` and readable by such modules as :attr:`context` for the duration of
+the call; they only read it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.context: dict[str, Any] | None = None
+        self.context: Any = None  # the running call's FusionCall (None outside a call)
         decoder_params = inspect.signature(self.decoder.forward).parameters
         # transformers >= 5.24 names the KV cache argument `cache`, earlier releases `past_key_values`
         self._cache_arg = "cache" if "cache" in decoder_params else "past_key_values"
@@ -99,8 +99,8 @@ class LanguageModel(nn.Module):
 
     # -- computation -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def use_context(self, context: dict[str, Any] | None) -> Iterator[None]:
-        """Expose per-call visual context to modules inside the LLM for the duration of a call."""
+    def use_context(self, context: Any) -> Iterator[None]:
+        """Expose a call's :class:`~mmbridge.model.bridges.base.FusionCall` to modules inside the LLM while it runs."""
         previous, self.context = self.context, context
         try:
             yield
@@ -109,8 +109,9 @@ class LanguageModel(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
-                context: dict[str, Any] | None = None) -> tuple[torch.Tensor, Any]:
-        """Run the decoder: ``[B, L, D]`` embeddings → final hidden states ``[B, L, D]`` and the cache."""
+                context: Any = None) -> tuple[torch.Tensor, Any]:
+        """Run the decoder: ``[B, L, D]`` embeddings → final hidden states ``[B, L, D]`` and the cache; ``context``:
+        the call's :class:`~mmbridge.model.bridges.base.FusionCall`, for modules inside the layers."""
         kwargs = {self._cache_arg: cache}
         with self.use_context(context):
             outputs = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,

@@ -76,14 +76,12 @@ class Seq2SeqLanguageModel(LanguageModel):
 
     def forward(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
                 encoder_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                cache: Any = None, use_cache: bool = False,
-                context: dict[str, Any] | None = None) -> tuple[torch.Tensor, Any]:
+                cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
         """Run the decoder: ``[B, T]`` ids attending to ``[B, L, D]`` encoder states → ``[B, T, D]`` and the cache."""
         kwargs = {self._cache_arg: cache}
-        with self.use_context(context):
-            outputs = self.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
-                                   encoder_hidden_states=encoder_hidden, encoder_attention_mask=encoder_mask,
-                                   use_cache=use_cache, **kwargs)
+        outputs = self.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                               encoder_hidden_states=encoder_hidden, encoder_attention_mask=encoder_mask,
+                               use_cache=use_cache, **kwargs)
         return outputs.last_hidden_state, self._returned_cache(outputs)
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]

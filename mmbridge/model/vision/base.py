@@ -1,7 +1,8 @@
 """The vision-encoder interface every encoder adapter implements.
 
 A :class:`VisionEncoder` maps ``pixel_values [B, 3, H, W]`` to features
-``[B, N, D_v]``, says ``num_tokens`` (N) and ``feature_dim`` (D_v), carries the
+``[B, N, D_v]``, says ``num_tokens`` (N), ``feature_dim`` (D_v) and how the features lie
+(:meth:`VisionEncoder.feature_layout`, a :class:`~mmbridge.model.grid.FeatureGrid`), carries the
 :class:`ImageTransform` that prepares its input, and can describe itself as a
 self-contained config (``export_config``) so a saved model is rebuilt without the
 original checkpoint directory.
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmbridge.model.grid import FeatureGrid
 from mmbridge.model.vision.transform import ImageTransform
 from mmbridge.registry import Registry
 
@@ -36,14 +38,29 @@ class VisionEncoder(nn.Module, abc.ABC):
         """Encode ``pixel_values`` into features ``[B, N, D_v]``."""
 
     def feature_grid(self, height: int, width: int) -> tuple[int, int]:
-        """(rows, cols) of the feature grid for an input of ``height × width`` pixels (row-major tokens), for
-        high-resolution strategies; encoders without a size-dependent spatial grid raise."""
-        if (height, width) == tuple(self.transform.output_size):
-            side = int(round(self.num_tokens() ** 0.5))
-            if side * side == self.num_tokens():
-                return side, side
-        raise ValueError(f"{type(self).__name__} cannot say its feature grid for {height}x{width} inputs; "
-                         f"high-resolution strategies need an encoder with a spatial grid at any size")
+        """(rows, cols) of the feature grid for an input of ``height × width`` pixels (row-major tokens); encoders
+        whose features are not (all) cells of a grid raise a ``ValueError``."""
+        raise ValueError(f"{type(self).__name__} has no spatial grid of features (for {height}x{width} inputs)")
+
+    def feature_layout(self, height: int | None = None, width: int | None = None,
+                       count: int | None = None) -> FeatureGrid:
+        """How the features of one ``height × width`` input lie (default: the transform's size): the grid, after
+        tokens without a cell (a kept CLS token), or a plain sequence when the encoder has no grid. ``count``: the
+        features an input of that size gave, when known (needed for an encoder without a grid at another size)."""
+        native = tuple(self.transform.output_size)
+        size = native if height is None else (int(height), int(width))
+        total = count if count is not None else (self.num_tokens() if size == native else None)
+        try:
+            rows, cols = self.feature_grid(*size)
+        except ValueError:
+            if total is None:
+                raise
+            return FeatureGrid.sequence(total)
+        extra = 0 if total is None else total - rows * cols
+        if extra < 0:
+            raise ValueError(f"{type(self).__name__} gave {total} features for a {size[0]}x{size[1]} input, fewer than "
+                             f"the cells of its {rows}x{cols} grid")
+        return FeatureGrid(rows, cols, extra)
 
     @abc.abstractmethod
     def export_config(self) -> Any:

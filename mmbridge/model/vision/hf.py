@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from mmbridge.model.grid import FeatureGrid
 from mmbridge.model.vision.base import VISION_ENCODERS, VisionEncoder
 from mmbridge.model.vision.transform import ImageTransform
 
@@ -119,12 +120,25 @@ class HFVisionEncoder(VisionEncoder):
         return count - (1 if self._drops_first() else 0)
 
     def feature_grid(self, height: int, width: int) -> tuple[int, int]:
-        """Patches per column and row of a ``height × width`` input (the CLS token, if kept, is not on the grid)."""
-        if self.has_cls and not self._drops_first():
-            raise ValueError("the feature grid of a tower whose CLS token is kept (select 'full') is not a grid; "
-                             "use select 'default' for high-resolution strategies")
+        """Patches per column and row of a ``height × width`` input, when every kept token is a patch of the grid."""
+        layout = self.feature_layout(height, width)
+        return layout.cells(f"the feature grid of this {self.model.config.model_type} tower (select {self.select!r})")
+
+    def feature_layout(self, height: int | None = None, width: int | None = None,
+                       count: int | None = None) -> FeatureGrid:
+        """The patch grid, after the CLS token when the tower keeps it (``select: full``); a plain sequence when the
+        first patch itself is dropped (``drop_first`` on a tower without CLS, as transformers' LLaVA does)."""
+        height, width = self.transform.output_size if height is None else (height, width)
         patch = self.model.config.patch_size
-        return height // patch, width // patch
+        rows, cols = height // patch, width // patch
+        if self._drops_first() and not self.has_cls:
+            layout = FeatureGrid.sequence(rows * cols - 1)
+        else:
+            layout = FeatureGrid(rows, cols, extra=int(self.has_cls and not self._drops_first()))
+        if count is not None and count != layout.count:
+            raise ValueError(f"the {self.model.config.model_type} tower gave {count} features for a {height}x{width} "
+                             f"input, not the {layout.count} of {layout.describe()}")
+        return layout
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
         dtype = next(self.model.parameters()).dtype

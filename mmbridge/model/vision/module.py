@@ -68,23 +68,38 @@ class ModuleVisionEncoder(VisionEncoder):
         self.transform = transform
         self.layout = layout
         self._num_tokens = None if num_tokens is None else int(num_tokens)
+        self._grids: dict[tuple[int, int], tuple[int, int]] = {}  # measured output grids per input size
         self.config: ModuleVisionConfig | None = None  # set when built from the registry
 
     def num_tokens(self) -> int:
         """Tokens per image; measured once with a dummy forward at the transform's size, then cached."""
         if self._num_tokens is None:
-            self._num_tokens = self._measure_tokens()
+            output = self._probe(*self.transform.output_size)
+            self._num_tokens = int(output.shape[2] * output.shape[3] if self.layout == "grid" else output.shape[1])
         return self._num_tokens
 
-    def _measure_tokens(self) -> int:
-        """Run one zero image through the module in eval mode (BatchNorm statistics stay untouched)."""
+    def feature_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the module's output map for a ``height × width`` input (``layout: grid``), measured once
+        per size with a dummy forward; a ``tokens`` module has no grid."""
+        if self.layout != "grid":
+            raise ValueError(f"vision module {type(self.module).__name__} returns tokens (layout 'tokens'), not a grid")
+        key = (int(height), int(width))
+        if key not in self._grids:
+            output = self._probe(*key)
+            self._grids[key] = (int(output.shape[2]), int(output.shape[3]))
+        return self._grids[key]
+
+    def _probe(self, height: int, width: int) -> torch.Tensor:
+        """The module's checked raw output for one zero image of ``height × width`` (in eval mode: BatchNorm
+        statistics stay untouched)."""
         reference = next(self.module.parameters(), None)
         device = reference.device if reference is not None else torch.device("cpu")
-        dummy = torch.zeros(1, 3, *self.transform.output_size, device=device)  # [1, 3, H, W]
+        dummy = torch.zeros(1, 3, height, width, device=device)  # [1, 3, H, W]
         with eval_mode(self), torch.no_grad():
-            return int(self(dummy).shape[1])
+            return self._raw_output(dummy)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
+    def _raw_output(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The module's output ``[B, C, h, w]`` (grid) or ``[B, N, C]`` (tokens), checked against the layout."""
         reference = next(self.module.parameters(), None)
         if reference is not None and reference.is_floating_point():
             pixel_values = pixel_values.to(reference.dtype)
@@ -98,6 +113,10 @@ class ModuleVisionEncoder(VisionEncoder):
             axes = "[B, C, h, w]" if self.layout == "grid" else "[B, N, C]"
             raise ValueError(f"vision module layout '{self.layout}' expects {axes} with C={self.feature_dim}, "
                              f"got shape {tuple(output.shape)}")
+        return output
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
+        output = self._raw_output(pixel_values)
         return grid_to_tokens(output) if self.layout == "grid" else output  # [B, N, D_v]
 
     def export_config(self) -> ModuleVisionConfig:

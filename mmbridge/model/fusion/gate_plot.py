@@ -1,4 +1,4 @@
-"""Figures written as PNG with matplotlib's Agg backend (no display needed).
+"""The gate figure of gated cross-attention, written as PNG with matplotlib's Agg backend (no display needed).
 
 :func:`plot_gates` draws Flamingo's figure of the tanh gates of the gated cross-attention
 blocks (Alayrac et al. 2022, Fig. 6): |tanh(α)| per layer at the end of a stage, for the
