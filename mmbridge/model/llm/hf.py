@@ -20,32 +20,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from mmbridge.model.llm.base import LLMS, LanguageModel
+from mmbridge.model.llm.hf_config import HFLLMConfig
 from mmbridge.model.llm.seq2seq import Seq2SeqLanguageModel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class HFLLMConfig:
-    """An HF causal LM: ``path`` (dir or hub id, optional ``gguf_file`` inside it) or ``hf_config`` (dict).
-
-    ``tokenizer`` is a directory or hub id (defaults to ``path``); with ``hf_config`` and no
-    tokenizer, one must be attached by the caller. ``chat_template`` overrides the
-    tokenizer's template. ``dtype`` is the storage dtype of the weights.
-    ``attn_implementation`` is transformers' choice of attention kernel (``"sdpa"``, its default,
-    or ``"eager"``…): on CPU in bf16, eager attention trains short sequences markedly faster
-    than SDPA's flash kernel (``benchmarks/RESULTS.md``) but rounds differently and stores the
-    ``[B, heads, L, L]`` scores for backward.
-    """
-
-    type: str = "hf"
-    path: str | None = None
-    gguf_file: str | None = None
-    hf_config: dict | None = None
-    tokenizer: str | None = None
-    chat_template: str | None = None
-    dtype: str = "float32"
-    attn_implementation: str | None = None
 
 
 @dataclass
