@@ -3,6 +3,11 @@
 It sits apart from the builder (:mod:`mmbridge.model.llm.hf`) so that
 :meth:`LanguageModel.export_config <mmbridge.model.llm.base.LanguageModel.export_config>` can
 return one without importing the builder, which imports the adapters in turn.
+
+Tying of the LM head is read from the weights, not from the HF config: transformers 5.25
+makes every T5 config say ``tie_word_embeddings=True``, while Flan-T5 checkpoints (and
+T5 v1.1) carry an LM head of their own. An exported config says what the model holds, and
+the builder unties the head again when a config says ``tie_word_embeddings: false``.
 """
 
 from __future__ import annotations
@@ -35,9 +40,17 @@ class HFLLMConfig:
     attn_implementation: str | None = None
 
 
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether the HF model's LM head shares its weight with the input embeddings (checked on the tensors)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
 def export_hf_llm_config(model: nn.Module) -> HFLLMConfig:
     """An :class:`HFLLMConfig` that rebuilds ``model`` (an HF ``*ForCausalLM`` or T5) without its checkpoint."""
     hf_config = model.config.to_dict()
+    if model.get_output_embeddings() is not None:
+        hf_config["tie_word_embeddings"] = head_is_tied(model)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     return HFLLMConfig(hf_config=hf_config, tokenizer=None, dtype=dtype,
                        attn_implementation=getattr(model.config, "_attn_implementation", None))
