@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from mmbridge.model.multimodal import MODULE_KEYS
@@ -216,9 +217,11 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
 def info_text(model) -> str:
     """Components, parameters per key (trainable/frozen) and visual tokens per image."""
     config = model.export_config()
+    # the transform is what pads: a config field of the encoder may be absent or stale
+    vision = {**_fields(config.vision), "pad_to_square": model.vision.transform.pad_to_square}
     counts = model.parameters_at_save or model.parameter_counts()
     lines = [
-        f"vision : {type(model.vision).__name__} ({_describe(config.vision)}; weights: the model's own), "
+        f"vision : {type(model.vision).__name__} ({_describe(vision)}; weights: the model's own), "
         f"{model.vision.num_tokens()} features × {model.vision.feature_dim}, input {model.vision.transform.output_size}",
         f"bridge : {_describe(config.bridge)}",
         f"llm    : {type(model.llm.model).__name__} ({model.llm.config.model_type}), hidden {model.llm.hidden_size}, "
@@ -242,12 +245,27 @@ def info_text(model) -> str:
     return "\n".join(lines)
 
 
+def _fields(spec) -> dict:
+    """A component's config (dataclass or dict) as a dict."""
+    return dict(spec) if isinstance(spec, dict) else dict(vars(spec))
+
+
+_PLAIN_WORD = re.compile(r"[\w.+:/-]+")
+
+
 def _describe(spec) -> str:
-    data = spec if isinstance(spec, dict) else vars(spec)
+    """``key=value, ...`` on one line; a string other than a plain word (a separator such as ``","`` or
+    ``"\\n"``) is printed quoted and escaped, as Python writes it."""
     # `pretrained` says where a fresh build takes its weights; a saved model's come from its own checkpoint
-    shown = {k: v for k, v in data.items()
+    shown = {k: v for k, v in _fields(spec).items()
              if k not in ("hf_config", "image_processor", "pretrained") and v not in (None, {}, [])}
-    return ", ".join(f"{k}={v}" for k, v in shown.items())
+    return ", ".join(f"{k}={_value_text(v)}" for k, v in shown.items())
+
+
+def _value_text(value) -> str:
+    if isinstance(value, str) and not _PLAIN_WORD.fullmatch(value):
+        return repr(value)
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
