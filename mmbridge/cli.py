@@ -269,10 +269,18 @@ def _value_text(value) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mmbridge`` parser: one sub-command each, its arguments added by its own ``_add_*_parser``."""
     parser = argparse.ArgumentParser(prog="mmbridge", description="Bridge vision encoders and LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train_parser, _add_pretrain_qformer_parser, _add_generate_parser, _add_info_parser,
+                _add_export_parser, _add_data_parser, _add_eval_parser, _add_serve_parser):
+        add(commands)
+    return parser
 
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge train RECIPE [overrides]``."""
     train = commands.add_parser("train", help="train a recipe, stage by stage")
     train.add_argument("recipe", help="YAML recipe")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.lr=1e-4 output_dir=runs/x")
@@ -281,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(run=_train)
 
+
+def _add_pretrain_qformer_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge pretrain-qformer RECIPE [overrides]`` (BLIP-2 stage 1)."""
     stage1 = commands.add_parser("pretrain-qformer", help="BLIP-2 stage 1 for a Q-Former bridge (no LLM)")
     stage1.add_argument("recipe", help="YAML recipe (model.vision + a qformer-family model.bridge)")
     stage1.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.steps=10")
@@ -289,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage1.add_argument("--no-progress", action="store_true", help="no progress bars")
     stage1.set_defaults(run=_pretrain_qformer)
 
+
+def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge generate --model DIR --prompt TEXT [--image PATH ...]``."""
     generate = commands.add_parser("generate", help="answer a prompt about images with a saved model")
     generate.add_argument("--model", required=True, help="directory written by save_pretrained / training")
     generate.add_argument("--image", action="append", help="image path (repeat for several)")
@@ -301,12 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     generate.set_defaults(run=_generate)
 
+
+def _add_info_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge info --model DIR [--image-size WxH ...]``."""
     info = commands.add_parser("info", help="describe a saved model")
     info.add_argument("--model", required=True)
     info.add_argument("--image-size", nargs="+", metavar="WxH", type=parse_image_size,
-                      help="also report visual tokens and encoder FLOPs per image of these sizes (e.g. 336x336 672x1008)")
+                      help="also report visual tokens and encoder FLOPs per image of these sizes "
+                           "(e.g. 336x336 672x1008)")
     info.set_defaults(run=_info)
 
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge export --model DIR --out OUT``."""
     export = commands.add_parser("export", help="write a saved model as a transformers directory")
     export.add_argument("--model", required=True, help="directory written by save_pretrained / training")
     export.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers classes (default)")
@@ -314,8 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace a non-empty --out")
     export.set_defaults(run=_export)
 
+
+def _add_data_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge data miniworld|stats|select``."""
     data = commands.add_parser("data", help="generate datasets")
     generators = data.add_subparsers(dest="generator", required=True)
+    for add in (_add_miniworld_parser, _add_data_stats_parser, _add_data_select_parser):
+        add(generators)
+
+
+def _add_miniworld_parser(generators: argparse._SubParsersAction) -> None:
+    """``mmbridge data miniworld --task T --split S --n N --out DIR``."""
     miniworld = generators.add_parser("miniworld", help="write a MiniWorld task split as LLaVA JSON + PNGs, "
                                                              "or WebDataset shards")
     miniworld.add_argument("--task", required=True, help="task name, e.g. caption, attribute, counting, video")
@@ -333,11 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="llava: one JSON + PNGs (default); webdataset: tar shards of KEY.jpg + KEY.json/.txt")
     miniworld.add_argument("--shard-size", type=int, default=1000, help="samples per webdataset shard (default 1000)")
     miniworld.set_defaults(run=_data_miniworld)
+
+
+def _add_data_stats_parser(generators: argparse._SubParsersAction) -> None:
+    """``mmbridge data stats RECIPE [overrides]``."""
     stats = generators.add_parser("stats", help="samples per source per epoch of each stage of a recipe (no images "
                                                 "are read)")
     stats.add_argument("recipe", help="YAML recipe")
     stats.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.sources.0.weight=sqrt")
     stats.set_defaults(run=_data_stats)
+
+
+def _add_data_select_parser(generators: argparse._SubParsersAction) -> None:
+    """``mmbridge data select IN --method M --keep K --out OUT``."""
     select = generators.add_parser("select", help="keep a random or informative (coreset) subset of a LLaVA file")
     select.add_argument("input", metavar="IN", help="LLaVA conversation JSON or JSONL file")
     select.add_argument("--method", required=True, choices=["random", "coreset"],
@@ -355,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data vocabulary: a concept in <= this fraction of samples")
     select.set_defaults(run=_data_select)
 
+
+def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge eval --model DIR`` or ``mmbridge eval --compare A.json B.json ...``."""
     evaluate = commands.add_parser("eval", help="evaluate a saved model on a suite, or compare results files")
     evaluate.add_argument("--model", help="directory written by save_pretrained / training")
     evaluate.add_argument("--suite", default="miniworld", help="registered suite (default: miniworld)")
@@ -373,9 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare", nargs="+", metavar="RESULTS", help="print results files side by side")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_eval)
-
-    _add_serve_parser(commands)
-    return parser
 
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, as shells report a Ctrl-C
