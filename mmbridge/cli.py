@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from mmbridge.model.multimodal import MODULE_KEYS
@@ -216,9 +217,11 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
 def info_text(model) -> str:
     """Components, parameters per key (trainable/frozen) and visual tokens per image."""
     config = model.export_config()
+    # the transform is what pads: a config field of the encoder may be absent or stale
+    vision = {**_fields(config.vision), "pad_to_square": model.vision.transform.pad_to_square}
     counts = model.parameters_at_save or model.parameter_counts()
     lines = [
-        f"vision : {type(model.vision).__name__} ({_describe(config.vision)}; weights: the model's own), "
+        f"vision : {type(model.vision).__name__} ({_describe(vision)}; weights: the model's own), "
         f"{model.vision.num_tokens()} features × {model.vision.feature_dim}, input {model.vision.transform.output_size}",
         f"bridge : {_describe(config.bridge)}",
         f"llm    : {type(model.llm.model).__name__} ({model.llm.config.model_type}), hidden {model.llm.hidden_size}, "
@@ -242,19 +245,42 @@ def info_text(model) -> str:
     return "\n".join(lines)
 
 
+def _fields(spec) -> dict:
+    """A component's config (dataclass or dict) as a dict."""
+    return dict(spec) if isinstance(spec, dict) else dict(vars(spec))
+
+
+_PLAIN_WORD = re.compile(r"[\w.+:/-]+")
+
+
 def _describe(spec) -> str:
-    data = spec if isinstance(spec, dict) else vars(spec)
+    """``key=value, ...`` on one line; a string other than a plain word (a separator such as ``","`` or
+    ``"\\n"``) is printed quoted and escaped, as Python writes it."""
     # `pretrained` says where a fresh build takes its weights; a saved model's come from its own checkpoint
-    shown = {k: v for k, v in data.items()
+    shown = {k: v for k, v in _fields(spec).items()
              if k not in ("hf_config", "image_processor", "pretrained") and v not in (None, {}, [])}
-    return ", ".join(f"{k}={v}" for k, v in shown.items())
+    return ", ".join(f"{k}={_value_text(v)}" for k, v in shown.items())
+
+
+def _value_text(value) -> str:
+    if isinstance(value, str) and not _PLAIN_WORD.fullmatch(value):
+        return repr(value)
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mmbridge`` parser: one sub-command each, its arguments added by its own ``_add_*_parser``."""
     parser = argparse.ArgumentParser(prog="mmbridge", description="Bridge vision encoders and LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train_parser, _add_pretrain_qformer_parser, _add_generate_parser, _add_info_parser,
+                _add_export_parser, _add_data_parser, _add_eval_parser, _add_serve_parser):
+        add(commands)
+    return parser
 
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge train RECIPE [overrides]``."""
     train = commands.add_parser("train", help="train a recipe, stage by stage")
     train.add_argument("recipe", help="YAML recipe")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.lr=1e-4 output_dir=runs/x")
@@ -263,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(run=_train)
 
+
+def _add_pretrain_qformer_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge pretrain-qformer RECIPE [overrides]`` (BLIP-2 stage 1)."""
     stage1 = commands.add_parser("pretrain-qformer", help="BLIP-2 stage 1 for a Q-Former bridge (no LLM)")
     stage1.add_argument("recipe", help="YAML recipe (model.vision + a qformer-family model.bridge)")
     stage1.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.steps=10")
@@ -271,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage1.add_argument("--no-progress", action="store_true", help="no progress bars")
     stage1.set_defaults(run=_pretrain_qformer)
 
+
+def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge generate --model DIR --prompt TEXT [--image PATH ...]``."""
     generate = commands.add_parser("generate", help="answer a prompt about images with a saved model")
     generate.add_argument("--model", required=True, help="directory written by save_pretrained / training")
     generate.add_argument("--image", action="append", help="image path (repeat for several)")
@@ -283,12 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     generate.set_defaults(run=_generate)
 
+
+def _add_info_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge info --model DIR [--image-size WxH ...]``."""
     info = commands.add_parser("info", help="describe a saved model")
     info.add_argument("--model", required=True)
     info.add_argument("--image-size", nargs="+", metavar="WxH", type=parse_image_size,
-                      help="also report visual tokens and encoder FLOPs per image of these sizes (e.g. 336x336 672x1008)")
+                      help="also report visual tokens and encoder FLOPs per image of these sizes "
+                           "(e.g. 336x336 672x1008)")
     info.set_defaults(run=_info)
 
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge export --model DIR --out OUT``."""
     export = commands.add_parser("export", help="write a saved model as a transformers directory")
     export.add_argument("--model", required=True, help="directory written by save_pretrained / training")
     export.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers classes (default)")
@@ -296,8 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace a non-empty --out")
     export.set_defaults(run=_export)
 
+
+def _add_data_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge data miniworld|stats|select``."""
     data = commands.add_parser("data", help="generate datasets")
     generators = data.add_subparsers(dest="generator", required=True)
+    for add in (_add_miniworld_parser, _add_data_stats_parser, _add_data_select_parser):
+        add(generators)
+
+
+def _add_miniworld_parser(generators: argparse._SubParsersAction) -> None:
+    """``mmbridge data miniworld --task T --split S --n N --out DIR``."""
     miniworld = generators.add_parser("miniworld", help="write a MiniWorld task split as LLaVA JSON + PNGs, "
                                                              "or WebDataset shards")
     miniworld.add_argument("--task", required=True, help="task name, e.g. caption, attribute, counting, video")
@@ -315,11 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="llava: one JSON + PNGs (default); webdataset: tar shards of KEY.jpg + KEY.json/.txt")
     miniworld.add_argument("--shard-size", type=int, default=1000, help="samples per webdataset shard (default 1000)")
     miniworld.set_defaults(run=_data_miniworld)
+
+
+def _add_data_stats_parser(generators: argparse._SubParsersAction) -> None:
+    """``mmbridge data stats RECIPE [overrides]``."""
     stats = generators.add_parser("stats", help="samples per source per epoch of each stage of a recipe (no images "
                                                 "are read)")
     stats.add_argument("recipe", help="YAML recipe")
     stats.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.sources.0.weight=sqrt")
     stats.set_defaults(run=_data_stats)
+
+
+def _add_data_select_parser(generators: argparse._SubParsersAction) -> None:
+    """``mmbridge data select IN --method M --keep K --out OUT``."""
     select = generators.add_parser("select", help="keep a random or informative (coreset) subset of a LLaVA file")
     select.add_argument("input", metavar="IN", help="LLaVA conversation JSON or JSONL file")
     select.add_argument("--method", required=True, choices=["random", "coreset"],
@@ -337,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data vocabulary: a concept in <= this fraction of samples")
     select.set_defaults(run=_data_select)
 
+
+def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    """``mmbridge eval --model DIR`` or ``mmbridge eval --compare A.json B.json ...``."""
     evaluate = commands.add_parser("eval", help="evaluate a saved model on a suite, or compare results files")
     evaluate.add_argument("--model", help="directory written by save_pretrained / training")
     evaluate.add_argument("--suite", default="miniworld", help="registered suite (default: miniworld)")
@@ -355,9 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare", nargs="+", metavar="RESULTS", help="print results files side by side")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_eval)
-
-    _add_serve_parser(commands)
-    return parser
 
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, as shells report a Ctrl-C

@@ -14,6 +14,7 @@ from mmbridge.model.highres import HIGHRES
 from mmbridge.model.llm import LLMS
 from mmbridge.model.vision import VISION_ENCODERS
 from mmbridge.registry import config_from_dict
+from mmbridge.train.ranges import check_ranges
 from mmbridge.train.recipe import stage_from_dict
 
 RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
@@ -26,6 +27,7 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_recipe_parses(path):
     run = load_run_config(path)
+    check_ranges(run)  # every numeric field within its range
     VISION_ENCODERS.make_config(run.model["vision"])
     BRIDGES.make_config(run.model["bridge"])
     LLMS.make_config(run.model["llm"])

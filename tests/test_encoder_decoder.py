@@ -210,6 +210,69 @@ def test_forward_needs_decoder_inputs_and_decoder_only_refuses_them(tokenizer_di
         make_model()(batch["input_ids"], decoder_input_ids=batch["labels"].clamp(min=0))
 
 
+def _untied_t5_checkpoint(tokenizer_dir: str, directory: str) -> Any:
+    """A tiny T5 saved as Flan-T5 checkpoints are: an LM head of its own, ``"tie_word_embeddings": false`` in
+    config.json, and one token fewer than the tokenizer will hold once ``<image>`` is added."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    settings = tiny_t5_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    settings.pop("model_type")
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(**settings)).eval()
+    with torch.no_grad():
+        t5.lm_head.weight = torch.nn.Parameter(0.3 * torch.randn(t5.lm_head.weight.shape))
+    t5.save_pretrained(directory)
+    with open(os.path.join(directory, "config.json")) as handle:
+        config = json.load(handle)
+    config["tie_word_embeddings"] = False  # what transformers 5.25 writes is `true`; hub Flan-T5 configs say false
+    config.pop("scale_decoder_outputs", None)
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump(config, handle)
+    return t5
+
+
+def _head_is_tied(model: MultimodalModel) -> bool:
+    return model.llm.lm_head.weight is model.llm.model.get_input_embeddings().weight
+
+
+def test_an_untied_t5_checkpoint_keeps_its_lm_head_through_save_and_reload(tokenizer_dir, tmp_path):
+    """Real Flan-T5 checkpoints are untied; transformers 5.25 makes every T5 config say tied. The checkpoint's
+    own LM head must survive growing the vocabulary for ``<image>``, saving, and ``from_pretrained``."""
+    from mmbridge.testing import tiny_model_config
+
+    t5 = _untied_t5_checkpoint(tokenizer_dir, str(tmp_path / "flan-t5"))
+    config = tiny_model_config(tokenizer_dir, 0, bridge=QFORMER)
+    config["llm"] = {"type": "hf", "path": str(tmp_path / "flan-t5"), "tokenizer": tokenizer_dir}
+    torch.manual_seed(0)
+    model = MultimodalModel.from_config(config).eval()
+    vocab = t5.config.vocab_size
+    assert model.llm.lm_head.weight.shape[0] == vocab + 1  # <image> grew the vocabulary
+    assert not _head_is_tied(model)
+    assert torch.equal(model.llm.lm_head.weight[:vocab], t5.lm_head.weight)
+    assert model.llm.config.scale_decoder_outputs is False  # T5 v1.1 / Flan-T5: no rescaling before the head
+    model.save_pretrained(str(tmp_path / "saved"))
+    reloaded = MultimodalModel.from_pretrained(str(tmp_path / "saved"))
+    assert not _head_is_tied(reloaded) and reloaded.llm.config.scale_decoder_outputs is False
+    batch = _batch(model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_t5_from_a_config_keeps_its_tying_through_save_and_reload(tokenizer_dir, tmp_path, tied):
+    model = _model(tokenizer_dir, tie_word_embeddings=tied)
+    assert _head_is_tied(model) is tied
+    assert model.llm.config.scale_decoder_outputs is tied
+    model.save_pretrained(str(tmp_path / "saved"))
+    reloaded = MultimodalModel.from_pretrained(str(tmp_path / "saved"))
+    assert _head_is_tied(reloaded) is tied and reloaded.llm.config.scale_decoder_outputs is tied
+    batch = _batch(model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+
+
 def test_greedy_decoding_matches_t5_generate_cached_or_not(tokenizer_dir):
     model = _model(tokenizer_dir, seed=1)
     processor = model.processor()

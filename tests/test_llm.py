@@ -67,3 +67,15 @@ def test_attn_implementation_is_chosen_and_survives_save_and_load(make_model, tm
     assert reloaded.llm.config._attn_implementation == "eager"
     with torch.no_grad():
         assert torch.equal(reloaded(ids, pixel_values=pixels).logits, logits)
+
+
+def test_the_adapter_base_imports_neither_loader_nor_seq2seq():
+    """``base.py`` ← ``seq2seq.py`` ← ``hf.py`` runs one way: ``export_config`` takes its config from
+    ``hf_config.py`` (base → hf → seq2seq → base was an import circle)."""
+    from test_import_layers import imported_modules
+
+    imported = imported_modules("mmbridge/model/llm/base.py")
+    assert not {"mmbridge.model.llm.hf", "mmbridge.model.llm.seq2seq"} & imported, imported
+    assert "mmbridge.model.llm.hf_config" in imported
+    assert not {"mmbridge.model.llm.base", "mmbridge.model.llm.hf", "mmbridge.model.llm.seq2seq"} \
+        & imported_modules("mmbridge/model/llm/hf_config.py")

@@ -4,7 +4,8 @@
 the model's component specs (known types and fields), the processor settings, and each
 stage's data: files that exist and parse as LLaVA JSON, image roots that are directories,
 MiniWorld tasks and splits that exist; and it refuses an ``output_dir`` or ``feature_cache``
-that is an existing file. Training starts only when all of it holds, so a typo costs a
+that is an existing file. First of all, every numeric field is checked against its range
+(:mod:`mmbridge.train.ranges`). Training starts only when all of it holds, so a typo costs a
 second, not the minute it takes to load the backbones.
 """
 
@@ -18,6 +19,7 @@ from mmbridge.data import DataConfig, SourceConfig
 from mmbridge.data.mixture import load_source
 from mmbridge.data.sources import SOURCE_TYPES
 from mmbridge.registry import config_from_dict
+from mmbridge.train.ranges import check_ranges
 from mmbridge.train.recipe import StageConfig
 
 PROCESSOR_FIELDS = {"max_length": int, "system_prompt": (str, type(None))}
@@ -31,6 +33,7 @@ def check_run(run: RunConfig, components: tuple[str, ...] = ("vision", "llm", "b
         raise ValueError("the recipe has no stages")
     if not isinstance(run.stages, list):
         raise ValueError(f"the recipe's 'stages' must be a list, got {run.stages!r}")
+    check_ranges(run)
     stages = [parse_stage(data, index) for index, data in enumerate(run.stages)]
     check_model(run.model, components)
     check_processor(run.processor)

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from mmbridge.model.llm.hf_config import export_hf_llm_config
 from mmbridge.registry import Registry
 
 LLMS: Registry["LanguageModel"] = Registry("llm")
@@ -132,11 +133,7 @@ class LanguageModel(nn.Module):
 
     def export_config(self) -> Any:
         """A config that rebuilds this LLM's architecture without the original checkpoint."""
-        from mmbridge.model.llm.hf import HFLLMConfig
-
-        dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
-        return HFLLMConfig(hf_config=self.model.config.to_dict(), tokenizer=None, dtype=dtype,
-                           attn_implementation=getattr(self.model.config, "_attn_implementation", None))
+        return export_hf_llm_config(self.model)
 
 
 def build_llm(spec: Any) -> LanguageModel:

@@ -17,35 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from mmbridge.model.llm.base import LLMS, LanguageModel
+from mmbridge.model.llm.hf_config import HFLLMConfig, head_is_tied
 from mmbridge.model.llm.seq2seq import Seq2SeqLanguageModel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class HFLLMConfig:
-    """An HF causal LM: ``path`` (dir or hub id, optional ``gguf_file`` inside it) or ``hf_config`` (dict).
-
-    ``tokenizer`` is a directory or hub id (defaults to ``path``); with ``hf_config`` and no
-    tokenizer, one must be attached by the caller. ``chat_template`` overrides the
-    tokenizer's template. ``dtype`` is the storage dtype of the weights.
-    ``attn_implementation`` is transformers' choice of attention kernel (``"sdpa"``, its default,
-    or ``"eager"``…): on CPU in bf16, eager attention trains short sequences markedly faster
-    than SDPA's flash kernel (``benchmarks/RESULTS.md``) but rounds differently and stores the
-    ``[B, heads, L, L]`` scores for backward.
-    """
-
-    type: str = "hf"
-    path: str | None = None
-    gguf_file: str | None = None
-    hf_config: dict | None = None
-    tokenizer: str | None = None
-    chat_template: str | None = None
-    dtype: str = "float32"
-    attn_implementation: str | None = None
 
 
 @dataclass
@@ -84,6 +63,7 @@ def build_hf_llm(cfg: HFLLMConfig, tokenizer: Any = None) -> LanguageModel:
         # GGUF files hold decoder-only LLMs; parsing one twice just to learn that would cost seconds
         auto = AutoModelForCausalLM if cfg.gguf_file else _auto_class(AutoConfig.from_pretrained(cfg.path))
         model = auto.from_pretrained(cfg.path, dtype=dtype, **kwargs, **attention)
+        _keep_head_tying(model, untied=not head_is_tied(model))
     elif cfg.hf_config:
         data = dict(cfg.hf_config)
         model_type = data.pop("model_type", None)
@@ -91,6 +71,7 @@ def build_hf_llm(cfg: HFLLMConfig, tokenizer: Any = None) -> LanguageModel:
             raise ValueError("llm hf_config needs a 'model_type' (e.g. llama, qwen2, mistral, t5)")
         config = AutoConfig.for_model(model_type, **data)
         model = _auto_class(config).from_config(config, dtype=dtype, **attention)
+        _keep_head_tying(model, untied=data.get("tie_word_embeddings") is False)
     else:
         raise ValueError("llm 'hf' needs 'path' (directory or hub id) or 'hf_config'")
     if tokenizer is None:
@@ -102,6 +83,26 @@ def build_hf_llm(cfg: HFLLMConfig, tokenizer: Any = None) -> LanguageModel:
         tokenizer.chat_template = cfg.chat_template
     model.eval()
     return (Seq2SeqLanguageModel if model.config.is_encoder_decoder else LanguageModel)(model, tokenizer)
+
+
+def _keep_head_tying(model: nn.Module, untied: bool) -> None:
+    """Give an ``untied`` model's LM head a weight of its own and make its config say so.
+
+    transformers 5.25 makes every T5 config say ``tie_word_embeddings=True``. Built from a config that says
+    ``false`` (Flan-T5, T5 v1.1, or a saved model of ours), the head is tied all the same: it is untied here.
+    Loaded from such a checkpoint, the head stays apart, but resizing the embeddings (``add_tokens``) ties it
+    again and drops its weights: the config is set to ``false`` so that nothing re-ties it.
+    """
+    head = model.get_output_embeddings()
+    if not untied or head is None:
+        return
+    if head_is_tied(model):
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    head_names = {name for name, parameter in model.named_parameters() if parameter is head.weight}
+    tied_keys = getattr(model, "all_tied_weights_keys", None) or {}
+    for target in [target for target, source in tied_keys.items() if {target, source} & head_names]:
+        tied_keys.pop(target)
+    model.config.tie_word_embeddings = False
 
 
 def _auto_class(config: Any) -> type:

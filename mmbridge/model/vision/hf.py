@@ -152,7 +152,8 @@ class HFVisionEncoder(VisionEncoder):
 
     def export_config(self) -> HFVisionConfig:
         return HFVisionConfig(hf_config=self.model.config.to_dict(), feature_layer=self.feature_layer,
-                              select=self.select, image_processor=self.transform.to_dict())
+                              select=self.select, image_processor=self.transform.to_dict(),
+                              pad_to_square=self.transform.pad_to_square)
 
 
 def _model_kwargs(config: PretrainedConfig) -> dict:

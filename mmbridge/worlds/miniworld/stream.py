@@ -73,6 +73,8 @@ def check_spec(spec: dict) -> tuple[str, str, int, int]:
     count, seed = spec["n"], spec.get("seed", 0)
     if count < 1:
         raise ValueError(f"miniworld source {spec}: n must be at least 1")
+    if seed < 0:  # numpy's generators take no negative seed: it would fail when the first image is drawn
+        raise ValueError(f"miniworld source {spec}: seed must be >= 0, got {seed}")
     return spec["task"], spec["split"], count, seed
 
 
