@@ -118,8 +118,8 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
     touched: set[str] = set()
     check_upcycle(model, stages)
     for index, stage in enumerate(stages):
-        resuming = saved is not None and index == state.stage_index
-        if resuming and state.step == 0:  # saved at a stage boundary: restore before this stage's LoRA init
+        resuming = saved is not None and index == saved["stage_index"]  # the checkpoint's, not where the run is now
+        if resuming and saved["step"] == 0:  # saved at a stage boundary: restore before this stage's LoRA init
             ckpt.load_trainable(saved_path, model)
             ckpt.restore_rng(saved_path, saved)
         if stage.upcycle:  # copies the FFNs as trained so far; a checkpoint of later training overwrites them
@@ -130,7 +130,7 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
             continue
         table = f"stage {index + 1}/{len(stages)} '{stage.name}'\n{format_table(rows)}"
         tqdm.write(table) if progress else logger.info(table)
-        mid_stage = saved if resuming and state.step > 0 else None
+        mid_stage = saved if resuming and saved["step"] > 0 else None
         _run_stage(run, index, stage, model, accelerator, state, touched, mid_stage, saved_path, progress,
                    on_step, result)
         state.stage_index, state.step, state.micro = index + 1, 0, None
