@@ -22,18 +22,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmbridge.config import RunConfig, save_run_config
-from mmbridge.data import DataConfig, MixtureDataset, Processor, batch_indices, collate, model_inputs
+from mmbridge.data import DataConfig, MixtureDataset, batch_indices, collate
 from mmbridge.data.loader import MicroBatches
 from mmbridge.eval.plots import plot_gates
-from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
+from mmbridge.model.multimodal import MODULE_KEYS
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.distributed import any_process, check_launch, gather, make_accelerator, micro_seed
 from mmbridge.train.feature_cache import CachedFeatureDataset, build_feature_cache
 from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
+from mmbridge.train.objectives import build_model, groups_by_length, stage_objective
 from mmbridge.train.precision import FrozenBf16Weights, frozen_weights_in_bf16, resolve_precision
 from mmbridge.train.preflight import check_run, stage_data
 from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups
-from mmbridge.train.region_words import WordGroups, check_grid, region_word_loss
 from mmbridge.train.sharding import FullyShardedStage, is_fully_sharded, shard_stage
 from mmbridge.utils import seed_everything
 
@@ -45,7 +45,7 @@ StepCallback = Callable[[dict], None]
 class TrainResult:
     """The trained model, the per-step log, and samples skipped per stage (by reason)."""
 
-    model: MultimodalModel
+    model: nn.Module
     history: list[dict] = field(default_factory=list)
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
     output_dir: str = ""
@@ -83,7 +83,7 @@ class _StageData:
 
 
 def train(run: RunConfig, resume: bool = False, progress: bool = True,
-          on_step: StepCallback | None = None, model: MultimodalModel | None = None) -> TrainResult:
+          on_step: StepCallback | None = None, model: nn.Module | None = None) -> TrainResult:
     """Run every stage of ``run``; with ``resume``, continue from the newest checkpoint in ``run.output_dir``.
 
     The recipe is checked first (:func:`~mmbridge.train.preflight.check_run`), and a resumed run
@@ -95,54 +95,92 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
     """
     check_launch()
     stages = check_run(run)
-    accelerator = make_accelerator()
-    checkpoint_dir = os.path.join(run.output_dir, "checkpoints")
-    state, saved, saved_path = ckpt.TrainState(), None, None
+    session = _Session(run, make_accelerator(), progress, on_step)
     if resume:
-        saved_path = ckpt.latest_checkpoint(checkpoint_dir)
-        if saved_path is None:
-            logger.warning("--resume: no checkpoint in %s; starting from scratch", checkpoint_dir)
-        else:
-            ckpt.check_recipe_unchanged(os.path.join(run.output_dir, "recipe.yaml"), run.to_dict(), saved_path)
-            saved = ckpt.read_state(saved_path)
-            state = ckpt.saved_state(saved)
-            check_world_size(state, accelerator.num_processes, saved_path)
-            logger.info("resuming from %s (stage %d, step %d)", saved_path, state.stage_index, state.step)
+        session.resume_from_latest()
     seed_everything(run.seed)
-    model = (model or MultimodalModel.from_config(run.model, processor_settings=run.processor)).to(accelerator.device)
-    if accelerator.is_main_process:
+    model = (model or build_model(run, stages)).to(session.accelerator.device)
+    session.result = TrainResult(model, session.state.history, output_dir=run.output_dir,
+                                 main_process=session.accelerator.is_main_process)
+    if session.accelerator.is_main_process:
         os.makedirs(run.output_dir, exist_ok=True)
         save_run_config(run, os.path.join(run.output_dir, "recipe.yaml"))
-        _rewrite_log(run.output_dir, state.history)
-    result = TrainResult(model, state.history, output_dir=run.output_dir, main_process=accelerator.is_main_process)
-    touched: set[str] = set()
+        _rewrite_log(run.output_dir, session.state.history)
     check_upcycle(model, stages)
     for index, stage in enumerate(stages):
-        resuming = saved is not None and index == saved["stage_index"]  # the checkpoint's, not where the run is now
-        if resuming and saved["step"] == 0:  # saved at a stage boundary: restore before this stage's LoRA init
-            ckpt.load_trainable(saved_path, model)
-            ckpt.restore_rng(saved_path, saved)
+        rows = session.enter_stage(model, index, stage)
+        if index < session.state.stage_index:
+            continue  # trained before the checkpoint this run resumes from
+        table = f"stage {index + 1}/{len(stages)} '{stage.name}'\n{format_table(rows)}"
+        tqdm.write(table) if progress else logger.info(table)
+        _StageRun(session, index, stage, model).run()
+        session.state.stage_index, session.state.step, session.state.micro = index + 1, 0, None
+    session.save_final(model, len(stages))
+    return session.result
+
+
+@dataclass
+class _Session:
+    """What the stages of one :func:`train` call share: the recipe, the accelerator, where the run stands (and
+    the checkpoint it resumes from), the result being filled and every parameter that has trained so far."""
+
+    run: RunConfig
+    accelerator: Any
+    progress: bool
+    on_step: StepCallback | None
+    state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
+    saved: dict | None = None  # the state.json of the checkpoint this run resumes from
+    saved_path: str | None = None
+    touched: set[str] = field(default_factory=set)  # parameters that trained in a stage so far (checkpointed)
+    result: TrainResult | None = None
+
+    def resume_from_latest(self) -> None:
+        """Take the newest checkpoint of ``output_dir`` as the starting point, after checking that it was trained
+        with this recipe and (mid-stage) on as many processes."""
+        checkpoint_dir = os.path.join(self.run.output_dir, "checkpoints")
+        self.saved_path = ckpt.latest_checkpoint(checkpoint_dir)
+        if self.saved_path is None:
+            logger.warning("--resume: no checkpoint in %s; starting from scratch", checkpoint_dir)
+            return
+        ckpt.check_recipe_unchanged(os.path.join(self.run.output_dir, "recipe.yaml"), self.run.to_dict(),
+                                    self.saved_path)
+        self.saved = ckpt.read_state(self.saved_path)
+        self.state = ckpt.saved_state(self.saved)
+        check_world_size(self.state, self.accelerator.num_processes, self.saved_path)
+        logger.info("resuming from %s (stage %d, step %d)", self.saved_path, self.state.stage_index, self.state.step)
+
+    def resumes_mid_stage(self, index: int) -> bool:
+        """Whether stage ``index`` goes on from a checkpoint taken inside it."""
+        return self.saved is not None and index == self.saved["stage_index"] and self.saved["step"] > 0
+
+    def resumes_at_start_of(self, index: int) -> bool:
+        """Whether the run resumes from a checkpoint taken as stage ``index`` began (the end of the one before)."""
+        return self.saved is not None and index == self.saved["stage_index"] and self.saved["step"] == 0
+
+    def enter_stage(self, model: nn.Module, index: int, stage: StageConfig) -> list[dict]:
+        """Bring ``model`` to the start of stage ``index`` -- a checkpoint taken at its boundary restored (before
+        its LoRA init), its MoE upcycling, its trainable parameters set -- whether it trains or was trained before
+        the resumed checkpoint; returns the stage's parameter table."""
+        if self.resumes_at_start_of(index):  # the checkpoint's stage, not where the run is now
+            ckpt.load_trainable(self.saved_path, model)
+            ckpt.restore_rng(self.saved_path, self.saved)
         if stage.upcycle:  # copies the FFNs as trained so far; a checkpoint of later training overwrites them
             model.bridge.upcycle()
         rows = apply_stage(model, stage, log=False)
-        touched |= {name for name, p in model.named_parameters() if p.requires_grad}
-        if index < state.stage_index:
-            continue
-        table = f"stage {index + 1}/{len(stages)} '{stage.name}'\n{format_table(rows)}"
-        tqdm.write(table) if progress else logger.info(table)
-        mid_stage = saved if resuming and saved["step"] > 0 else None
-        _run_stage(run, index, stage, model, accelerator, state, touched, mid_stage, saved_path, progress,
-                   on_step, result)
-        state.stage_index, state.step, state.micro = index + 1, 0, None
-    if saved is not None and saved["stage_index"] >= len(stages):  # every stage had finished
-        ckpt.load_trainable(saved_path, model)
-        logger.info("every stage had finished in %s: nothing left to train", saved_path)
-    final = os.path.join(run.output_dir, "final")
-    if accelerator.is_main_process:
-        model.save_pretrained(final)
-        logger.info("saved the trained model to %s", final)
-    accelerator.wait_for_everyone()  # every process returns once the model is saved
-    return result
+        self.touched |= {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        return rows
+
+    def save_final(self, model: nn.Module, stage_count: int) -> None:
+        """Write ``output_dir/final`` (the main process; the others wait for it); a run resumed after its last
+        stage had finished takes the checkpoint's weights first."""
+        if self.saved is not None and self.saved["stage_index"] >= stage_count:  # every stage had finished
+            ckpt.load_trainable(self.saved_path, model)
+            logger.info("every stage had finished in %s: nothing left to train", self.saved_path)
+        final = os.path.join(self.run.output_dir, "final")
+        if self.accelerator.is_main_process:
+            model.save_pretrained(final)
+            logger.info("saved the trained model to %s", final)
+        self.accelerator.wait_for_everyone()  # every process returns once the model is saved
 
 
 def check_world_size(state: ckpt.TrainState, processes: int, checkpoint: str) -> None:
@@ -153,7 +191,7 @@ def check_world_size(state: ckpt.TrainState, processes: int, checkpoint: str) ->
                          f"run on {state.world_size}; resume with {state.world_size} (or from a stage boundary)")
 
 
-def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, precision: str,
+def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: nn.Module, precision: str,
                 accelerator: Any, progress: bool) -> tuple[_StageData, MixtureDataset | CachedFeatureDataset]:
     data_config = stage_data(run, index, stage)
     processor = stage_processor(model, data_config, stage.name, stage.objective)
@@ -169,11 +207,11 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: Multimoda
                                         progress=progress and accelerator.is_main_process)
         dataset = CachedFeatureDataset(dataset, cache)
     pad_id = processor.pad_token_id
-    return _StageData(dataset, stage, run.seed * 1000 + index, pad_id, data_config.group_by_length,
+    return _StageData(dataset, stage, run.seed * 1000 + index, pad_id, groups_by_length(stage, data_config),
                       data_config.num_workers), dataset
 
 
-def stage_processor(model: MultimodalModel, data: DataConfig, stage: str, objective: str = "lm") -> Processor:
+def stage_processor(model: nn.Module, data: DataConfig, stage: str, objective: str = "lm") -> Any:
     """The model's processor with a stage's data settings (``max_length``, ``template``, ``prefix_lm``,
     ``box_format``); a ``region_words`` stage reads no text, so its examples carry images and regions only."""
     overrides: dict[str, Any] = {"max_length": data.max_length} if data.max_length else {}
@@ -194,133 +232,151 @@ def stage_processor(model: MultimodalModel, data: DataConfig, stage: str, object
     return model.processor(**overrides)
 
 
-def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, accelerator: Any,
-               state: ckpt.TrainState, touched: set[str], saved: dict | None, saved_path: str | None,
-               progress: bool, on_step: StepCallback | None, result: TrainResult) -> None:
-    precision = resolve_precision(stage.precision, accelerator.device)
-    data, dataset = _stage_data(run, index, stage, model, precision, accelerator, progress)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro_per_step = stage.grad_accum * world
-    total_steps = stage.steps or math.ceil(stage.epochs * data.batches_per_epoch / micro_per_step)
-    objective = _Objective(model, _region_words(stage, model, dataset))
-    fsdp = shard_stage(run.distributed.strategy, objective, model, accelerator, precision)  # before the optimizer
-    groups, param_names = optimizer_groups(model, stage)  # over the sharded parameters under FSDP
-    optimizer = torch.optim.AdamW(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, stage.warmup_ratio, stage.schedule))
-    start = 0
-    if saved is not None:
-        start = ckpt.restore_mid_stage(saved_path, saved, model, optimizer, param_names, scheduler)
-    cursor = _start_cursor(state, saved, start * stage.grad_accum, rank)
-    if fsdp is not None:
-        trained = fsdp.root
-    else:  # DDP: gradients averaged
-        trained = accelerator.prepare_model(objective) if world > 1 else objective
-    optimizer = accelerator.prepare_optimizer(optimizer)
-    _set_modes(model, stage)
-    trainable = [p for group in groups for p in group["params"]]
-    bar = tqdm(total=total_steps, initial=start, desc=stage.name, disable=not progress or not accelerator.is_main_process,
-               dynamic_ncols=True)
-    grace = _SIGINT_GRACE if world > 1 else 0.0
-    cast = precision if fsdp is None else "fp32"  # FSDP holds the weights as shards: no one-time bf16 cast
-    with frozen_weights_in_bf16(model, cast, touched) as frozen, StopOnInterrupt(grace) as stop, \
-            data.stream(world) as stream:  # loader workers live for the stage, stopped on any exit
-        for step in range(start, total_steps):
-            began = time.perf_counter()
-            tally = _Tally()
-            for micro in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
-                batch, cursor, skipped = _next_batch(stream, cursor, world, rank, stage.name)
-                tally.empty += skipped
-                last = micro == stage.grad_accum - 1
-                with _no_sync(trained, world > 1 and not last), autocast(precision, accelerator.device):
-                    with _seeded(micro_seed(data.seed, (cursor - 1) * world + rank), accelerator.device):
-                        loss, labelled, extra = trained(_on_device(batch, accelerator.device))
-                    accelerator.backward(loss / stage.grad_accum)
-                tally.add(batch, float(loss.detach()), labelled, extra)
-            tally.cursor = cursor
-            tallies = gather(accelerator, tally)  # every process's figures, in rank order
-            if fsdp is not None:
-                fsdp.finish_backward()  # a parameter no process used gets no gradient, as under DDP
-            grad_norm = _clip(accelerator, fsdp, trainable, stage.max_grad_norm) if stage.max_grad_norm else None
-            learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step, state.global_step = step + 1, state.global_step + 1
-            state.micro = cursor if world == 1 else [part.cursor for part in tallies]  # one position per process
-            seconds = max(time.perf_counter() - began, 1e-9)
-            record = _step_record(stage, index, step, total_steps, state.global_step, learning_rate,
-                                  _Tally.merged(tallies), seconds)
-            if grad_norm is not None:  # before clipping; the same in every process (gradients are averaged first)
-                record["grad_norm"] = float(grad_norm)
-            if hasattr(model.bridge, "step_report"):  # e.g. the tanh gates of gated cross-attention, every step
-                record.update(model.bridge.step_report())
-            result.history.append(record)
-            if accelerator.is_main_process:
-                _append_log(run.output_dir, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-            bar.update(1)
-            stage_done = step + 1 == total_steps
+class _StageRun:
+    """One stage that trains: its data, objective, optimizer and schedule (restored mid-stage when the run resumes
+    inside it), wrapped for DDP or sharded for FSDP; :meth:`run` trains its remaining steps."""
 
-            def save() -> str | None:
-                if not accelerator.is_main_process and fsdp is None:  # under FSDP every process gathers
-                    return None
-                where = ckpt.TrainState(index + 1, 0, state.global_step, result.history, world_size=world) \
-                    if stage_done else ckpt.TrainState(index, step + 1, state.global_step, result.history, state.micro,
-                                                       world)
-                with _fp32(frozen):
-                    return ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched,
-                                                optimizer, param_names, scheduler, where,
-                                                write=accelerator.is_main_process)
+    def __init__(self, session: _Session, index: int, stage: StageConfig, model: nn.Module) -> None:
+        self.session, self.index, self.stage, self.model = session, index, stage, model
+        accelerator, state = session.accelerator, session.state
+        mid_stage = session.saved if session.resumes_mid_stage(index) else None
+        self.precision = resolve_precision(stage.precision, accelerator.device)
+        self.data, self.dataset = _stage_data(session.run, index, stage, model, self.precision, accelerator,
+                                              session.progress)
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        micro_per_step = stage.grad_accum * self.world
+        self.total_steps = stage.steps or math.ceil(stage.epochs * self.data.batches_per_epoch / micro_per_step)
+        objective = stage_objective(stage, model, self.dataset)
+        # FSDP shards before the optimizer is built, whose groups then hold the sharded parameters
+        self.fsdp = shard_stage(session.run.distributed.strategy, objective, model, accelerator, self.precision)
+        groups, self.param_names = optimizer_groups(model, stage)
+        optimizer = torch.optim.AdamW(groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.total_steps, stage.warmup_ratio,
+                                                                                stage.schedule))
+        self.start = 0
+        if mid_stage is not None:
+            self.start = ckpt.restore_mid_stage(session.saved_path, mid_stage, model, optimizer, self.param_names,
+                                                self.scheduler)
+        self.cursor = _start_cursor(state, mid_stage, self.start * stage.grad_accum, self.rank)
+        if self.fsdp is not None:
+            self.trained = self.fsdp.root
+        else:  # DDP: gradients averaged
+            self.trained = accelerator.prepare_model(objective) if self.world > 1 else objective
+        self.optimizer = accelerator.prepare_optimizer(optimizer)
+        _set_modes(model, stage)
+        self.trainable = [parameter for group in groups for parameter in group["params"]]
 
-            due = stage_done or bool(stage.save_every and (step + 1) % stage.save_every == 0)  # the same everywhere
-            written = save() if due else None
-            if on_step is not None:
-                with _fp32(frozen):
-                    on_step(record)
-            if any_process(accelerator, stop.requested):  # every process stops after the same step
-                bar.close()
-                written = written if due else save()
-                accelerator.wait_for_everyone()  # the checkpoint is written before any process exits
-                if fsdp is not None:
-                    fsdp.gather()  # the caller gets a whole model
-                raise TrainingInterrupted(
-                    f"stopped at step {step + 1} of {total_steps} of stage '{stage.name}' ({state.global_step} steps "
-                    f"in all); checkpoint {written or 'written by the main process'}; resume with --resume", written)
-    bar.close()
-    if fsdp is not None:
-        fsdp.gather()  # full, plain parameters again: for the next stage, final/ and the caller
-    model.eval()
-    accelerator.free_memory()  # drops the stage's DDP wrapper (its hooks and buckets) and optimizer
-    stage_records = [record for record in result.history if record["stage_index"] == index]
-    if accelerator.is_main_process and any("gates" in record for record in stage_records):
-        path = plot_gates(stage_records, os.path.join(run.output_dir, f"gates-{index + 1}-{stage.name}.png"),
-                          title=f"stage {index + 1} '{stage.name}'")
-        logger.info("gate plot: %s", path)
-    if dataset.skipped:
-        result.skipped[stage.name] = dict(dataset.skipped)
-        logger.warning("stage '%s' skipped samples: %s", stage.name, dict(dataset.skipped))
+    def run(self) -> None:
+        """Train the stage's remaining steps, then hand back a whole model; a Ctrl-C (in any process) stops every
+        process after the same step with a checkpoint and raises :class:`TrainingInterrupted`."""
+        accelerator = self.session.accelerator
+        bar = tqdm(total=self.total_steps, initial=self.start, desc=self.stage.name, dynamic_ncols=True,
+                   disable=not self.session.progress or not accelerator.is_main_process)
+        grace = _SIGINT_GRACE if self.world > 1 else 0.0
+        cast = self.precision if self.fsdp is None else "fp32"  # FSDP holds the weights as shards: no bf16 cast
+        with frozen_weights_in_bf16(self.model, cast, self.session.touched) as frozen, \
+                StopOnInterrupt(grace) as stop, self.data.stream(self.world) as stream:  # workers live for the stage
+            for step in range(self.start, self.total_steps):
+                record = self.step(step, stream)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+                bar.update(1)
+                self.after_step(step, record, frozen, stop, bar)
+        bar.close()
+        self.finish()
+
+    def step(self, step: int, stream: MicroBatches) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches of every process; returns its log record (logged)."""
+        accelerator, state, stage = self.session.accelerator, self.session.state, self.stage
+        began = time.perf_counter()
+        tally = _Tally()
+        for micro in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
+            batch, self.cursor, skipped = _next_batch(stream, self.cursor, self.world, self.rank, stage.name)
+            tally.empty += skipped
+            last = micro == stage.grad_accum - 1
+            with _no_sync(self.trained, self.world > 1 and not last), autocast(self.precision, accelerator.device):
+                with _seeded(micro_seed(self.data.seed, (self.cursor - 1) * self.world + self.rank),
+                             accelerator.device):
+                    loss, labelled, extra = self.trained(_on_device(batch, accelerator.device))
+                accelerator.backward(loss / stage.grad_accum)
+            tally.add(batch, float(loss.detach()), labelled, extra)
+        tally.cursor = self.cursor
+        tallies = gather(accelerator, tally)  # every process's figures, in rank order
+        if self.fsdp is not None:
+            self.fsdp.finish_backward()  # a parameter no process used gets no gradient, as under DDP
+        grad_norm = _clip(accelerator, self.fsdp, self.trainable, stage.max_grad_norm) if stage.max_grad_norm \
+            else None
+        learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step, state.global_step = step + 1, state.global_step + 1
+        state.micro = self.cursor if self.world == 1 else [part.cursor for part in tallies]  # one per process
+        seconds = max(time.perf_counter() - began, 1e-9)
+        record = _step_record(stage, self.index, step, self.total_steps, state.global_step, learning_rate,
+                              _Tally.merged(tallies), seconds)
+        if grad_norm is not None:  # before clipping; the same in every process (gradients are averaged first)
+            record["grad_norm"] = float(grad_norm)
+        if hasattr(self.model.bridge, "step_report"):  # e.g. the tanh gates of gated cross-attention, every step
+            record.update(self.model.bridge.step_report())
+        self.session.result.history.append(record)
+        if accelerator.is_main_process:
+            _append_log(self.session.run.output_dir, record)
+        return record
+
+    def after_step(self, step: int, record: dict, frozen: FrozenBf16Weights | None, stop: StopOnInterrupt,
+                   bar: Any) -> None:
+        """A checkpoint when one is due, the caller's callback, and the stop every process makes after this step
+        when a Ctrl-C reached any of them."""
+        stage_done = step + 1 == self.total_steps
+        due = stage_done or bool(self.stage.save_every and (step + 1) % self.stage.save_every == 0)  # everywhere
+        written = self.save(step, stage_done, frozen) if due else None
+        if self.session.on_step is not None:
+            with _fp32(frozen):
+                self.session.on_step(record)
+        if any_process(self.session.accelerator, stop.requested):  # every process stops after the same step
+            bar.close()
+            written = written if due else self.save(step, stage_done, frozen)
+            self.session.accelerator.wait_for_everyone()  # the checkpoint is written before any process exits
+            if self.fsdp is not None:
+                self.fsdp.gather()  # the caller gets a whole model
+            state = self.session.state
+            raise TrainingInterrupted(
+                f"stopped at step {step + 1} of {self.total_steps} of stage '{self.stage.name}' ({state.global_step} "
+                f"steps in all); checkpoint {written or 'written by the main process'}; resume with --resume", written)
+
+    def save(self, step: int, stage_done: bool, frozen: FrozenBf16Weights | None) -> str | None:
+        """A checkpoint after ``step`` (the next stage's start when the stage is done); its path in the process
+        that writes it, ``None`` elsewhere. Under FSDP every process takes part in gathering the weights."""
+        accelerator, state, world = self.session.accelerator, self.session.state, self.world
+        if not accelerator.is_main_process and self.fsdp is None:
+            return None
+        history = self.session.result.history
+        where = ckpt.TrainState(self.index + 1, 0, state.global_step, history, world_size=world) if stage_done \
+            else ckpt.TrainState(self.index, step + 1, state.global_step, history, state.micro, world)
+        with _fp32(frozen):
+            return ckpt.save_checkpoint(os.path.join(self.session.run.output_dir, "checkpoints"), self.model,
+                                        self.session.touched, self.optimizer, self.param_names, self.scheduler,
+                                        where, write=accelerator.is_main_process)
+
+    def finish(self) -> None:
+        """After the last step: full plain parameters again (FSDP), eval mode, the stage's optimizer and DDP
+        wrapper freed, its gate plot, and the samples it skipped."""
+        accelerator, run, stage, index = self.session.accelerator, self.session.run, self.stage, self.index
+        if self.fsdp is not None:
+            self.fsdp.gather()  # full, plain parameters again: for the next stage, final/ and the caller
+        self.model.eval()
+        accelerator.free_memory()  # drops the stage's DDP wrapper (its hooks and buckets) and optimizer
+        stage_records = [record for record in self.session.result.history if record["stage_index"] == index]
+        if accelerator.is_main_process and any("gates" in record for record in stage_records):
+            path = plot_gates(stage_records, os.path.join(run.output_dir, f"gates-{index + 1}-{stage.name}.png"),
+                              title=f"stage {index + 1} '{stage.name}'")
+            logger.info("gate plot: %s", path)
+        if self.dataset.skipped:
+            self.session.result.skipped[stage.name] = dict(self.dataset.skipped)
+            logger.warning("stage '%s' skipped samples: %s", stage.name, dict(self.dataset.skipped))
 
 
 _SIGINT_GRACE = 2.0  # seconds: torchrun forwards the terminal's Ctrl-C to processes that received it already
-
-
-class _Objective(nn.Module):
-    """A stage's loss for one batch as a module, so that DDP wraps all of it (``region_words`` calls the vision
-    encoder and bridge directly, past :meth:`MultimodalModel.forward`). Returns the loss, its labelled tokens or
-    cells, and what the step logs besides."""
-
-    def __init__(self, model: MultimodalModel, words: WordGroups | None) -> None:
-        super().__init__()
-        self.model, self.words = model, words
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, Any]]:
-        if self.words is not None:
-            loss, cells, read = region_word_loss(self.model, batch, self.words)
-            return loss, cells, {"read": read}
-        output = self.model(**model_inputs(batch), return_logits="none")
-        positions = int(batch["attention_mask"].sum())  # through the LLM
-        return output.loss, output.num_label_tokens, {"aux": output.aux_losses, "stats": output.stats,
-                                                      "positions": positions}
 
 
 @dataclass
@@ -426,7 +482,7 @@ def _on_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
-def check_upcycle(model: MultimodalModel, stages: list[StageConfig]) -> None:
+def check_upcycle(model: nn.Module, stages: list[StageConfig]) -> None:
     """A stage that says ``upcycle`` needs a bridge that can (``moe``); say so before any stage trains."""
     for stage in stages:
         if stage.upcycle and not hasattr(model.bridge, "upcycle"):
@@ -441,14 +497,6 @@ def add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:
 
     for name, value in counts.items():
         total[name] = plus(total[name], value) if name in total else value
-
-
-def _region_words(stage: StageConfig, model: MultimodalModel, dataset: Any) -> WordGroups | None:
-    """The candidate words of a ``region_words`` stage (checked against the bridge's grid); ``None`` otherwise."""
-    if stage.objective != "region_words":
-        return None
-    check_grid(model)
-    return WordGroups.from_samples(dataset.samples, model.tokenizer, where=f"stage '{stage.name}'")
 
 
 def _next_batch(data: MicroBatches, cursor: int, world: int, rank: int, stage: str) -> tuple[dict, int, int]:
@@ -471,7 +519,7 @@ def _fp32(frozen: FrozenBf16Weights | None) -> Any:
     return frozen.fp32() if frozen is not None else contextlib.nullcontext()
 
 
-def _set_modes(model: MultimodalModel, stage: StageConfig) -> None:
+def _set_modes(model: nn.Module, stage: StageConfig) -> None:
     """Train mode only for keys that train, so frozen encoders keep BatchNorm statistics and no dropout."""
     for key in MODULE_KEYS:
         model.get_submodule(key).train(stage.spec(key).mode != "frozen")
