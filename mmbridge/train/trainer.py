@@ -43,7 +43,9 @@ StepCallback = Callable[[dict], None]
 
 @dataclass
 class TrainResult:
-    """The trained model, the per-step log, and samples skipped per stage (by reason)."""
+    """The trained model (a :class:`~mmbridge.model.multimodal.MultimodalModel`, or BLIP-2 stage 1's
+    :class:`~mmbridge.train.qformer_pretrain.QFormerPretrainModel`), the per-step log, and samples skipped per stage
+    (by reason)."""
 
     model: nn.Module
     history: list[dict] = field(default_factory=list)
@@ -89,6 +91,8 @@ def train(run: RunConfig, resume: bool = False, progress: bool = True,
     The recipe is checked first (:func:`~mmbridge.train.preflight.check_run`), and a resumed run
     must use the recipe its checkpoint was trained with. Ctrl-C stops after the current step,
     writes a checkpoint and raises :class:`~mmbridge.train.interrupt.TrainingInterrupted`.
+    The model is a :class:`MultimodalModel`, or BLIP-2 stage 1's Q-Former for a recipe whose stages train
+    ``itc_itm_itg`` (:func:`~mmbridge.train.objectives.build_model`).
 
     Under ``accelerate launch``/``torchrun`` every process runs this; the main one writes the log,
     checkpoints and the final model (:mod:`~mmbridge.train.distributed`).
@@ -213,7 +217,8 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: nn.Module
 
 def stage_processor(model: nn.Module, data: DataConfig, stage: str, objective: str = "lm") -> Any:
     """The model's processor with a stage's data settings (``max_length``, ``template``, ``prefix_lm``,
-    ``box_format``); a ``region_words`` stage reads no text, so its examples carry images and regions only."""
+    ``box_format``); a ``region_words`` stage reads no text, so its examples carry images and regions only.
+    (BLIP-2 stage 1's model gives its caption processor; preflight refused the settings it does not read.)"""
     overrides: dict[str, Any] = {"max_length": data.max_length} if data.max_length else {}
     overrides["box_format"] = data.box_format  # the stage's, over a format the model was saved with
     if objective == "region_words":
@@ -391,6 +396,7 @@ class _Tally:
     aux: dict[str, float] = field(default_factory=dict)  # a fusion bridge's auxiliary loss terms, summed
     counts: dict[str, Any] = field(default_factory=dict)  # and its statistics (counts), summed likewise
     read: dict[str, list[int]] = field(default_factory=dict)  # region_words: attribute → [cells read right, labelled]
+    parts: dict[str, float] = field(default_factory=dict)  # the loss's named terms (stage 1: itc, itm, itg), summed
     cursor: int = 0  # the process's position in the stage's micro-batch stream after the step
 
     def add(self, batch: dict, loss: float, labelled: int, extra: dict[str, Any]) -> None:
@@ -400,6 +406,8 @@ class _Tally:
         self.tokens += labelled
         for name, value in extra.get("aux", {}).items():
             self.aux[name] = self.aux.get(name, 0.0) + float(value.detach())
+        for name, value in extra.get("parts", {}).items():
+            self.parts[name] = self.parts.get(name, 0.0) + float(value.detach())
         add_counts(self.counts, extra.get("stats", {}))
         for name, (right, total) in extra.get("read", {}).items():
             sums = self.read.setdefault(name, [0, 0])
@@ -415,6 +423,8 @@ class _Tally:
             whole.tokens, whole.empty = whole.tokens + part.tokens, whole.empty + part.empty
             for name, value in part.aux.items():
                 whole.aux[name] = whole.aux.get(name, 0.0) + value
+            for name, value in part.parts.items():
+                whole.parts[name] = whole.parts.get(name, 0.0) + value
             add_counts(whole.counts, part.counts)
             for name, (right, total) in part.read.items():
                 sums = whole.read.setdefault(name, [0, 0])
@@ -438,6 +448,7 @@ def _step_record(stage: StageConfig, index: int, step: int, total_steps: int, gl
         record["word_accuracy"] = {name: right / total for name, (right, total) in tally.read.items() if total}
     if tally.aux:  # already inside "loss"
         record["aux_losses"] = {name: value / micro_batches for name, value in tally.aux.items()}
+    record.update({name: value / micro_batches for name, value in tally.parts.items()})  # their sum is "loss"
     record.update(tally.counts)
     if tally.empty:
         record["empty_batches"] = tally.empty  # every sample of these micro-batches was skipped
