@@ -412,6 +412,8 @@ def test_a_stage1_recipe_is_checked_before_anything_loads(bert_dir, shapes, tmp_
         check_run(run_with(stage={"train": {"bridge": "full", "llm": "full"}}))
     with pytest.raises(ValueError, match="strategy 'ddp'"):
         check_run(run_with(distributed=DistributedConfig("fsdp")))
+    with pytest.raises(ValueError, match=r"stages.0 \('stage1'\): objective .* batch_size must be at least 2, got 1"):
+        check_run(run_with(stage={"batch_size": 1}))
     with pytest.raises(ValueError, match=r"stages.0 \('stage1'\) data sets template='plain', which objective"):
         check_run(run_with(data={"template": "plain"}))
     with pytest.raises(ValueError, match="qformer-family bridge .* got 'mlp'"):
@@ -432,6 +434,15 @@ def test_samples_without_exactly_one_image_are_named_or_skipped(bert_dir, shapes
     result = train(_stage1_run(bert_dir, str(path), str(tmp_path / "skipped"), 2, skip_bad_samples=True,
                                group_by_length=True), progress=False)
     assert result.skipped["stage1"] == {"image_count": 2}
+
+
+def test_an_epochs_last_batch_of_one_sample_is_passed_over(bert_dir, tmp_path):
+    """17 samples in batches of 8: the third batch of an epoch holds one sample, which has no other to be its ITM
+    negative; the trainer passes over it (counted as an empty micro-batch) and takes the next epoch's first."""
+    data = write_shape_dataset(str(tmp_path / "data"), 17, seed=3, size=16)
+    result = train(_stage1_run(bert_dir, data, str(tmp_path / "run"), 3), progress=False)
+    assert [record.get("empty_batches", 0) for record in result.history] == [0, 0, 1]
+    assert [record["samples_per_s"] * record["seconds"] for record in result.history] == pytest.approx([8, 8, 8])
 
 
 def test_the_shipped_recipe_runs_in_the_trainer():

@@ -17,6 +17,7 @@ wrap all of it, including objectives that call the model's parts past its ``forw
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,10 +77,22 @@ def stage_objective(stage: StageConfig, model: nn.Module, dataset: Any) -> Stage
     return StageObjective(model, stage.objective, words)
 
 
-def groups_by_length(stage: StageConfig, data: DataConfig) -> bool:
-    """Whether the stage's batches are grouped by length (``data.group_by_length``); never for stage 1, whose
-    ITC and ITM take their negatives from the batch: captions of one length would make them easier."""
-    return data.group_by_length and stage.objective != STAGE1_OBJECTIVE
+@dataclass(frozen=True)
+class Batching:
+    """How a stage's samples make micro-batches: grouped by length or not, and the fewest samples a micro-batch
+    needs (one left with fewer is passed over, as one whose samples were all skipped)."""
+
+    group_by_length: bool
+    min_samples: int = 1
+
+
+def stage_batching(stage: StageConfig, data: DataConfig) -> Batching:
+    """The stage's batching: ``data.group_by_length``; for stage 1, whose ITC and ITM take their negatives from
+    the batch, never by length (captions of one length would make them easier) and at least 2 samples (ITM mines
+    each sample's negative among the others: an epoch's last batch of one sample is passed over)."""
+    if stage.objective == STAGE1_OBJECTIVE:
+        return Batching(group_by_length=False, min_samples=2)
+    return Batching(data.group_by_length)
 
 
 def build_model(run: RunConfig, stages: list[StageConfig]) -> nn.Module:

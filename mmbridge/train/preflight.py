@@ -43,7 +43,7 @@ def check_run(run: RunConfig) -> list[StageConfig]:
     for index, stage in enumerate(stages):
         data = stage_data(run, index, stage)
         if stage.objective == STAGE1:
-            check_caption_data(data, stage_label(index, stage.name))
+            check_stage1(stage, data, stage_label(index, stage.name))
     return stages
 
 
@@ -77,9 +77,13 @@ def check_stage1_bridge(spec: Any) -> None:
                          f"(qformer, instruct_qformer, llama_vid), got {config.type!r}")
 
 
-def check_caption_data(data: DataConfig, label: str) -> None:
-    """Stage 1 reads each sample's image and caption (its first reply): data settings that shape an LLM's prompt
-    and labels mean nothing there and are refused rather than ignored."""
+def check_stage1(stage: StageConfig, data: DataConfig, label: str) -> None:
+    """Stage 1 reads each sample's image and caption (its first reply) in batches of at least 2 (ITC and ITM take
+    their negatives from the batch): data settings that shape an LLM's prompt and labels mean nothing there and are
+    refused rather than ignored."""
+    if stage.batch_size < 2:
+        raise ValueError(f"{label}: objective '{STAGE1}' takes its negatives from the batch: batch_size must be at "
+                         f"least 2, got {stage.batch_size}")
     for name, default in STAGE1_DATA_DEFAULTS.items():
         if getattr(data, name) != default:
             raise ValueError(f"{label} data sets {name}={getattr(data, name)!r}, which objective '{STAGE1}' does not "

@@ -32,8 +32,8 @@ bridge loads with ``init_from``::
 
 Data: the sources of a stage's ``data`` (LLaVA-format files, webdataset shards or MiniWorld tasks);
 every sample has one image and its first assistant reply is the caption (:class:`CaptionProcessor`;
-``data.max_length`` caps the caption's tokens, default 32). Batches are uniform draws (never grouped by
-length: ITC and ITM take their negatives from the batch). ITC's negatives are the other samples of a
+``data.max_length`` caps the caption's tokens, default 32). Batches are uniform draws of at least 2 samples
+(never grouped by length: ITC and ITM take their negatives from the batch). ITC's negatives are the other samples of a
 process's micro-batch (no gathering across processes), so N processes train like one with N times the
 ``grad_accum``.
 """

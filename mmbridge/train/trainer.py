@@ -30,7 +30,7 @@ from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.distributed import any_process, check_launch, gather, make_accelerator, micro_seed
 from mmbridge.train.feature_cache import CachedFeatureDataset, build_feature_cache
 from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
-from mmbridge.train.objectives import build_model, groups_by_length, stage_objective
+from mmbridge.train.objectives import build_model, stage_batching, stage_objective
 from mmbridge.train.precision import FrozenBf16Weights, frozen_weights_in_bf16, resolve_precision
 from mmbridge.train.preflight import check_run, stage_data
 from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups
@@ -56,12 +56,13 @@ class TrainResult:
 
 class _StageData:
     """Deterministic micro-batches of one stage: micro-batch ``m`` → (epoch, batch) → collated tensors;
-    :meth:`stream` builds them in ``num_workers`` worker processes (:mod:`mmbridge.data.loader`)."""
+    :meth:`stream` builds them in ``num_workers`` worker processes (:mod:`mmbridge.data.loader`). A micro-batch
+    left with fewer than ``min_samples`` samples (skipped ones, an epoch's short last batch) is ``None``."""
 
     def __init__(self, dataset: MixtureDataset, stage: StageConfig, seed: int, pad_token_id: int,
-                 group_by_length: bool, num_workers: int = 0) -> None:
+                 group_by_length: bool, num_workers: int = 0, min_samples: int = 1) -> None:
         self.dataset, self.stage, self.seed, self.pad_token_id = dataset, stage, seed, pad_token_id
-        self.group_by_length, self.num_workers = group_by_length, num_workers
+        self.group_by_length, self.num_workers, self.min_samples = group_by_length, num_workers, min_samples
         self._epochs: dict[int, list[list[int]]] = {}
         self.batches_per_epoch = len(self._batches(0))
         if self.batches_per_epoch == 0:
@@ -77,7 +78,7 @@ class _StageData:
         epoch, position = divmod(index, self.batches_per_epoch)
         examples = [self.dataset[i] for i in self._batches(epoch)[position]]
         examples = [example for example in examples if example is not None]
-        return collate(examples, self.pad_token_id) if examples else None
+        return collate(examples, self.pad_token_id) if examples and len(examples) >= self.min_samples else None
 
     def stream(self, world: int) -> MicroBatches:
         """This process's micro-batches (every ``world``-th), in order, built by the stage's loader workers."""
@@ -210,9 +211,9 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: nn.Module
             cache = build_feature_cache(data_config.feature_cache, dataset, model.vision, precision,
                                         progress=progress and accelerator.is_main_process)
         dataset = CachedFeatureDataset(dataset, cache)
-    pad_id = processor.pad_token_id
-    return _StageData(dataset, stage, run.seed * 1000 + index, pad_id, groups_by_length(stage, data_config),
-                      data_config.num_workers), dataset
+    batching = stage_batching(stage, data_config)
+    return _StageData(dataset, stage, run.seed * 1000 + index, processor.pad_token_id, batching.group_by_length,
+                      data_config.num_workers, batching.min_samples), dataset
 
 
 def stage_processor(model: nn.Module, data: DataConfig, stage: str, objective: str = "lm") -> Any:
@@ -392,7 +393,7 @@ class _Tally:
     samples: int = 0
     seen: int = 0  # positions through the LLM
     tokens: int = 0  # labelled tokens (cells for region_words)
-    empty: int = 0  # micro-batches passed over because every sample was skipped
+    empty: int = 0  # micro-batches passed over: every sample skipped, or fewer than the objective takes
     aux: dict[str, float] = field(default_factory=dict)  # a fusion bridge's auxiliary loss terms, summed
     counts: dict[str, Any] = field(default_factory=dict)  # and its statistics (counts), summed likewise
     read: dict[str, list[int]] = field(default_factory=dict)  # region_words: attribute → [cells read right, labelled]
@@ -451,7 +452,7 @@ def _step_record(stage: StageConfig, index: int, step: int, total_steps: int, gl
     record.update({name: value / micro_batches for name, value in tally.parts.items()})  # their sum is "loss"
     record.update(tally.counts)
     if tally.empty:
-        record["empty_batches"] = tally.empty  # every sample of these micro-batches was skipped
+        record["empty_batches"] = tally.empty  # every sample skipped (or fewer left than the objective takes)
     return record
 
 
@@ -512,7 +513,8 @@ def add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:
 
 def _next_batch(data: MicroBatches, cursor: int, world: int, rank: int, stage: str) -> tuple[dict, int, int]:
     """The next micro-batch that holds samples, from position ``cursor`` of the stage's micro-batch stream;
-    returns it, the cursor after it, and how many empty ones (every sample skipped) were passed over."""
+    returns it, the cursor after it, and how many empty ones (every sample skipped, or fewer than the objective
+    takes) were passed over."""
     passed = 0
     while True:
         batch = data.micro_batch(cursor * world + rank)
@@ -521,8 +523,9 @@ def _next_batch(data: MicroBatches, cursor: int, world: int, rank: int, stage: s
             return batch, cursor, passed
         passed += 1
         if passed >= data.batches_per_epoch:
-            raise ValueError(f"stage '{stage}': {passed} micro-batches in a row had every sample skipped; "
-                             f"see the skipped-sample counts (skip_bad_samples) and the data")
+            raise ValueError(f"stage '{stage}': {passed} micro-batches in a row had every sample skipped (or fewer "
+                             f"left than the objective takes); see the skipped-sample counts (skip_bad_samples) and "
+                             f"the data")
 
 
 def _fp32(frozen: FrozenBf16Weights | None) -> Any:
