@@ -1,7 +1,7 @@
 """The ``mmbridge`` command: thin sub-commands that parse arguments and call the library.
 
     mmbridge train RECIPE.yaml [key.path=value ...] [--resume]
-    mmbridge pretrain-qformer RECIPE.yaml [key.path=value ...] [--resume]   (BLIP-2 stage 1: ITC + ITM + ITG, no LLM)
+    mmbridge pretrain-qformer RECIPE.yaml [key.path=value ...] [--resume]   (train with objective itc_itm_itg)
     mmbridge generate --model DIR --image PATH --prompt TEXT [--max-new-tokens N] [--do-sample ...]
     mmbridge info --model DIR
     mmbridge export --model DIR --format hf --out OUT [--force]   (a transformers directory: weights, processor)
@@ -39,15 +39,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _pretrain_qformer(args: argparse.Namespace) -> int:
+    """``mmbridge train`` on a BLIP-2 stage-1 recipe: stages that name no objective train ``itc_itm_itg``."""
     from mmbridge.config import load_run_config
-    from mmbridge.train.qformer_pretrain import pretrain
+    from mmbridge.train import train
+    from mmbridge.train.qformer_pretrain import stage1_recipe
 
-    run = load_run_config(args.recipe, args.overrides)
+    run = stage1_recipe(load_run_config(args.recipe, args.overrides))
     if args.output_dir:
         run.output_dir = args.output_dir
-    result = pretrain(run, progress=not args.no_progress, resume=args.resume)
+    result = train(run, resume=args.resume, progress=not args.no_progress)
     last = result.history[-1] if result.history else None
-    if last:
+    if last and result.main_process:
         print(f"done: {len(result.history)} steps, final loss {last['loss']:.4f} (itc {last['itc']:.4f}, "
               f"itm {last['itm']:.4f}, itg {last['itg']:.4f}); Q-Former saved to {run.output_dir}/final")
     return 0
@@ -290,9 +292,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(run=_train)
 
 
+
 def _add_pretrain_qformer_parser(commands: argparse._SubParsersAction) -> None:
     """``mmbridge pretrain-qformer RECIPE [overrides]`` (BLIP-2 stage 1)."""
-    stage1 = commands.add_parser("pretrain-qformer", help="BLIP-2 stage 1 for a Q-Former bridge (no LLM)")
+    stage1 = commands.add_parser("pretrain-qformer", help="BLIP-2 stage 1 for a Q-Former bridge (no LLM): `train` "
+                                 "with objective itc_itm_itg on stages that name none")
     stage1.add_argument("recipe", help="YAML recipe (model.vision + a qformer-family model.bridge)")
     stage1.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.steps=10")
     stage1.add_argument("--output-dir", help="shorthand for output_dir=…")

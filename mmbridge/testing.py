@@ -59,6 +59,25 @@ def tiny_tokenizer(directory: str, chat_template: str = CHATML_TEMPLATE, vocab_s
     return fast
 
 
+BERT_WORDS = ("what colour is the shape it which a describe picture there one in middle red green blue yellow circle "
+              "square answer using single word or phrase").split()
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", ".", "?", ",", *BERT_WORDS]
+
+
+def tiny_bert(directory: str) -> str:
+    """A tiny BERT checkpoint (hidden 32, 2 layers, safetensors, seeded) with a WordPiece tokenizer over
+    :data:`BERT_VOCAB`, written to ``directory``: a Q-Former's ``init_from``. Returns ``directory``."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    BertTokenizer(vocab={word: index for index, word in enumerate(BERT_VOCAB)}).save_pretrained(directory)
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=len(BERT_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
+    return directory
+
+
 def tiny_llm_config(vocab_size: int, model_type: str = "llama", hidden: int = 32, layers: int = 2,
                     **overrides: Any) -> dict:
     """A tiny decoder config dict (llama, qwen2 or mistral) for ``AutoConfig.for_model``."""

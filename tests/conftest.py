@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mmbridge.model.multimodal import MultimodalModel
-from mmbridge.testing import tiny_llm_config, tiny_model_config, tiny_tokenizer
+from mmbridge.testing import tiny_bert, tiny_llm_config, tiny_model_config, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # MMBRIDGE_TEST_THREADS runs the suite with another thread count (CI does: results must not depend on it)
@@ -21,6 +21,12 @@ def tokenizer_dir(tmp_path_factory) -> str:
     directory = str(tmp_path_factory.mktemp("tokenizer"))
     tiny_tokenizer(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> str:
+    """A tiny BERT checkpoint with its WordPiece tokenizer (:func:`mmbridge.testing.tiny_bert`)."""
+    return tiny_bert(str(tmp_path_factory.mktemp("bert")))
 
 
 @pytest.fixture()

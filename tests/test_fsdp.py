@@ -102,14 +102,14 @@ RESUME_SCRIPT = textwrap.dedent("""
     # a step in which no process reads an image: the bridge gets no gradient (as under DDP), LoRA does
     from mmbridge.data import DataConfig, MixtureDataset, collate
     from mmbridge.train.sharding import FullyShardedStage
-    from mmbridge.train.trainer import _Objective
+    from mmbridge.train.objectives import StageObjective
 
     model, text = result.model, load_run_config(sys.argv[1]).stages[1]["data"]["sources"][1]["path"]
     processor = model.processor(max_length=128)
     dataset = MixtureDataset(DataConfig(sources=[{"path": text}], max_length=128), processor)
     rank = int(os.environ["RANK"])
     batch = collate([dataset[2 * rank], dataset[2 * rank + 1]], processor.pad_token_id)
-    sharded = FullyShardedStage(_Objective(model, None), model, torch.device("cpu"), 2, "fp32")
+    sharded = FullyShardedStage(StageObjective(model), model, torch.device("cpu"), 2, "fp32")
     sharded.root(batch)[0].backward()
     sharded.finish_backward()
     named = dict(model.named_parameters())

@@ -121,7 +121,9 @@ class _Kill(Exception):
     pass
 
 
-@pytest.mark.parametrize("kill_at", [3, 4])  # mid-stage 2 (stage 1 has 2 steps) and at the stage boundary...
+# mid-stage 1 (the next stage must not restore that checkpoint again), mid-stage 2 (stage 1 has 2 steps), at the stage
+# boundary...
+@pytest.mark.parametrize("kill_at", [1, 3, 4])
 def test_resumed_run_matches_uninterrupted(tokenizer_dir, dataset, tmp_path, kill_at):
     stages = [{**ALIGN, "steps": 2, "save_every": 1, "precision": "bf16"},
               {**INSTRUCT, "steps": 4, "save_every": 1, "grad_accum": 2}]

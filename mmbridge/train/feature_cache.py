@@ -339,7 +339,11 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
             example["image_features"] = features  # [n_images, N, D_v]
         return example
 
-    # the wrapped data set's order, lengths and skip counts
+    # the wrapped data set's settings, order, lengths and skip counts
+    @property
+    def config(self) -> Any:
+        return self.dataset.config
+
     @property
     def samples(self) -> list[Sample]:
         return self.dataset.samples

@@ -20,27 +20,78 @@ from mmbridge.data.mixture import load_source
 from mmbridge.data.sources import SOURCE_TYPES
 from mmbridge.registry import config_from_dict
 from mmbridge.train.ranges import check_ranges
+from mmbridge.train.recipe import STAGE1_OBJECTIVE as STAGE1
 from mmbridge.train.recipe import StageConfig
 
 PROCESSOR_FIELDS = {"max_length": int, "system_prompt": (str, type(None))}
+STAGE1_DATA_DEFAULTS = {"prefix_lm": False, "template": "chat", "labels": "assistant", "video_stride": 1}
 
 
-def check_run(run: RunConfig, components: tuple[str, ...] = ("vision", "llm", "bridge")) -> list[StageConfig]:
+def check_run(run: RunConfig) -> list[StageConfig]:
     """Validate ``run``; returns its parsed stages. Raises ``ValueError``/``FileNotFoundError`` naming the field.
 
-    ``components`` are the model keys the run builds (BLIP-2 stage 1 needs no LLM)."""
+    A run of BLIP-2 stage 1 (every stage ``objective: itc_itm_itg``) builds no LLM: its ``model.llm`` (stage 2's)
+    is not checked, and its bridge must be of the Q-Former family."""
     if not run.stages:
         raise ValueError("the recipe has no stages")
     if not isinstance(run.stages, list):
         raise ValueError(f"the recipe's 'stages' must be a list, got {run.stages!r}")
     check_ranges(run)
     stages = [parse_stage(data, index) for index, data in enumerate(run.stages)]
+    components = model_components(run, stages)
     check_model(run.model, components)
+    if "llm" not in components:
+        check_stage1_bridge(run.model["bridge"])
     check_processor(run.processor)
     check_not_a_file(run.output_dir, "output_dir")
     for index, stage in enumerate(stages):
-        stage_data(run, index, stage)
+        data = stage_data(run, index, stage)
+        if stage.objective == STAGE1:
+            check_stage1(stage, data, stage_label(index, stage.name))
     return stages
+
+
+def model_components(run: RunConfig, stages: list[StageConfig]) -> tuple[str, ...]:
+    """The model keys ``run`` builds: ``vision``, ``llm``, ``bridge``; only ``vision`` and ``bridge`` for BLIP-2
+    stage 1, a run of its own (with another objective in the same run, or sharded by FSDP, it is refused)."""
+    stage1 = [stage.objective == STAGE1 for stage in stages]
+    if not any(stage1):
+        return ("vision", "llm", "bridge")
+    if not all(stage1):
+        other = stage1.index(False)
+        raise ValueError(f"{stage_label(other, stages[other].name)} has objective {stages[other].objective!r} but "
+                         f"{stage_label(stage1.index(True), stages[stage1.index(True)].name)} trains '{STAGE1}' "
+                         f"(BLIP-2 stage 1, no LLM): stage 1 is a recipe of its own, whose output_dir/final a stage-2 "
+                         f"recipe's Q-Former bridge reads with init_from")
+    if run.distributed.strategy == "fsdp":
+        raise ValueError(f"distributed.strategy 'fsdp' shards the LLM's decoder layers; objective '{STAGE1}' "
+                         f"(BLIP-2 stage 1) has no LLM: train it with strategy 'ddp' (the default)")
+    return ("vision", "bridge")
+
+
+def check_stage1_bridge(spec: Any) -> None:
+    """BLIP-2 stage 1 trains a Q-Former: the bridge must be of the family (``qformer``, ``instruct_qformer``,
+    ``llama_vid``)."""
+    from mmbridge.model.bridges import BRIDGES
+    from mmbridge.model.bridges.qformer import QFormerBridgeConfig
+
+    config = BRIDGES.make_config(spec)
+    if not isinstance(config, QFormerBridgeConfig):
+        raise ValueError(f"recipe model.bridge: objective '{STAGE1}' (BLIP-2 stage 1) needs a qformer-family bridge "
+                         f"(qformer, instruct_qformer, llama_vid), got {config.type!r}")
+
+
+def check_stage1(stage: StageConfig, data: DataConfig, label: str) -> None:
+    """Stage 1 reads each sample's image and caption (its first reply) in batches of at least 2 (ITC and ITM take
+    their negatives from the batch): data settings that shape an LLM's prompt and labels mean nothing there and are
+    refused rather than ignored."""
+    if stage.batch_size < 2:
+        raise ValueError(f"{label}: objective '{STAGE1}' takes its negatives from the batch: batch_size must be at "
+                         f"least 2, got {stage.batch_size}")
+    for name, default in STAGE1_DATA_DEFAULTS.items():
+        if getattr(data, name) != default:
+            raise ValueError(f"{label} data sets {name}={getattr(data, name)!r}, which objective '{STAGE1}' does not "
+                             f"read (it trains on image-caption pairs); remove it")
 
 
 def stage_label(index: int, name: str) -> str:

@@ -19,59 +19,56 @@ self-attention mask over ``[queries; text]``:
   vocabulary does not grow) and a BERT LM head tied to the word embeddings predicts the
   caption.
 
-Entry points: :func:`pretrain` runs a recipe (:class:`~mmbridge.config.RunConfig`: ``model``
-names ``vision`` and a ``qformer``-family ``bridge``; ``model.llm`` is stage 2's LLM and is
-not built here; each stage's ``train`` freezes/unfreezes ``vision``/``bridge`` through
-:func:`~mmbridge.train.recipe.apply_stage`) and writes ``output_dir/final``, a directory that
-a stage-2 bridge loads with ``init_from``. On the command line::
+Training: a recipe whose stages say ``objective: itc_itm_itg`` runs in the main trainer
+(:func:`mmbridge.train.train`, ``mmbridge train``; ``mmbridge pretrain-qformer`` sets the objective on
+recipes that name none), with its multi-process training (DDP), loader workers, feature cache, Ctrl-C and
+exact resume. ``model`` names ``vision`` and a ``qformer``-family ``bridge``; ``model.llm`` is stage 2's LLM
+and is not built: the trainer holds a :class:`QFormerPretrainModel` under the usual keys (``vision``,
+``bridge``, an empty ``llm``), so each stage's ``train`` freezes/unfreezes them through
+:func:`~mmbridge.train.recipe.apply_stage`. ``output_dir/final`` is a Q-Former directory that a stage-2
+bridge loads with ``init_from``::
 
-    mmbridge pretrain-qformer configs/blip2_stage1.yaml [key.path=value ...]
+    mmbridge train configs/blip2_stage1.yaml [key.path=value ...] [--resume]
 
-Data: the sources of a recipe's ``data`` (LLaVA-format JSON files or streamed MiniWorld tasks);
-every sample has one image and its first assistant reply is the caption. Single process; ITC
-negatives are the other samples of the batch (no cross-device gathering). Checkpoints and
-``resume`` work as in the main trainer (``mmbridge pretrain-qformer RECIPE --resume``).
+Data: the sources of a stage's ``data`` (LLaVA-format files, webdataset shards or MiniWorld tasks);
+every sample has one image and its first assistant reply is the caption (:class:`CaptionProcessor`;
+``data.max_length`` caps the caption's tokens, default 32). Batches are uniform draws of at least 2 samples
+(never grouped by length: ITC and ITM take their negatives from the batch). ITC's negatives are the other samples of a
+process's micro-batch (no gathering across processes), so N processes train like one with N times the
+``grad_accum``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.activations import ACT2FN
 
-from mmbridge.config import RunConfig, save_run_config
+from mmbridge.boxes import check_box_format, rewrite_boxes
+from mmbridge.config import RunConfig
+from mmbridge.data import ImageLoadError, SampleError
+from mmbridge.data.collate import IGNORE_INDEX
 from mmbridge.data.formats.llava import Sample
-from mmbridge.data.mixture import DataConfig, load_source, _source_names
 from mmbridge.model.bridges import BRIDGES
+from mmbridge.model.bridges.base import StageHooks
 from mmbridge.model.bridges.qformer import (QFormer, QFormerBridgeConfig, build_qformer, load_text_tokenizer,
                                             resolve_config, save_qformer)
-from mmbridge.data.collate import IGNORE_INDEX
 from mmbridge.model.multimodal import MODULE_KEYS
 from mmbridge.model.vision import build_vision
-from mmbridge.train import checkpoint as ckpt
-from mmbridge.train.distributed import launched_processes
-from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
-from mmbridge.train.preflight import check_run, stage_data
-from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups
-from mmbridge.utils import atomic_path, seed_everything
+from mmbridge.train.recipe import STAGE1_OBJECTIVE
+from mmbridge.utils import atomic_path
 
-logger = logging.getLogger("mmbridge")
 EMBED_DIM = 256  # ITC feature width (BLIP-2's embed_dim)
 CAPTION_MAX_LENGTH = 32  # caption tokens (BLIP-2's max_txt_len)
 LABEL_SMOOTHING = 0.1
 DECODER_TOKEN = "[unused0]"  # stands for LAVIS' [DEC] bos token
 HEADS_FILE = "heads.safetensors"
-StepCallback = Callable[[dict], None]
 
 
 # -- attention masks (keep-masks: True where a position may attend) ---------------------------
@@ -135,7 +132,7 @@ def same_caption(text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tenso
 
 
 # -- the stage-1 bridge ------------------------------------------------------------------------
-class QFormerPretrainHeads(nn.Module):
+class QFormerPretrainHeads(StageHooks, nn.Module):
     """The Q-Former (with text input) plus the stage-1 heads: ITC projections, ITM head, LM head, temperature."""
 
     def __init__(self, qformer: QFormer, hidden_size: int, vocab_size: int, activation: str, eps: float,
@@ -200,6 +197,7 @@ class QFormerPretrainModel(nn.Module):
         self.llm = nn.Module()  # stage 1 has no LLM; the key exists so stages speak the usual keys
         self.bridge_config = config
         self.tokenizer = tokenizer
+        self.processor_settings: dict = {}  # the trainer records a stage's box_format here; final/ saves none
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """``{key: {"trainable": n, "frozen": n}}`` for ``vision``, ``bridge``, ``llm``."""
@@ -211,16 +209,27 @@ class QFormerPretrainModel(nn.Module):
     def add_lora(self, key: str, spec: Any) -> None:
         raise ValueError("Q-Former stage 1 supports the tuning modes frozen, full and partial, not lora")
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
+    def processor(self, max_length: int = CAPTION_MAX_LENGTH, box_format: str = "plain") -> "CaptionProcessor":
+        """The stage's examples: image-caption pairs in the Q-Former's tokenizer (the trainer asks for it as it
+        asks :meth:`MultimodalModel.processor`)."""
+        return CaptionProcessor(self.tokenizer, self.vision.transform, max_length, box_format)
+
+    def save_pretrained(self, directory: str) -> None:
+        """``output_dir/final``: a directory a stage-2 Q-Former bridge reads with ``init_from``."""
+        save_pretrained_qformer(self, directory)
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, N, D_v]
         """Encoder features, without autograd when the encoder is frozen."""
         trains = any(parameter.requires_grad for parameter in self.vision.parameters())
         with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
             return self.vision(pixel_values)
 
-    def forward(self, pixel_values: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-                generator: torch.Generator | None = None, greedy_negatives: bool = False) -> PretrainOutput:
-        """ITC + ITM + ITG on a batch of image-caption pairs (``[B, 3, H, W]``, ``[B, T]``, ``[B, T]``)."""
-        image = self.image_features(pixel_values)  # [B, N, D_v]
+    def forward(self, pixel_values: torch.Tensor | None, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                generator: torch.Generator | None = None, greedy_negatives: bool = False,
+                image_features: torch.Tensor | None = None) -> PretrainOutput:
+        """ITC + ITM + ITG on a batch of image-caption pairs (``[B, 3, H, W]``, ``[B, T]``, ``[B, T]``); cached
+        encoder outputs ``image_features`` ``[B, N, D_v]`` (a feature cache) stand in for the pixels."""
+        image = self.vision_features(pixel_values) if image_features is None else image_features  # [B, N, D_v]
         heads = self.bridge
         image_feats, text_feats = heads.itc_features(image, text_ids, text_mask)
         temperature = heads.temperature.clamp(0.001, 0.5)
@@ -275,142 +284,99 @@ def save_pretrained_qformer(model: QFormerPretrainModel, directory: str) -> None
 
 
 # -- data --------------------------------------------------------------------------------------
-class CaptionBatches:
-    """Image-caption pairs from LLaVA files; batch ``m`` of a stage is a pure function of (seed, m)."""
+class CaptionProcessor:
+    """A sample → a stage-1 example: its one image and its caption (the first assistant reply) in the Q-Former's
+    tokenizer, ``{"id", "input_ids": [T], "pixel_values": [1, 3, H, W]}`` (``[CLS] … [SEP]``, at most
+    ``max_length`` tokens). :func:`~mmbridge.data.collate` pads the captions into ``input_ids``/``attention_mask``
+    ``[B, T]`` as the tokenizer pads a batch.
 
-    def __init__(self, data: DataConfig, model: QFormerPretrainModel, batch_size: int, seed: int) -> None:
-        self.samples: list[Sample] = []
-        for source, name in zip(data.sources, _source_names(data.sources)):
-            self.samples += load_source(source, name)
-        bad = [sample.id for sample in self.samples if len(sample.images) != 1]
-        if bad:
-            raise ValueError(f"Q-Former pretraining needs one image per sample; samples {bad[:5]} have another count")
-        self.model, self.batch_size, self.seed = model, batch_size, seed
-        self.batches_per_epoch = max(1, len(self.samples) // batch_size)
-
-    def __call__(self, index: int) -> dict[str, torch.Tensor]:
-        """Micro-batch ``index``: ``pixel_values``, ``text_ids``, ``text_mask``."""
-        epoch, position = divmod(index, self.batches_per_epoch)
-        order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + epoch))
-        chosen = [self.samples[i] for i in order[position * self.batch_size:(position + 1) * self.batch_size]]
-        captions = [next(turn["content"] for turn in sample.conversation if turn["role"] == "assistant")
-                    for sample in chosen]
-        encoded = self.model.tokenizer(captions, padding=True, truncation=True, max_length=CAPTION_MAX_LENGTH,
-                                       return_tensors="pt")
-        images = [sample.image_loader()[0] if sample.image_loader is not None else _load_rgb(sample.images[0])
-                  for sample in chosen]
-        return {"pixel_values": self.model.vision.transform.batch(images), "text_ids": encoded["input_ids"],
-                "text_mask": encoded["attention_mask"]}
-
-
-def _load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-# -- the loop ----------------------------------------------------------------------------------
-@dataclass
-class PretrainResult:
-    """The stage-1 model and its per-step log (loss and the three parts)."""
-
-    model: QFormerPretrainModel
-    history: list[dict] = field(default_factory=list)
-    output_dir: str = ""
-
-
-def pretrain(run: RunConfig, progress: bool = True, on_step: StepCallback | None = None,
-             model: QFormerPretrainModel | None = None, resume: bool = False) -> PretrainResult:
-    """Run every stage of a stage-1 recipe and save ``output_dir/final`` (see the module docstring).
-
-    Checkpoints (``output_dir/checkpoints``, the trainer's format) are written every
-    ``save_every`` steps and at the end of each stage; with ``resume`` the run continues from the
-    newest one with the same losses and weights as an uninterrupted run.
+    It speaks the part of :class:`~mmbridge.data.processor.Processor` that the data pipeline reads
+    (:class:`~mmbridge.data.mixture.MixtureDataset`, the feature cache, loader workers): a call with
+    ``pixels=False`` leaves the image out, :meth:`load_images`, :meth:`pixel_values`, :attr:`pad_token_id`,
+    :attr:`transform`, and no high-resolution strategy or video media. A sample without exactly one image or
+    without a reply is a :class:`~mmbridge.data.processor.SampleError` (skipped with ``skip_bad_samples``).
     """
-    if launched_processes() > 1:
-        raise ValueError("pretrain-qformer trains on one process; launch it without accelerate launch/torchrun")
-    stages = check_run(run, components=("vision", "bridge"))  # stage 1 has no LLM
-    saved_path = ckpt.latest_checkpoint(os.path.join(run.output_dir, "checkpoints")) if resume else None
-    if saved_path:
-        ckpt.check_recipe_unchanged(os.path.join(run.output_dir, "recipe.yaml"), run.to_dict(), saved_path)
-    saved = ckpt.read_state(saved_path) if saved_path else None
-    if resume and saved is None:
-        logger.warning("--resume: no checkpoint in %s/checkpoints; starting from scratch", run.output_dir)
-    seed_everything(run.seed)
-    model = model or build_pretrain_model(run.model)
-    os.makedirs(run.output_dir, exist_ok=True)
-    save_run_config(run, os.path.join(run.output_dir, "recipe.yaml"))
-    state = ckpt.saved_state(saved) if saved else ckpt.TrainState()
-    result = PretrainResult(model, list(state.history), output_dir=run.output_dir)
-    touched: set[str] = set()
-    for index, stage in enumerate(stages):
-        rows = apply_stage(model, stage, log=False)
-        touched |= {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-        if index < state.stage_index:
-            continue
-        logger.info("stage %d/%d '%s'\n%s", index + 1, len(run.stages), stage.name, format_table(rows))
-        resuming = saved if saved is not None and index == saved["stage_index"] else None
-        _run_stage(run, index, stage, model, progress, on_step, result, state, touched, resuming, saved_path)
-        state.stage_index, state.step = index + 1, 0
-    if saved is not None and saved["stage_index"] >= len(stages):  # every stage had finished
-        ckpt.load_trainable(saved_path, model)
-    model.eval()
-    save_pretrained_qformer(model, os.path.join(run.output_dir, "final"))
-    with open(os.path.join(run.output_dir, "log.jsonl"), "w") as handle:
-        handle.writelines(json.dumps(record) + "\n" for record in result.history)
-    return result
+
+    highres = None  # what the feature cache asks a processor
+    video_as_media = False
+
+    def __init__(self, tokenizer: Any, transform: Any, max_length: int = CAPTION_MAX_LENGTH,
+                 box_format: str = "plain") -> None:
+        if max_length < 2:
+            raise ValueError(f"caption max_length must be at least 2 ([CLS] and a token), got {max_length}")
+        self.tokenizer, self.transform, self.max_length = tokenizer, transform, int(max_length)
+        self.box_format = check_box_format(box_format)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def __call__(self, sample: Sample, images: list[Image.Image] | None = None, pixels: bool = True) -> dict:
+        """The example of ``sample``; ``images`` (PIL) replace loading its image."""
+        caption = rewrite_boxes(caption_of(sample), self.box_format)
+        ids = self.tokenizer(caption, truncation=True, max_length=self.max_length)["input_ids"]
+        example = {"id": sample.id, "input_ids": torch.tensor(ids, dtype=torch.long)}
+        if pixels:
+            example["pixel_values"] = self.pixel_values(images if images is not None else self.load_images(sample))
+        return example
+
+    def load_images(self, sample: Sample) -> list[Image.Image]:
+        """The sample's image, decoded (streamed samples: from their ``image_loader``)."""
+        if sample.image_loader is not None:
+            return list(sample.image_loader())
+        return [_open_image(path, sample.id) for path in sample.images]
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        """``[n, 3, H, W]``: the encoder's transform of each image."""
+        return self.transform.batch(images)
 
 
-def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: QFormerPretrainModel, progress: bool,
-               on_step: StepCallback | None, result: PretrainResult, state: ckpt.TrainState, touched: set[str],
-               saved: dict | None, saved_path: str | None) -> None:
-    """One stage (already frozen per ``apply_stage``): AdamW with the stage's schedule, ``steps`` optimizer
-    steps, from a checkpoint's step when ``saved`` is given."""
-    batches = CaptionBatches(stage_data(run, index, stage), model, stage.batch_size, run.seed * 1000 + index)
-    total = stage.steps or math.ceil(stage.epochs * batches.batches_per_epoch / stage.grad_accum)
-    groups, param_names = optimizer_groups(model, stage)
-    optimizer = torch.optim.AdamW(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, stage.warmup_ratio, stage.schedule))
-    start = 0
-    if saved is not None and saved["step"] > 0:  # mid-stage: the optimizer and schedule go on where they were
-        start = ckpt.restore_mid_stage(saved_path, saved, model, optimizer, param_names, scheduler)
-    elif saved is not None:  # saved at the end of the previous stage
-        ckpt.load_trainable(saved_path, model)
-        ckpt.restore_rng(saved_path, saved)
-    for key in MODULE_KEYS:
-        model.get_submodule(key).train(stage.spec(key).mode != "frozen")
-    trainable = [parameter for group in groups for parameter in group["params"]]
-    device = trainable[0].device
-    with StopOnInterrupt() as stop:
-        for step in tqdm(range(start, total), desc=stage.name, disable=not progress, initial=start, total=total):
-            parts = {"loss": 0.0, "itc": 0.0, "itm": 0.0, "itg": 0.0}
-            for accum in range(stage.grad_accum):
-                batch = {key: value.to(device) for key, value in batches(step * stage.grad_accum + accum).items()}
-                with autocast(stage.precision, device):
-                    output = model(**batch)
-                (output.loss / stage.grad_accum).backward()
-                for name in parts:
-                    parts[name] += float(getattr(output, name).detach()) / stage.grad_accum
-            if stage.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm)
-            learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            record = {"stage": stage.name, "step": step + 1, **parts, "lr": learning_rate}
-            result.history.append(record)
-            state.step, state.global_step = step + 1, state.global_step + 1
-            stage_done = step + 1 == total
+def caption_of(sample: Sample) -> str:
+    """The caption of a stage-1 sample: its first assistant reply; a :class:`SampleError` unless the sample has
+    exactly one image and a reply."""
+    if len(sample.images) != 1:
+        raise SampleError(f"sample {sample.id!r}: Q-Former stage 1 needs one image per sample, it has "
+                          f"{len(sample.images)}", sample.id, "image_count")
+    reply = next((turn["content"] for turn in sample.conversation if turn["role"] == "assistant"), None)
+    if reply is None:
+        raise SampleError(f"sample {sample.id!r} has no assistant reply to take as its caption", sample.id,
+                          "no_caption")
+    return reply
 
-            def save() -> str:
-                where = ckpt.TrainState(index + 1, 0, state.global_step, result.history) if stage_done else \
-                    ckpt.TrainState(index, step + 1, state.global_step, result.history)
-                return ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched, optimizer,
-                                            param_names, scheduler, where)
 
-            written = save() if stage_done or (stage.save_every and (step + 1) % stage.save_every == 0) else None
-            if on_step is not None:
-                on_step(record)
-            if stop.requested:
-                written = written or save()
-                raise TrainingInterrupted(f"stopped at step {step + 1} of {total} of stage '{stage.name}'; "
-                                          f"checkpoint {written}; resume with --resume", written)
+def check_captions(samples: list[Sample], where: str) -> None:
+    """Every sample is an image-caption pair; else one ``ValueError`` naming the first five that are not (a stage
+    without ``skip_bad_samples`` learns it before training rather than at the batch that holds one)."""
+    bad = []
+    for sample in samples:
+        try:
+            caption_of(sample)
+        except SampleError as error:
+            bad.append(f"{sample.id} ({error.reason})")
+    if bad:
+        raise ValueError(f"{where}: objective '{STAGE1_OBJECTIVE}' trains on samples with one image and a caption; "
+                         f"{len(bad)} sample(s) are not: {', '.join(bad[:5])} (or set data.skip_bad_samples)")
+
+
+def _open_image(path: str, sample_id: str) -> Image.Image:
+    """Open and decode one image file, as RGB; an :class:`ImageLoadError` naming the file and the sample."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        cause = "file not found" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {error}"
+        raise ImageLoadError(path, sample_id, cause) from error
+
+
+def stage1_recipe(run: RunConfig) -> RunConfig:
+    """``run`` with ``objective: itc_itm_itg`` on every stage that names none (``mmbridge pretrain-qformer``'s
+    recipes); a stage that names another objective is refused."""
+    for index, stage in enumerate(run.stages):
+        if not isinstance(stage, dict):
+            continue  # preflight names the problem
+        objective = stage.setdefault("objective", STAGE1_OBJECTIVE)
+        if objective != STAGE1_OBJECTIVE:
+            raise ValueError(f"stages.{index} ('{stage.get('name', 'stage')}') has objective {objective!r}: "
+                             f"pretrain-qformer trains '{STAGE1_OBJECTIVE}' (or remove the field); other "
+                             f"objectives train with mmbridge train")
+    return run

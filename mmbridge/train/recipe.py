@@ -32,7 +32,8 @@ from mmbridge.registry import config_from_dict
 
 logger = logging.getLogger("mmbridge")
 MODES = ("frozen", "full", "lora", "partial")
-OBJECTIVES = ("lm", "region_words")
+OBJECTIVES = ("lm", "region_words", "itc_itm_itg")  # what each does: mmbridge.train.objectives
+STAGE1_OBJECTIVE = "itc_itm_itg"  # BLIP-2 stage 1: ITC + ITM + ITG for a Q-Former, no LLM (qformer_pretrain.py)
 
 
 @dataclass
@@ -83,7 +84,8 @@ class StageConfig:
     precision: str = "bf16"  # bf16 (autocast) | fp32
     save_every: int | None = None  # optimizer steps between checkpoints
     log_every: int = 1
-    objective: str = "lm"  # lm: next-token loss on the labels; region_words: bridge-only alignment (region_words.py)
+    objective: str = "lm"  # lm: next-token loss on the labels; region_words: bridge-only alignment (region_words.py);
+    # itc_itm_itg: BLIP-2 stage 1, a Q-Former without the LLM (qformer_pretrain.py)
     upcycle: bool = False  # MoE-tuning: copy each MoE layer's FFN into its experts as this stage starts (moe bridge)
 
     def __post_init__(self) -> None:
@@ -99,6 +101,9 @@ class StageConfig:
             raise ValueError(f"stage '{self.name}': objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "region_words" and self.spec("llm").mode != "frozen":
             raise ValueError(f"stage '{self.name}': objective 'region_words' never runs the LLM's layers, so "
+                             f"train.llm must stay frozen (got {self.spec('llm').mode!r})")
+        if self.objective == STAGE1_OBJECTIVE and self.spec("llm").mode != "frozen":
+            raise ValueError(f"stage '{self.name}': objective 'itc_itm_itg' (BLIP-2 stage 1) builds no LLM, so "
                              f"train.llm must stay frozen (got {self.spec('llm').mode!r})")
         if self.steps is None and not self.epochs:
             raise ValueError(f"stage '{self.name}' needs 'epochs' or 'steps'")

@@ -22,17 +22,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmbridge.config import RunConfig, save_run_config
-from mmbridge.data import DataConfig, MixtureDataset, Processor, batch_indices, collate, model_inputs
+from mmbridge.data import DataConfig, MixtureDataset, batch_indices, collate
 from mmbridge.data.loader import MicroBatches
-from mmbridge.model.multimodal import MODULE_KEYS, MultimodalModel
+from mmbridge.model.multimodal import MODULE_KEYS
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.distributed import any_process, check_launch, gather, make_accelerator, micro_seed
 from mmbridge.train.feature_cache import CachedFeatureDataset, build_feature_cache
 from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
+from mmbridge.train.objectives import build_model, stage_batching, stage_objective
 from mmbridge.train.precision import FrozenBf16Weights, frozen_weights_in_bf16, resolve_precision
 from mmbridge.train.preflight import check_run, stage_data
 from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups
-from mmbridge.train.region_words import WordGroups, check_grid, region_word_loss
 from mmbridge.train.sharding import FullyShardedStage, is_fully_sharded, shard_stage
 from mmbridge.utils import seed_everything
 
@@ -42,9 +42,11 @@ StepCallback = Callable[[dict], None]
 
 @dataclass
 class TrainResult:
-    """The trained model, the per-step log, and samples skipped per stage (by reason)."""
+    """The trained model (a :class:`~mmbridge.model.multimodal.MultimodalModel`, or BLIP-2 stage 1's
+    :class:`~mmbridge.train.qformer_pretrain.QFormerPretrainModel`), the per-step log, and samples skipped per stage
+    (by reason)."""
 
-    model: MultimodalModel
+    model: nn.Module
     history: list[dict] = field(default_factory=list)
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
     output_dir: str = ""
@@ -53,12 +55,13 @@ class TrainResult:
 
 class _StageData:
     """Deterministic micro-batches of one stage: micro-batch ``m`` → (epoch, batch) → collated tensors;
-    :meth:`stream` builds them in ``num_workers`` worker processes (:mod:`mmbridge.data.loader`)."""
+    :meth:`stream` builds them in ``num_workers`` worker processes (:mod:`mmbridge.data.loader`). A micro-batch
+    left with fewer than ``min_samples`` samples (skipped ones, an epoch's short last batch) is ``None``."""
 
     def __init__(self, dataset: MixtureDataset, stage: StageConfig, seed: int, pad_token_id: int,
-                 group_by_length: bool, num_workers: int = 0) -> None:
+                 group_by_length: bool, num_workers: int = 0, min_samples: int = 1) -> None:
         self.dataset, self.stage, self.seed, self.pad_token_id = dataset, stage, seed, pad_token_id
-        self.group_by_length, self.num_workers = group_by_length, num_workers
+        self.group_by_length, self.num_workers, self.min_samples = group_by_length, num_workers, min_samples
         self._epochs: dict[int, list[list[int]]] = {}
         self.batches_per_epoch = len(self._batches(0))
         if self.batches_per_epoch == 0:
@@ -74,7 +77,7 @@ class _StageData:
         epoch, position = divmod(index, self.batches_per_epoch)
         examples = [self.dataset[i] for i in self._batches(epoch)[position]]
         examples = [example for example in examples if example is not None]
-        return collate(examples, self.pad_token_id) if examples else None
+        return collate(examples, self.pad_token_id) if examples and len(examples) >= self.min_samples else None
 
     def stream(self, world: int) -> MicroBatches:
         """This process's micro-batches (every ``world``-th), in order, built by the stage's loader workers."""
@@ -82,66 +85,106 @@ class _StageData:
 
 
 def train(run: RunConfig, resume: bool = False, progress: bool = True,
-          on_step: StepCallback | None = None, model: MultimodalModel | None = None) -> TrainResult:
+          on_step: StepCallback | None = None, model: nn.Module | None = None) -> TrainResult:
     """Run every stage of ``run``; with ``resume``, continue from the newest checkpoint in ``run.output_dir``.
 
     The recipe is checked first (:func:`~mmbridge.train.preflight.check_run`), and a resumed run
     must use the recipe its checkpoint was trained with. Ctrl-C stops after the current step,
     writes a checkpoint and raises :class:`~mmbridge.train.interrupt.TrainingInterrupted`.
+    The model is a :class:`MultimodalModel`, or BLIP-2 stage 1's Q-Former for a recipe whose stages train
+    ``itc_itm_itg`` (:func:`~mmbridge.train.objectives.build_model`).
 
     Under ``accelerate launch``/``torchrun`` every process runs this; the main one writes the log,
     checkpoints and the final model (:mod:`~mmbridge.train.distributed`).
     """
     check_launch()
     stages = check_run(run)
-    accelerator = make_accelerator()
-    checkpoint_dir = os.path.join(run.output_dir, "checkpoints")
-    state, saved, saved_path = ckpt.TrainState(), None, None
+    session = _Session(run, make_accelerator(), progress, on_step)
     if resume:
-        saved_path = ckpt.latest_checkpoint(checkpoint_dir)
-        if saved_path is None:
-            logger.warning("--resume: no checkpoint in %s; starting from scratch", checkpoint_dir)
-        else:
-            ckpt.check_recipe_unchanged(os.path.join(run.output_dir, "recipe.yaml"), run.to_dict(), saved_path)
-            saved = ckpt.read_state(saved_path)
-            state = ckpt.saved_state(saved)
-            check_world_size(state, accelerator.num_processes, saved_path)
-            logger.info("resuming from %s (stage %d, step %d)", saved_path, state.stage_index, state.step)
+        session.resume_from_latest()
     seed_everything(run.seed)
-    model = (model or MultimodalModel.from_config(run.model, processor_settings=run.processor)).to(accelerator.device)
-    if accelerator.is_main_process:
+    model = (model or build_model(run, stages)).to(session.accelerator.device)
+    session.result = TrainResult(model, session.state.history, output_dir=run.output_dir,
+                                 main_process=session.accelerator.is_main_process)
+    if session.accelerator.is_main_process:
         os.makedirs(run.output_dir, exist_ok=True)
         save_run_config(run, os.path.join(run.output_dir, "recipe.yaml"))
-        _rewrite_log(run.output_dir, state.history)
-    result = TrainResult(model, state.history, output_dir=run.output_dir, main_process=accelerator.is_main_process)
-    touched: set[str] = set()
+        _rewrite_log(run.output_dir, session.state.history)
     for stage in stages:  # what a stage asks of the bridge (MoE upcycling), before any stage trains
         model.bridge.check_stage(stage)
     for index, stage in enumerate(stages):
-        resuming = saved is not None and index == state.stage_index
-        if resuming and state.step == 0:  # saved at a stage boundary: restore before this stage's LoRA init
-            ckpt.load_trainable(saved_path, model)
-            ckpt.restore_rng(saved_path, saved)
-        model.bridge.start_stage(stage)  # e.g. MoE upcycling: copies the FFNs as trained so far
-        rows = apply_stage(model, stage, log=False)
-        touched |= {name for name, p in model.named_parameters() if p.requires_grad}
-        if index < state.stage_index:
-            continue
+        rows = session.enter_stage(model, index, stage)
+        if index < session.state.stage_index:
+            continue  # trained before the checkpoint this run resumes from
         table = f"stage {index + 1}/{len(stages)} '{stage.name}'\n{format_table(rows)}"
         tqdm.write(table) if progress else logger.info(table)
-        mid_stage = saved if resuming and state.step > 0 else None
-        _run_stage(run, index, stage, model, accelerator, state, touched, mid_stage, saved_path, progress,
-                   on_step, result)
-        state.stage_index, state.step, state.micro = index + 1, 0, None
-    if saved is not None and saved["stage_index"] >= len(stages):  # every stage had finished
-        ckpt.load_trainable(saved_path, model)
-        logger.info("every stage had finished in %s: nothing left to train", saved_path)
-    final = os.path.join(run.output_dir, "final")
-    if accelerator.is_main_process:
-        model.save_pretrained(final)
-        logger.info("saved the trained model to %s", final)
-    accelerator.wait_for_everyone()  # every process returns once the model is saved
-    return result
+        _StageRun(session, index, stage, model).run()
+        session.state.stage_index, session.state.step, session.state.micro = index + 1, 0, None
+    session.save_final(model, len(stages))
+    return session.result
+
+
+@dataclass
+class _Session:
+    """What the stages of one :func:`train` call share: the recipe, the accelerator, where the run stands (and
+    the checkpoint it resumes from), the result being filled and every parameter that has trained so far."""
+
+    run: RunConfig
+    accelerator: Any
+    progress: bool
+    on_step: StepCallback | None
+    state: ckpt.TrainState = field(default_factory=ckpt.TrainState)
+    saved: dict | None = None  # the state.json of the checkpoint this run resumes from
+    saved_path: str | None = None
+    touched: set[str] = field(default_factory=set)  # parameters that trained in a stage so far (checkpointed)
+    result: TrainResult | None = None
+
+    def resume_from_latest(self) -> None:
+        """Take the newest checkpoint of ``output_dir`` as the starting point, after checking that it was trained
+        with this recipe and (mid-stage) on as many processes."""
+        checkpoint_dir = os.path.join(self.run.output_dir, "checkpoints")
+        self.saved_path = ckpt.latest_checkpoint(checkpoint_dir)
+        if self.saved_path is None:
+            logger.warning("--resume: no checkpoint in %s; starting from scratch", checkpoint_dir)
+            return
+        ckpt.check_recipe_unchanged(os.path.join(self.run.output_dir, "recipe.yaml"), self.run.to_dict(),
+                                    self.saved_path)
+        self.saved = ckpt.read_state(self.saved_path)
+        self.state = ckpt.saved_state(self.saved)
+        check_world_size(self.state, self.accelerator.num_processes, self.saved_path)
+        logger.info("resuming from %s (stage %d, step %d)", self.saved_path, self.state.stage_index, self.state.step)
+
+    def resumes_mid_stage(self, index: int) -> bool:
+        """Whether stage ``index`` goes on from a checkpoint taken inside it."""
+        return self.saved is not None and index == self.saved["stage_index"] and self.saved["step"] > 0
+
+    def resumes_at_start_of(self, index: int) -> bool:
+        """Whether the run resumes from a checkpoint taken as stage ``index`` began (the end of the one before)."""
+        return self.saved is not None and index == self.saved["stage_index"] and self.saved["step"] == 0
+
+    def enter_stage(self, model: nn.Module, index: int, stage: StageConfig) -> list[dict]:
+        """Bring ``model`` to the start of stage ``index`` -- a checkpoint taken at its boundary restored (before
+        its LoRA init), its MoE upcycling, its trainable parameters set -- whether it trains or was trained before
+        the resumed checkpoint; returns the stage's parameter table."""
+        if self.resumes_at_start_of(index):  # the checkpoint's stage, not where the run is now
+            ckpt.load_trainable(self.saved_path, model)
+            ckpt.restore_rng(self.saved_path, self.saved)
+        model.bridge.start_stage(stage)  # e.g. MoE upcycling: copies the FFNs as trained so far
+        rows = apply_stage(model, stage, log=False)
+        self.touched |= {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        return rows
+
+    def save_final(self, model: nn.Module, stage_count: int) -> None:
+        """Write ``output_dir/final`` (the main process; the others wait for it); a run resumed after its last
+        stage had finished takes the checkpoint's weights first."""
+        if self.saved is not None and self.saved["stage_index"] >= stage_count:  # every stage had finished
+            ckpt.load_trainable(self.saved_path, model)
+            logger.info("every stage had finished in %s: nothing left to train", self.saved_path)
+        final = os.path.join(self.run.output_dir, "final")
+        if self.accelerator.is_main_process:
+            model.save_pretrained(final)
+            logger.info("saved the trained model to %s", final)
+        self.accelerator.wait_for_everyone()  # every process returns once the model is saved
 
 
 def check_world_size(state: ckpt.TrainState, processes: int, checkpoint: str) -> None:
@@ -152,7 +195,7 @@ def check_world_size(state: ckpt.TrainState, processes: int, checkpoint: str) ->
                          f"run on {state.world_size}; resume with {state.world_size} (or from a stage boundary)")
 
 
-def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, precision: str,
+def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: nn.Module, precision: str,
                 accelerator: Any, progress: bool) -> tuple[_StageData, MixtureDataset | CachedFeatureDataset]:
     data_config = stage_data(run, index, stage)
     processor = stage_processor(model, data_config, stage.name, stage.objective)
@@ -167,14 +210,15 @@ def _stage_data(run: RunConfig, index: int, stage: StageConfig, model: Multimoda
             cache = build_feature_cache(data_config.feature_cache, dataset, model.vision, precision,
                                         progress=progress and accelerator.is_main_process)
         dataset = CachedFeatureDataset(dataset, cache)
-    pad_id = processor.pad_token_id
-    return _StageData(dataset, stage, run.seed * 1000 + index, pad_id, data_config.group_by_length,
-                      data_config.num_workers), dataset
+    batching = stage_batching(stage, data_config)
+    return _StageData(dataset, stage, run.seed * 1000 + index, processor.pad_token_id, batching.group_by_length,
+                      data_config.num_workers, batching.min_samples), dataset
 
 
-def stage_processor(model: MultimodalModel, data: DataConfig, stage: str, objective: str = "lm") -> Processor:
+def stage_processor(model: nn.Module, data: DataConfig, stage: str, objective: str = "lm") -> Any:
     """The model's processor with a stage's data settings (``max_length``, ``template``, ``prefix_lm``,
-    ``box_format``); a ``region_words`` stage reads no text, so its examples carry images and regions only."""
+    ``box_format``); a ``region_words`` stage reads no text, so its examples carry images and regions only.
+    (BLIP-2 stage 1's model gives its caption processor; preflight refused the settings it does not read.)"""
     overrides: dict[str, Any] = {"max_length": data.max_length} if data.max_length else {}
     overrides["box_format"] = data.box_format  # the stage's, over a format the model was saved with
     if objective == "region_words":
@@ -193,131 +237,149 @@ def stage_processor(model: MultimodalModel, data: DataConfig, stage: str, object
     return model.processor(**overrides)
 
 
-def _run_stage(run: RunConfig, index: int, stage: StageConfig, model: MultimodalModel, accelerator: Any,
-               state: ckpt.TrainState, touched: set[str], saved: dict | None, saved_path: str | None,
-               progress: bool, on_step: StepCallback | None, result: TrainResult) -> None:
-    precision = resolve_precision(stage.precision, accelerator.device)
-    data, dataset = _stage_data(run, index, stage, model, precision, accelerator, progress)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro_per_step = stage.grad_accum * world
-    total_steps = stage.steps or math.ceil(stage.epochs * data.batches_per_epoch / micro_per_step)
-    objective = _Objective(model, _region_words(stage, model, dataset))
-    fsdp = shard_stage(run.distributed.strategy, objective, model, accelerator, precision)  # before the optimizer
-    groups, param_names = optimizer_groups(model, stage)  # over the sharded parameters under FSDP
-    optimizer = torch.optim.AdamW(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, stage.warmup_ratio, stage.schedule))
-    start = 0
-    if saved is not None:
-        start = ckpt.restore_mid_stage(saved_path, saved, model, optimizer, param_names, scheduler)
-    cursor = _start_cursor(state, saved, start * stage.grad_accum, rank)
-    if fsdp is not None:
-        trained = fsdp.root
-    else:  # DDP: gradients averaged
-        trained = accelerator.prepare_model(objective) if world > 1 else objective
-    optimizer = accelerator.prepare_optimizer(optimizer)
-    _set_modes(model, stage)
-    trainable = [p for group in groups for p in group["params"]]
-    bar = tqdm(total=total_steps, initial=start, desc=stage.name, disable=not progress or not accelerator.is_main_process,
-               dynamic_ncols=True)
-    grace = _SIGINT_GRACE if world > 1 else 0.0
-    cast = precision if fsdp is None else "fp32"  # FSDP holds the weights as shards: no one-time bf16 cast
-    with frozen_weights_in_bf16(model, cast, touched) as frozen, StopOnInterrupt(grace) as stop, \
-            data.stream(world) as stream:  # loader workers live for the stage, stopped on any exit
-        for step in range(start, total_steps):
-            began = time.perf_counter()
-            tally = _Tally()
-            for micro in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
-                batch, cursor, skipped = _next_batch(stream, cursor, world, rank, stage.name)
-                tally.empty += skipped
-                last = micro == stage.grad_accum - 1
-                with _no_sync(trained, world > 1 and not last), autocast(precision, accelerator.device):
-                    with _seeded(micro_seed(data.seed, (cursor - 1) * world + rank), accelerator.device):
-                        loss, labelled, extra = trained(_on_device(batch, accelerator.device))
-                    accelerator.backward(loss / stage.grad_accum)
-                tally.add(batch, float(loss.detach()), labelled, extra)
-            tally.cursor = cursor
-            tallies = gather(accelerator, tally)  # every process's figures, in rank order
-            if fsdp is not None:
-                fsdp.finish_backward()  # a parameter no process used gets no gradient, as under DDP
-            grad_norm = _clip(accelerator, fsdp, trainable, stage.max_grad_norm) if stage.max_grad_norm else None
-            learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step, state.global_step = step + 1, state.global_step + 1
-            state.micro = cursor if world == 1 else [part.cursor for part in tallies]  # one position per process
-            seconds = max(time.perf_counter() - began, 1e-9)
-            record = _step_record(stage, index, step, total_steps, state.global_step, learning_rate,
-                                  _Tally.merged(tallies), seconds)
-            if grad_norm is not None:  # before clipping; the same in every process (gradients are averaged first)
-                record["grad_norm"] = float(grad_norm)
-            record.update(model.bridge.step_report())  # e.g. the tanh gates of gated cross-attention
-            result.history.append(record)
-            if accelerator.is_main_process:
-                _append_log(run.output_dir, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-            bar.update(1)
-            stage_done = step + 1 == total_steps
+class _StageRun:
+    """One stage that trains: its data, objective, optimizer and schedule (restored mid-stage when the run resumes
+    inside it), wrapped for DDP or sharded for FSDP; :meth:`run` trains its remaining steps."""
 
-            def save() -> str | None:
-                if not accelerator.is_main_process and fsdp is None:  # under FSDP every process gathers
-                    return None
-                where = ckpt.TrainState(index + 1, 0, state.global_step, result.history, world_size=world) \
-                    if stage_done else ckpt.TrainState(index, step + 1, state.global_step, result.history, state.micro,
-                                                       world)
-                with _fp32(frozen):
-                    return ckpt.save_checkpoint(os.path.join(run.output_dir, "checkpoints"), model, touched,
-                                                optimizer, param_names, scheduler, where,
-                                                write=accelerator.is_main_process)
+    def __init__(self, session: _Session, index: int, stage: StageConfig, model: nn.Module) -> None:
+        self.session, self.index, self.stage, self.model = session, index, stage, model
+        accelerator, state = session.accelerator, session.state
+        mid_stage = session.saved if session.resumes_mid_stage(index) else None
+        self.precision = resolve_precision(stage.precision, accelerator.device)
+        self.data, self.dataset = _stage_data(session.run, index, stage, model, self.precision, accelerator,
+                                              session.progress)
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        micro_per_step = stage.grad_accum * self.world
+        self.total_steps = stage.steps or math.ceil(stage.epochs * self.data.batches_per_epoch / micro_per_step)
+        objective = stage_objective(stage, model, self.dataset)
+        # FSDP shards before the optimizer is built, whose groups then hold the sharded parameters
+        self.fsdp = shard_stage(session.run.distributed.strategy, objective, model, accelerator, self.precision)
+        groups, self.param_names = optimizer_groups(model, stage)
+        optimizer = torch.optim.AdamW(groups)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.total_steps, stage.warmup_ratio,
+                                                                                stage.schedule))
+        self.start = 0
+        if mid_stage is not None:
+            self.start = ckpt.restore_mid_stage(session.saved_path, mid_stage, model, optimizer, self.param_names,
+                                                self.scheduler)
+        self.cursor = _start_cursor(state, mid_stage, self.start * stage.grad_accum, self.rank)
+        if self.fsdp is not None:
+            self.trained = self.fsdp.root
+        else:  # DDP: gradients averaged
+            self.trained = accelerator.prepare_model(objective) if self.world > 1 else objective
+        self.optimizer = accelerator.prepare_optimizer(optimizer)
+        _set_modes(model, stage)
+        self.trainable = [parameter for group in groups for parameter in group["params"]]
 
-            due = stage_done or bool(stage.save_every and (step + 1) % stage.save_every == 0)  # the same everywhere
-            written = save() if due else None
-            if on_step is not None:
-                with _fp32(frozen):
-                    on_step(record)
-            if any_process(accelerator, stop.requested):  # every process stops after the same step
-                bar.close()
-                written = written if due else save()
-                accelerator.wait_for_everyone()  # the checkpoint is written before any process exits
-                if fsdp is not None:
-                    fsdp.gather()  # the caller gets a whole model
-                raise TrainingInterrupted(
-                    f"stopped at step {step + 1} of {total_steps} of stage '{stage.name}' ({state.global_step} steps "
-                    f"in all); checkpoint {written or 'written by the main process'}; resume with --resume", written)
-    bar.close()
-    if fsdp is not None:
-        fsdp.gather()  # full, plain parameters again: for the next stage, final/ and the caller
-    model.eval()
-    accelerator.free_memory()  # drops the stage's DDP wrapper (its hooks and buckets) and optimizer
-    stage_records = [record for record in result.history if record["stage_index"] == index]
-    if accelerator.is_main_process:
-        for path in model.bridge.write_plots(stage_records, run.output_dir, index + 1, stage.name):
-            logger.info("plot: %s", path)
-    if dataset.skipped:
-        result.skipped[stage.name] = dict(dataset.skipped)
-        logger.warning("stage '%s' skipped samples: %s", stage.name, dict(dataset.skipped))
+    def run(self) -> None:
+        """Train the stage's remaining steps, then hand back a whole model; a Ctrl-C (in any process) stops every
+        process after the same step with a checkpoint and raises :class:`TrainingInterrupted`."""
+        accelerator = self.session.accelerator
+        bar = tqdm(total=self.total_steps, initial=self.start, desc=self.stage.name, dynamic_ncols=True,
+                   disable=not self.session.progress or not accelerator.is_main_process)
+        grace = _SIGINT_GRACE if self.world > 1 else 0.0
+        cast = self.precision if self.fsdp is None else "fp32"  # FSDP holds the weights as shards: no bf16 cast
+        with frozen_weights_in_bf16(self.model, cast, self.session.touched) as frozen, \
+                StopOnInterrupt(grace) as stop, self.data.stream(self.world) as stream:  # workers live for the stage
+            for step in range(self.start, self.total_steps):
+                record = self.step(step, stream)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+                bar.update(1)
+                self.after_step(step, record, frozen, stop, bar)
+        bar.close()
+        self.finish()
+
+    def step(self, step: int, stream: MicroBatches) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches of every process; returns its log record (logged)."""
+        accelerator, state, stage = self.session.accelerator, self.session.state, self.stage
+        began = time.perf_counter()
+        tally = _Tally()
+        for micro in range(stage.grad_accum):  # grad_accum micro-batches that hold samples
+            batch, self.cursor, skipped = _next_batch(stream, self.cursor, self.world, self.rank, stage.name)
+            tally.empty += skipped
+            last = micro == stage.grad_accum - 1
+            with _no_sync(self.trained, self.world > 1 and not last), autocast(self.precision, accelerator.device):
+                with _seeded(micro_seed(self.data.seed, (self.cursor - 1) * self.world + self.rank),
+                             accelerator.device):
+                    loss, labelled, extra = self.trained(_on_device(batch, accelerator.device))
+                accelerator.backward(loss / stage.grad_accum)
+            tally.add(batch, float(loss.detach()), labelled, extra)
+        tally.cursor = self.cursor
+        tallies = gather(accelerator, tally)  # every process's figures, in rank order
+        if self.fsdp is not None:
+            self.fsdp.finish_backward()  # a parameter no process used gets no gradient, as under DDP
+        grad_norm = _clip(accelerator, self.fsdp, self.trainable, stage.max_grad_norm) if stage.max_grad_norm \
+            else None
+        learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step, state.global_step = step + 1, state.global_step + 1
+        state.micro = self.cursor if self.world == 1 else [part.cursor for part in tallies]  # one per process
+        seconds = max(time.perf_counter() - began, 1e-9)
+        record = _step_record(stage, self.index, step, self.total_steps, state.global_step, learning_rate,
+                              _Tally.merged(tallies), seconds)
+        if grad_norm is not None:  # before clipping; the same in every process (gradients are averaged first)
+            record["grad_norm"] = float(grad_norm)
+        record.update(self.model.bridge.step_report())  # e.g. the tanh gates of gated cross-attention
+        self.session.result.history.append(record)
+        if accelerator.is_main_process:
+            _append_log(self.session.run.output_dir, record)
+        return record
+
+    def after_step(self, step: int, record: dict, frozen: FrozenBf16Weights | None, stop: StopOnInterrupt,
+                   bar: Any) -> None:
+        """A checkpoint when one is due, the caller's callback, and the stop every process makes after this step
+        when a Ctrl-C reached any of them."""
+        stage_done = step + 1 == self.total_steps
+        due = stage_done or bool(self.stage.save_every and (step + 1) % self.stage.save_every == 0)  # everywhere
+        written = self.save(step, stage_done, frozen) if due else None
+        if self.session.on_step is not None:
+            with _fp32(frozen):
+                self.session.on_step(record)
+        if any_process(self.session.accelerator, stop.requested):  # every process stops after the same step
+            bar.close()
+            written = written if due else self.save(step, stage_done, frozen)
+            self.session.accelerator.wait_for_everyone()  # the checkpoint is written before any process exits
+            if self.fsdp is not None:
+                self.fsdp.gather()  # the caller gets a whole model
+            state = self.session.state
+            raise TrainingInterrupted(
+                f"stopped at step {step + 1} of {self.total_steps} of stage '{self.stage.name}' ({state.global_step} "
+                f"steps in all); checkpoint {written or 'written by the main process'}; resume with --resume", written)
+
+    def save(self, step: int, stage_done: bool, frozen: FrozenBf16Weights | None) -> str | None:
+        """A checkpoint after ``step`` (the next stage's start when the stage is done); its path in the process
+        that writes it, ``None`` elsewhere. Under FSDP every process takes part in gathering the weights."""
+        accelerator, state, world = self.session.accelerator, self.session.state, self.world
+        if not accelerator.is_main_process and self.fsdp is None:
+            return None
+        history = self.session.result.history
+        where = ckpt.TrainState(self.index + 1, 0, state.global_step, history, world_size=world) if stage_done \
+            else ckpt.TrainState(self.index, step + 1, state.global_step, history, state.micro, world)
+        with _fp32(frozen):
+            return ckpt.save_checkpoint(os.path.join(self.session.run.output_dir, "checkpoints"), self.model,
+                                        self.session.touched, self.optimizer, self.param_names, self.scheduler,
+                                        where, write=accelerator.is_main_process)
+
+    def finish(self) -> None:
+        """After the last step: full plain parameters again (FSDP), eval mode, the stage's optimizer and DDP
+        wrapper freed, the bridge's plots (Flamingo's gates), and the samples it skipped."""
+        accelerator, run, stage, index = self.session.accelerator, self.session.run, self.stage, self.index
+        if self.fsdp is not None:
+            self.fsdp.gather()  # full, plain parameters again: for the next stage, final/ and the caller
+        self.model.eval()
+        accelerator.free_memory()  # drops the stage's DDP wrapper (its hooks and buckets) and optimizer
+        stage_records = [record for record in self.session.result.history if record["stage_index"] == index]
+        if accelerator.is_main_process:
+            for path in self.model.bridge.write_plots(stage_records, run.output_dir, index + 1, stage.name):
+                logger.info("plot: %s", path)
+        if self.dataset.skipped:
+            self.session.result.skipped[stage.name] = dict(self.dataset.skipped)
+            logger.warning("stage '%s' skipped samples: %s", stage.name, dict(self.dataset.skipped))
 
 
 _SIGINT_GRACE = 2.0  # seconds: torchrun forwards the terminal's Ctrl-C to processes that received it already
-
-
-class _Objective(nn.Module):
-    """A stage's loss for one batch as a module, so that DDP wraps all of it (``region_words`` calls the vision
-    encoder and bridge directly, past :meth:`MultimodalModel.forward`). Returns the loss, its labelled tokens or
-    cells, and what the step logs besides."""
-
-    def __init__(self, model: MultimodalModel, words: WordGroups | None) -> None:
-        super().__init__()
-        self.model, self.words = model, words
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, Any]]:
-        if self.words is not None:
-            loss, cells, read = region_word_loss(self.model, batch, self.words)
-            return loss, cells, {"read": read}
-        output = self.model(**model_inputs(batch), return_logits="none")
-        positions = int(batch["attention_mask"].sum())  # through the LLM
-        return output.loss, output.num_label_tokens, {"aux": output.aux_losses, "stats": output.stats,
-                                                      "positions": positions}
 
 
 @dataclass
@@ -328,10 +390,11 @@ class _Tally:
     samples: int = 0
     seen: int = 0  # positions through the LLM
     tokens: int = 0  # labelled tokens (cells for region_words)
-    empty: int = 0  # micro-batches passed over because every sample was skipped
+    empty: int = 0  # micro-batches passed over: every sample skipped, or fewer than the objective takes
     aux: dict[str, float] = field(default_factory=dict)  # a fusion bridge's auxiliary loss terms, summed
     counts: dict[str, Any] = field(default_factory=dict)  # and its statistics (counts), summed likewise
     read: dict[str, list[int]] = field(default_factory=dict)  # region_words: attribute → [cells read right, labelled]
+    parts: dict[str, float] = field(default_factory=dict)  # the loss's named terms (stage 1: itc, itm, itg), summed
     cursor: int = 0  # the process's position in the stage's micro-batch stream after the step
 
     def add(self, batch: dict, loss: float, labelled: int, extra: dict[str, Any]) -> None:
@@ -341,6 +404,8 @@ class _Tally:
         self.tokens += labelled
         for name, value in extra.get("aux", {}).items():
             self.aux[name] = self.aux.get(name, 0.0) + float(value.detach())
+        for name, value in extra.get("parts", {}).items():
+            self.parts[name] = self.parts.get(name, 0.0) + float(value.detach())
         add_counts(self.counts, extra.get("stats", {}))
         for name, (right, total) in extra.get("read", {}).items():
             sums = self.read.setdefault(name, [0, 0])
@@ -356,6 +421,8 @@ class _Tally:
             whole.tokens, whole.empty = whole.tokens + part.tokens, whole.empty + part.empty
             for name, value in part.aux.items():
                 whole.aux[name] = whole.aux.get(name, 0.0) + value
+            for name, value in part.parts.items():
+                whole.parts[name] = whole.parts.get(name, 0.0) + value
             add_counts(whole.counts, part.counts)
             for name, (right, total) in part.read.items():
                 sums = whole.read.setdefault(name, [0, 0])
@@ -379,9 +446,10 @@ def _step_record(stage: StageConfig, index: int, step: int, total_steps: int, gl
         record["word_accuracy"] = {name: right / total for name, (right, total) in tally.read.items() if total}
     if tally.aux:  # already inside "loss"
         record["aux_losses"] = {name: value / micro_batches for name, value in tally.aux.items()}
+    record.update({name: value / micro_batches for name, value in tally.parts.items()})  # their sum is "loss"
     record.update(tally.counts)
     if tally.empty:
-        record["empty_batches"] = tally.empty  # every sample of these micro-batches was skipped
+        record["empty_batches"] = tally.empty  # every sample skipped (or fewer left than the objective takes)
     return record
 
 
@@ -432,17 +500,10 @@ def add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:
         total[name] = plus(total[name], value) if name in total else value
 
 
-def _region_words(stage: StageConfig, model: MultimodalModel, dataset: Any) -> WordGroups | None:
-    """The candidate words of a ``region_words`` stage (checked against the bridge's grid); ``None`` otherwise."""
-    if stage.objective != "region_words":
-        return None
-    check_grid(model)
-    return WordGroups.from_samples(dataset.samples, model.tokenizer, where=f"stage '{stage.name}'")
-
-
 def _next_batch(data: MicroBatches, cursor: int, world: int, rank: int, stage: str) -> tuple[dict, int, int]:
     """The next micro-batch that holds samples, from position ``cursor`` of the stage's micro-batch stream;
-    returns it, the cursor after it, and how many empty ones (every sample skipped) were passed over."""
+    returns it, the cursor after it, and how many empty ones (every sample skipped, or fewer than the objective
+    takes) were passed over."""
     passed = 0
     while True:
         batch = data.micro_batch(cursor * world + rank)
@@ -451,8 +512,9 @@ def _next_batch(data: MicroBatches, cursor: int, world: int, rank: int, stage: s
             return batch, cursor, passed
         passed += 1
         if passed >= data.batches_per_epoch:
-            raise ValueError(f"stage '{stage}': {passed} micro-batches in a row had every sample skipped; "
-                             f"see the skipped-sample counts (skip_bad_samples) and the data")
+            raise ValueError(f"stage '{stage}': {passed} micro-batches in a row had every sample skipped (or fewer "
+                             f"left than the objective takes); see the skipped-sample counts (skip_bad_samples) and "
+                             f"the data")
 
 
 def _fp32(frozen: FrozenBf16Weights | None) -> Any:
@@ -460,7 +522,7 @@ def _fp32(frozen: FrozenBf16Weights | None) -> Any:
     return frozen.fp32() if frozen is not None else contextlib.nullcontext()
 
 
-def _set_modes(model: MultimodalModel, stage: StageConfig) -> None:
+def _set_modes(model: nn.Module, stage: StageConfig) -> None:
     """Train mode only for keys that train, so frozen encoders keep BatchNorm statistics and no dropout."""
     for key in MODULE_KEYS:
         model.get_submodule(key).train(stage.spec(key).mode != "frozen")

@@ -8,6 +8,6 @@ from mmbridge.model.bridges import qwen_resampler  # noqa: F401  (registers qwen
 from mmbridge.model.bridges import qformer  # noqa: F401  (registers qformer)
 from mmbridge.model.bridges import instruct_qformer  # noqa: F401  (registers instruct_qformer)
 from mmbridge.model.bridges import llama_vid  # noqa: F401  (registers llama_vid)
-from mmbridge.model.bridges.base import BRIDGES, Bridge, FusionCall, ProcessorNeeds, build_bridge
+from mmbridge.model.bridges.base import BRIDGES, Bridge, FusionCall, ProcessorNeeds, StageHooks, build_bridge
 
-__all__ = ["BRIDGES", "Bridge", "FusionCall", "ProcessorNeeds", "build_bridge"]
+__all__ = ["BRIDGES", "Bridge", "FusionCall", "ProcessorNeeds", "StageHooks", "build_bridge"]

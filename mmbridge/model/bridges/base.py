@@ -23,9 +23,9 @@ position reads). What a module caches across calls (the latents' keys and values
 dropped by :meth:`Bridge.release_caches`, which whoever made the prompt state calls when its run ends.
 
 **Training and reporting.** :meth:`Bridge.training_outputs` (auxiliary losses and counts after a training
-forward), :meth:`Bridge.check_stage` / :meth:`Bridge.start_stage` (what a stage asks of the bridge, e.g. MoE
-upcycling), :meth:`Bridge.step_report` (numbers logged every step), :meth:`Bridge.write_plots` (figures at the
-end of a stage), :meth:`Bridge.inactive_parameters_per_token` (``mmbridge info``).
+forward); the :class:`StageHooks` every bridge has — ``check_stage`` / ``start_stage`` (what a stage asks of the
+bridge, e.g. MoE upcycling), ``step_report`` (numbers logged every step), ``write_plots`` (figures at the end of
+a stage); :meth:`Bridge.inactive_parameters_per_token` (``mmbridge info``).
 
 **Saving and processing.** :meth:`Bridge.export_config` (the config that rebuilds it as it is now),
 :attr:`Bridge.tokenizer` (its own text tokenizer, saved beside the model), :meth:`Bridge.processor_needs`
@@ -83,7 +83,30 @@ class FusionCall:
         return self.image_mask.nonzero(as_tuple=True) if bool(self.image_mask.any()) else None
 
 
-class Bridge(nn.Module, abc.ABC):
+class StageHooks:
+    """What the trainer asks of ``model.bridge`` around a stage, with neutral defaults: every :class:`Bridge` has
+    them, and so does a stage-1 head that is not one (BLIP-2's ITC/ITM/ITG heads)."""
+
+    def check_stage(self, stage: Any) -> None:
+        """A ``ValueError`` when a training stage asks what this bridge cannot do (before any stage trains)."""
+        if getattr(stage, "upcycle", False):
+            raise ValueError(f"stage '{stage.name}' sets upcycle, which copies FFNs into MoE experts, but the "
+                             f"bridge ({type(self).__name__}) has none: use bridge type 'moe'")
+
+    def start_stage(self, stage: Any) -> None:
+        """Called as a training stage begins, before its parameters are frozen or unfrozen."""
+
+    def step_report(self) -> dict[str, Any]:
+        """Numbers to log with every training step (none by default)."""
+        return {}
+
+    def write_plots(self, records: list[dict], directory: str, number: int, name: str) -> list[str]:
+        """Figures of stage ``number`` (1-based) ``name`` from its step records, written into ``directory``; returns
+        their paths (none by default)."""
+        return []
+
+
+class Bridge(StageHooks, nn.Module, abc.ABC):
     """Base class of every bridge; subclasses implement the three abstract methods and override hooks they need."""
 
     fuses_into_llm = False  # True: parts act inside the LLM's layers (decoding then keeps the model's own forward)
@@ -165,24 +188,6 @@ class Bridge(nn.Module, abc.ABC):
         """After a training forward: auxiliary loss terms (weighted, added to the loss) and counts to log (lists,
         summed over micro-batches). None by default."""
         return {}, {}
-
-    def check_stage(self, stage: Any) -> None:
-        """A ``ValueError`` when a training stage asks what this bridge cannot do (before any stage trains)."""
-        if getattr(stage, "upcycle", False):
-            raise ValueError(f"stage '{stage.name}' sets upcycle, which copies FFNs into MoE experts, but the "
-                             f"bridge ({type(self).__name__}) has none: use bridge type 'moe'")
-
-    def start_stage(self, stage: Any) -> None:
-        """Called as a training stage begins, before its parameters are frozen or unfrozen."""
-
-    def step_report(self) -> dict[str, Any]:
-        """Numbers to log with every training step (none by default)."""
-        return {}
-
-    def write_plots(self, records: list[dict], directory: str, number: int, name: str) -> list[str]:
-        """Figures of stage ``number`` (1-based) ``name`` from its step records, written into ``directory``; returns
-        their paths (none by default)."""
-        return []
 
     # -- reporting ----------------------------------------------------------------------------------
     def inactive_parameters_per_token(self) -> int:
