@@ -19,17 +19,20 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from mmbridge.model.multimodal import MultimodalModel
-from mmbridge.testing import shape_image, tiny_model_config
+from mmbridge.testing import shape_image, tiny_llm_config, tiny_model_config
 
 MODEL_NAME = "tiny"
 STARTUP_TIMEOUT_S = 180  # two busy cores: importing torch and transformers alone can take 10 s
 
 
-def save_tiny_model(tokenizer_dir: str, directory: str) -> str:
-    """A tiny random model (seeded) saved to ``directory``; returns the directory."""
+def save_tiny_model(tokenizer_dir: str, directory: str, initializer_range: float | None = None) -> str:
+    """A tiny random model (seeded) saved to ``directory``; returns the directory. ``initializer_range``: the LLM's
+    (wide, e.g. 0.2, makes its greedy answers follow the pixels; the default 0.02 answers alike for any image)."""
     torch.manual_seed(0)
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1  # + the <image> token
-    MultimodalModel.from_config(tiny_model_config(tokenizer_dir, vocab)).eval().save_pretrained(directory)
+    wide = {} if initializer_range is None else {"initializer_range": initializer_range}
+    llm = {"hf_config": tiny_llm_config(vocab, **wide)}
+    MultimodalModel.from_config(tiny_model_config(tokenizer_dir, vocab, llm=llm)).eval().save_pretrained(directory)
     return directory
 
 

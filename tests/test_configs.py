@@ -56,8 +56,9 @@ def test_some_recipes_run_on_the_bundled_backbones():
 
 
 @pytest.mark.parametrize("path", BUNDLED_RECIPES, ids=os.path.basename)
-def test_recipes_on_the_bundled_backbones_run_offline_as_shipped(path):
-    """A recipe on the bundled backbones reads only what ships: MiniWorld streams or files in the repository."""
+def test_recipes_on_the_bundled_backbones_read_only_shipped_data(path):
+    """A recipe on the bundled backbones reads only data that ships: MiniWorld streams or files in the repository
+    (nothing is downloaded). The recipe is not run here."""
     run = load_run_config(path)
     for stage in map(stage_from_dict, run.stages):
         data = config_from_dict(DataConfig, dict(stage.data if stage.data is not None else run.data))

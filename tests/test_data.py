@@ -228,6 +228,13 @@ def test_lengths_count_image_tokens(processor, tmp_path):
     assert dataset.lengths()[0] > text_only[0] + TOKENS_PER_IMAGE - 1
     actual = len(dataset[0]["input_ids"])
     assert abs(dataset.lengths()[0] - actual) < actual  # an estimate: same order as the real length
+    # closer: the estimate leaves out only the chat template (the same turns rendered empty), give or take the
+    # one separator token it puts between turns
+    roles = ["user", "assistant"] * 2  # the shape dataset's two question-answer pairs
+    empty_turns = [{"role": role, "content": ""} for role in roles]
+    template = processor.tokenizer.apply_chat_template(empty_turns, tokenize=False)
+    template_tokens = len(processor.tokenizer(template, add_special_tokens=False)["input_ids"])
+    assert abs(dataset.lengths()[0] - (actual - template_tokens)) <= len(roles)
 
 
 # -- collate ---------------------------------------------------------------------------------------

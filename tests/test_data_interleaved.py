@@ -131,6 +131,7 @@ def test_miniworld_documents_stream_and_write_as_interleaved_files(tmp_path, tok
                                                                  "n": 3}}]), model.processor())
     path = write_task("interleaved_document", "train", 3, str(tmp_path), progress=False)
     written = MixtureDataset(DataConfig(sources=[{"path": path}]), model.processor())
+    assert len(streamed.samples) == len(written.samples) == 3
     for stream_sample, file_sample in zip(streamed.samples, written.samples):
         assert [c["text"] for c in stream_sample.document] == [c["text"] for c in file_sample.document]
     example = streamed[0]

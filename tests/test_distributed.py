@@ -23,7 +23,6 @@ import yaml
 from safetensors.torch import load_file
 
 from mmbridge.config import load_run_config
-from mmbridge.data import DataConfig, MixtureDataset, batch_indices
 from mmbridge.testing import tiny_llm_config, tiny_tokenizer, tiny_vision_config, write_shape_dataset
 from mmbridge.train import train
 from mmbridge.train.checkpoint import TrainState
@@ -47,13 +46,36 @@ STOP_AT = 4  # global step: a Ctrl-C reaches process 1 only, during this step's 
 WEIGHT_TOLERANCE, LOSS_TOLERANCE = 3e-3 * STAGES[0]["lr"], 1e-6
 LAUNCH_TIMEOUT = 180  # seconds; a launch takes about 20
 
-STOP_SCRIPT = textwrap.dedent("""
+# the head of a launched script: each process prints, after every step, whether each micro-batch it trained on
+# held images (a "BATCHES" line, from a spy on MultimodalModel.forward): the batches the run really used
+RECORD_BATCHES = textwrap.dedent("""
+    import json, os
+    from mmbridge.model.multimodal import MultimodalModel
+
+    micro_images, model_forward = [], MultimodalModel.forward
+
+    def recording_forward(self, *args, **kwargs):
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        micro_images.append(bool((input_ids == self.image_token_id).any()))
+        return model_forward(self, *args, **kwargs)
+
+    MultimodalModel.forward = recording_forward
+
+    def print_batches(record):
+        line = {"rank": int(os.environ["RANK"]), "stage": record["stage"], "step": record["global_step"],
+                "images": micro_images}
+        print("BATCHES " + json.dumps(line) + "\\n", end="", flush=True)
+        micro_images.clear()
+""")
+
+STOP_SCRIPT = RECORD_BATCHES + textwrap.dedent("""
     import os, signal, sys
     from mmbridge.config import load_run_config
     from mmbridge.train import train
     from mmbridge.train.interrupt import TrainingInterrupted
 
     def ctrl_c_on_one_process(record):
+        print_batches(record)
         if os.environ["RANK"] == "1" and record["global_step"] == {stop}:
             signal.raise_signal(signal.SIGINT)
 
@@ -195,19 +217,18 @@ def test_two_processes_train_like_one_with_twice_the_grad_accum(runs):
 def test_a_step_mixes_a_text_only_micro_batch_with_an_image_one(runs):
     """Process 0's micro-batch holds images while process 1's is text-only (or the reverse) in some step of
     stage 'mixed': DDP must neither hang on the unused vision encoder and bridge nor error. The run above
-    finished, so this checks that the data really made such a step."""
-    model = runs["reference"].model
-    dataset = MixtureDataset(DataConfig(**runs["data"]["mixed"]), model.processor(max_length=128))
-    per_epoch = len(batch_indices(dataset, 0, 1, BATCH, True))
-    grad_accum, mixed = STAGES[1]["grad_accum"], 0
-    for step in range(STAGES[1]["steps"]):
-        for micro in range(grad_accum):
-            has_images = []
-            for rank in range(WORLD):
-                epoch, position = divmod((step * grad_accum + micro) * WORLD + rank, per_epoch)
-                batch = batch_indices(dataset, epoch, 1, BATCH, True)[position]  # seed: run seed · 1000 + stage
-                has_images.append(any(dataset.samples[index].images for index in batch))
-            mixed += len(set(has_images)) == 2
+    finished, so this checks that the data really made such a step: in the batches the stopped launch's
+    processes trained on (its "BATCHES" lines, steps 1 and 2 of the stage)."""
+    lines = [json.loads(line.split(" ", 1)[1]) for line in runs["stopped"].stdout.splitlines()
+             if line.startswith("BATCHES ")]
+    mixed_steps = sorted({line["step"] for line in lines if line["stage"] == "mixed"})
+    assert mixed_steps == [STOP_AT - 1, STOP_AT], runs["stopped"].stdout[-2000:]
+    mixed = 0
+    for step in mixed_steps:
+        ranks = sorted((line for line in lines if line["step"] == step), key=lambda line: line["rank"])
+        assert [line["rank"] for line in ranks] == list(range(WORLD))
+        assert all(len(line["images"]) == STAGES[1]["grad_accum"] for line in ranks)  # every micro-batch seen
+        mixed += sum(len(set(flags)) == 2 for flags in zip(*(line["images"] for line in ranks)))
     assert mixed >= 1
 
 

@@ -15,12 +15,14 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from mmbridge.cli import main
 from mmbridge.eval import harness, tasks
 from mmbridge.eval.prompts import format_box, format_prompt
 from mmbridge.eval.tasks import FORMAT_SETTINGS, Suite, TaskSpec
-from mmbridge.testing import shape_image
+from mmbridge.model.multimodal import MultimodalModel
+from mmbridge.testing import shape_image, tiny_llm_config, tiny_model_config
 
 def make_pair(answer_format: str, question: str, answer: str, colour: str = "red", **extra: Any) -> tuple[dict, list]:
     """A LLaVA-format eval sample as the MiniWorld generator writes it, with one 16×16 image."""
@@ -166,13 +168,61 @@ def test_evaluate_every_format_end_to_end(make_model) -> None:
     assert len(mc_record["rotations"]) == 3 and mc_record["likelihood_choice"] in "ABC"
 
 
-def test_batched_answers_match_one_by_one(make_model) -> None:
+def scored_pairs() -> list[tuple[dict, list]]:
+    """``mixed_pairs`` plus a "yes" question (so F1 has a positive) and a second caption (so CIDEr's document
+    frequencies can tell n-grams apart)."""
+    return mixed_pairs() + [make_pair("yesno", "Is there a circle?", "yes"),
+                            make_pair("caption", "Describe the picture.", "a blue square in the corner",
+                                      references=["a blue square in the corner", "one small blue square at the top"])]
+
+
+def scripted_answer(pairs: list[tuple[dict, list]], right: bool) -> Any:
+    """For ``fixed_generate``: every question's gold answer (``right``), or an answer that shares nothing with it."""
+    def answer(prompt: str) -> str:
+        sample = next(sample for sample, _ in pairs if sample["question"] in prompt)
+        if sample["format"] == "mc":  # the letter of red (gold) or of blue, wherever this rotation put it
+            return re.search(rf"([A-C])\. {'red' if right else 'blue'}\n", prompt).group(1)
+        if right:
+            return sample["answer"]
+        return {"short": "green", "yesno": "no" if sample["answer"] == "yes" else "yes",
+                "box": format_box([900, 900, 990, 990]), "caption": "seven eight nine ten"}[sample["format"]]
+
+    return answer
+
+
+@pytest.mark.parametrize("right", [True, False], ids=["gold", "wrong"])
+def test_evaluate_scores_every_format_from_the_answers(make_model, monkeypatch, right: bool) -> None:
+    """Scripted answers, all right or all wrong: every metric takes its known value, so a scorer that returns a
+    constant fails one of the two."""
     model = make_model()
+    pairs = scored_pairs()
+    monkeypatch.setattr(model, "generate", fixed_generate(model, scripted_answer(pairs, right)))
+    entry = harness.evaluate(model, pairs, TaskSpec("mixed", circular=True), progress=False)
+    score = float(right)
+    for name in ["short/accuracy", "yesno/accuracy", "yesno/precision", "yesno/recall", "yesno/f1",
+                 "yesno/adversarial/accuracy", "mc/accuracy", "mc/circular_accuracy", "box/accuracy",
+                 "caption/bleu4"]:
+        assert entry[name] == pytest.approx(score), name
+    assert entry["box/mean_iou"] == pytest.approx(score)  # the same box, or one that does not overlap
+    assert entry["yesno/yes_ratio"] == 0.5 and entry["mc/parse_rate"] == entry["box/parse_rate"] == 1.0
+    assert (entry["caption/cider"] > 1.0) if right else (entry["caption/cider"] == 0.0)
+
+
+def test_batched_answers_match_one_by_one(tokenizer_dir) -> None:
+    """On wide LLM weights (initialiser range 0.2), whose greedy answers follow the pixels (the default init gives
+    the same answer for any image), and with the first question asked of two images: a row that read another
+    row's pixels would change its answer. Smallest top-1/top-2 logit gap along these decodes: 0.005."""
+    torch.manual_seed(0)
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1
+    llm = {"hf_config": tiny_llm_config(vocab, initializer_range=0.2)}
+    model = MultimodalModel.from_config(tiny_model_config(tokenizer_dir, vocab, llm=llm)).eval()
     prompts = [harness.Prompt(tasks.user_text(sample), images) for sample, images in mixed_pairs()[:3]]
+    prompts.insert(1, harness.Prompt(prompts[0].text, [shape_image("blue", "square", size=16)]))
     prompts.append(harness.Prompt("Describe the picture in detail.", []))  # no image, a shorter row
-    batched = harness.generate_answers(model, prompts, max_new_tokens=6, batch_size=4)
+    batched = harness.generate_answers(model, prompts, max_new_tokens=6, batch_size=len(prompts))
     single = harness.generate_answers(model, prompts, max_new_tokens=6, batch_size=1)
     assert batched == single and all(isinstance(answer, str) for answer in batched)
+    assert batched[0] != batched[1]  # the image matters: the same question on a red circle and a blue square
 
 
 def test_blind_baseline_passes_no_pixels(make_model, monkeypatch) -> None:
@@ -199,7 +249,8 @@ def test_blind_baseline_passes_no_pixels(make_model, monkeypatch) -> None:
     assert blind["likelihood_prompt_example"] == format_prompt("Which colour is the shape?", "short")
     generated.clear()
     harness.evaluate(model, mixed_pairs()[:3], spec, blind=False, progress=False)
-    assert encoded and all(has_image_tokens and pixels is not None for has_image_tokens, pixels in generated)
+    assert encoded and generated
+    assert all(has_image_tokens and pixels is not None for has_image_tokens, pixels in generated)
 
 
 def test_continuation_log_likelihoods_match_an_unbatched_forward(make_model) -> None:

@@ -31,14 +31,14 @@ from mmbridge.config import RunConfig, load_run_config
 from mmbridge.registry import config_from_dict
 from mmbridge.train import train
 from mmbridge.train.sharding import shard_stage
-from test_distributed import (BATCH, LOSS_TOLERANCE, STAGES, WEIGHT_TOLERANCE, WORLD, _launch, _log, _run_data,
-                              _tiny_parts)
+from test_distributed import (BATCH, LOSS_TOLERANCE, RECORD_BATCHES, STAGES, WEIGHT_TOLERANCE, WORLD, _launch, _log,
+                              _run_data, _tiny_parts)
 from test_distributed import test_a_step_mixes_a_text_only_micro_batch_with_an_image_one as _check_mixed_step
 
 STOP_AT = 4  # global step (stage 'mixed', step 2 of 3)
 LAYER_WEIGHT = ".layers.0.mlp.gate_proj."  # an LLM decoder layer's weight (its own FSDP unit; LoRA wraps it later)
 
-SHARDED_SCRIPT = textwrap.dedent("""
+SHARDED_SCRIPT = RECORD_BATCHES + textwrap.dedent("""
     import json, os, signal, sys
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
@@ -58,6 +58,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     MultimodalModel.from_config = keep
 
     def report(record):  # what this process holds during the step
+        print_batches(record)
         model = built[0]
         named = dict(model.named_parameters())
         layer = next(p for name, p in named.items()

@@ -104,6 +104,14 @@ def test_save_and_reload_give_identical_logits(tokenizer_dir, tmp_path, name):
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
 
 
+# idle parameters per token, by hand for the tiny Llama (hidden 32, FFN 64, 4 heads of 8, 2 KV heads, 2 layers, no
+# biases): attention q, o 32×32 and k, v 32×16; FFN gate, up 32×64 and down 64×32
+ATTENTION, FFN, LAYERS = 2 * 32 * 32 + 2 * 32 * 16, 3 * 32 * 64, 2
+IDLE = {"visual_expert": LAYERS * (ATTENTION + FFN),  # a token runs the experts or the originals, never both
+        "moe": LAYERS * ((3 - 2) * FFN + FFN),  # E − k = 1 idle expert and the replaced dense FFN per MoE layer
+        "mma": 0, "gated_xattn": 0}
+
+
 @pytest.mark.parametrize("name", FUSION)
 def test_info_reports_total_and_active_parameters(tokenizer_dir, name):
     model = build(tokenizer_dir, FUSION[name])
@@ -111,6 +119,7 @@ def test_info_reports_total_and_active_parameters(tokenizer_dir, name):
     idle = model.bridge.inactive_parameters_per_token()
     text = info_text(model)
     assert f"total {total:,}; active per token {total - idle:,}" in text
+    assert f"active per token {total - IDLE[name]:,}" in text and idle == IDLE[name]
     if name in ("mma", "gated_xattn"):
         assert idle == 0  # every adapter path (every block) runs for every token
     else:

@@ -13,6 +13,7 @@ AVX2 kernels).
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -134,6 +135,12 @@ def test_left_padded_rows_match_solo_prompts(model_name: str, batch: dict[str, A
         solo = generate(model, row.unsqueeze(0), pixel_values=pixels if len(pixels) else None,
                         max_new_tokens=10, **NO_EOS)
         assert torch.equal(batched[index], solo[0]), f"row {index} differs from its solo run"
+    if model_name == "gpt2_model":  # wide weights: its greedy tokens follow the pixels (the default-init Llama's
+        # do not), so a row handed another row's image, or its images in another order, fails the check above
+        for index, other_pixels in ((0, batch["row_pixels"][2][:1]), (2, batch["row_pixels"][2].flip(0))):
+            moved = generate(model, batch["rows"][index].unsqueeze(0), pixel_values=other_pixels, max_new_tokens=10,
+                             **NO_EOS)
+            assert not torch.equal(moved[0], batched[index]), f"row {index}: the pixels do not change the answer"
 
 
 def test_text_only_prompt(model: MultimodalModel) -> None:
@@ -170,7 +177,7 @@ def test_stops_at_eos_and_pads_finished_rows(model: MultimodalModel, batch: dict
     stopped = generate(model, *inputs, max_new_tokens=12, eos_token_id=eos, pad_token_id=pad)
     ends = [int((row == eos).nonzero()[0, 0]) + 1 if (row == eos).any() else 12 for row in free]
     assert stopped.shape == (3, max(ends))
-    assert ends[0] <= 4
+    assert ends[0] <= 4 < max(ends)  # row 0 stops early while another runs on: its padding below is checked
     for index, end in enumerate(ends):
         assert torch.equal(stopped[index, :end], free[index, :end])
         assert (stopped[index, end:] == pad).all()
@@ -227,6 +234,39 @@ def test_temperature_and_filters_sample_valid_tokens(model: MultimodalModel) -> 
     assert output.shape == (1, 6)
     assert ((output >= 0) & (output < model.llm.config.vocab_size)).all()
     assert torch.equal(output, generate(model, input_ids, generation_config=config))
+
+
+def fixed_logits(model: MultimodalModel, logits: torch.Tensor) -> MultimodalModel:
+    """A copy of ``model`` whose LM head gives ``logits`` ``[V]`` at every position (zero weights, that bias)."""
+    fixed = eos_biased(model, 0, bias=0.0)
+    with torch.no_grad():
+        fixed.llm.lm_head.weight.zero_()
+        fixed.llm.lm_head.bias.copy_(logits)
+    return fixed
+
+
+def test_temperature_top_k_and_top_p_act_together(model: MultimodalModel) -> None:
+    """Temperature 0.7, top-k 20, top-p 0.9 on fixed logits: 4 strong tokens (logit 0), 16 medium ones (-3) and the
+    rest (-3.1). Only all three filters in that order leave exactly the strong four; each alone would let more
+    through (masses by hand below)."""
+    vocab = model.llm.config.vocab_size
+    strong, medium = list(range(50, 54)), list(range(60, 76))
+    logits = torch.full((vocab,), -3.1)
+    logits[strong], logits[medium] = 0.0, -3.0
+    tail = vocab - len(strong) - len(medium) - 1  # the <image> token is never generated
+
+    def strong_mass(temperature: float, kept_medium: int, kept_tail: int) -> float:
+        weights = [len(strong), kept_medium * math.exp(-3.0 / temperature), kept_tail * math.exp(-3.1 / temperature)]
+        return weights[0] / sum(weights)
+
+    assert strong_mass(0.7, 16, 0) > 0.94  # top-20 at T = 0.7: the strong four hold top-p 0.9 with room to spare
+    assert strong_mass(1.0, 16, 0) < 0.84  # without the temperature, medium tokens would enter the nucleus
+    assert strong_mass(0.7, 16, tail) < 0.6  # without top-k, the tail would
+    input_ids = prompt_ids(model, "What colour").unsqueeze(0).repeat(8, 1)
+    config = GenerationConfig(max_new_tokens=50, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, seed=0,
+                              eos_token_id=[])
+    sampled = generate(fixed_logits(model, logits), input_ids, generation_config=config)  # [8, 50]: 400 draws
+    assert set(sampled.unique().tolist()) == set(strong)  # each strong token drawn (P(missing one) < 1e-40)
 
 
 def test_top_p_keeps_smallest_nucleus() -> None:

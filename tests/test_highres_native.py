@@ -12,6 +12,7 @@ from PIL import Image
 
 from mmbridge.data.collate import collate, model_inputs
 from mmbridge.data.formats.llava import Sample
+from mmbridge.eval import harness
 from mmbridge.interop import fuyu_inputs
 from mmbridge.model.highres.native import encoder_stride
 from mmbridge.model.multimodal import MultimodalModel
@@ -116,7 +117,10 @@ def test_generation_with_cache_equals_without(patch_model):
     cached = patch_model.generate(batch["input_ids"], batch["attention_mask"], **inputs)
     plain = patch_model.generate(batch["input_ids"], batch["attention_mask"], use_cache=False, **inputs)
     assert cached.shape == (2, 6) and torch.equal(cached, plain)
-    assert isinstance(patch_model.chat("What colour?", images=[_image(30, 30)], max_new_tokens=3), str)
+    answer = patch_model.chat("What colour?", images=[_image(30, 30)], max_new_tokens=3)
+    expected = harness.generate_answers(patch_model, [harness.Prompt("<image>\nWhat colour?", [_image(30, 30)])],
+                                        max_new_tokens=3, batch_size=1)
+    assert [answer] == expected  # chat answers as the harness decodes the same greedy tokens
 
 
 def test_patchified_inputs_without_sizes_give_the_same_logits(patch_model):

@@ -227,6 +227,10 @@ def test_compute_claim_counts_the_whole_model_not_the_encoder():
         tokens = 64 * (plan.slices + 1) + plan.slices  # the resampler's 64 per crop + one separator per slice
         total = (encoder + vicuna13b_prefill_flops(tokens)) / (baseline_encoder + baseline_llm)
         ratios[size] = (encoder / baseline_encoder, total)
+    for size, (encoder_ratio, total) in ratios.items():  # the paper's claims, independent of this code's counts
+        assert total <= 0.94, f"{size}: {total:.3f} of LLaVA-1.5's compute, the paper says at most 94%"
+        assert 6 < encoder_ratio <= 7, f"{size}: six slices and an overview, each at most one 336² crop"
+    # and this code's own figures, pinned against regressions
     assert ratios[(1088, 672)][0] == pytest.approx(6.66, abs=0.01)
     assert ratios[(1088, 672)][1] == pytest.approx(0.932, abs=0.002)
     assert ratios[(672, 1008)][0] == pytest.approx(6.95, abs=0.01)

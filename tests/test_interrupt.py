@@ -36,7 +36,6 @@ def data(tmp_path_factory) -> str:
     return write_shape_dataset(str(tmp_path_factory.mktemp("shapes")), 12, seed=2)
 
 
-@pytest.mark.skipif(not hasattr(signal, "raise_signal"), reason="needs signal.raise_signal")
 def test_ctrl_c_saves_and_resumes_exactly(tokenizer_dir, data, tmp_path):
     whole = train(_run(tokenizer_dir, data, str(tmp_path / "whole")), progress=False)
 

@@ -53,6 +53,7 @@ def test_accepted_answer_match_takes_any_of_many_alternatives() -> None:
     accepted = [f"{size} {colour} triangle" for size in ("small", "large") for colour in colours]
     accepted.append("triangle")
     assert len(accepted) >= 10  # alternatives, not human answers: no 3-match rule
+    assert vqa_accuracy("The triangle.", accepted) < 0.5  # as human answers, one match of 11 scores 10/11 · 1/3
     assert accepted_answer_match("The triangle.", accepted) == 1.0
     assert accepted_answer_match("a Large blue triangle", accepted) == 1.0
     assert accepted_answer_match("square", accepted) == 0.0

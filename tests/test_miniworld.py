@@ -170,6 +170,7 @@ def test_records_are_well_formed(task):
 
 # -- answers match the pixels ----------------------------------------------------------------------
 def test_object_counts_and_colours_match_the_pixels():
+    counted = Counter()  # kinds of counting question checked
     for task, split, index in [(task, split, index) for task in ("counting", "attribute")
                                for split in ("train", "compositional") for index in range(8)]:
         record, (image,) = make_sample(task, split, index)
@@ -182,6 +183,24 @@ def test_object_counts_and_colours_match_the_pixels():
             assert nearest_colour(pixels[item["y"], item["x"]]) == item["colour"]
         if task == "counting" and record["question"].startswith(("How many objects", "Count the objects")):
             assert int(record["answer"]) == sum(len(components(colour_mask(pixels, c))) for c in COLOURS)
+        if task == "counting":
+            counted[_check_count(record["question"], record["answer"], objects, pixels)] += 1
+    assert set(counted) == {"all", "colour", "shape", "colour shape"}, counted
+
+
+def _check_count(question: str, answer: str, objects: list[dict], pixels: np.ndarray) -> str:
+    """Check a counting answer: against the pixels where the question names no shape (one blob per object of the
+    colour), else against the scene's objects of that shape (whose colours and centres the pixels confirm).
+    Returns the kind of question: "all", "colour", "shape" or "colour shape"."""
+    words = question.rstrip("?.").split()
+    colours = [word for word in words if word in COLOURS]
+    shapes = [shape for shape in SHAPES for word in words if word.startswith(shape)]
+    kind = " ".join(filter(None, ["colour" * bool(colours), "shape" * bool(shapes)])) or "all"
+    assert int(answer) == sum(_mentioned(item, question) for item in objects), (question, answer, objects)
+    if not shapes:
+        blobs = sum(len(components(colour_mask(pixels, colour))) for colour in (colours or COLOURS))
+        assert int(answer) == blobs, (question, answer)
+    return kind
 
 
 def test_colour_answers_match_the_pixel_at_the_object_centre():
@@ -258,6 +277,7 @@ def test_pope_is_balanced_with_every_negative_type():
 
 
 def test_multiple_choice_letter_indexes_the_correct_choice():
+    kinds = Counter()
     for index in range(30):
         record = make_record("multiple_choice", "train", index)
         letter = record["answer"]
@@ -265,11 +285,30 @@ def test_multiple_choice_letter_indexes_the_correct_choice():
         correct = record["choices"][LETTERS.index(letter)]
         assert record["answers"] == [letter, correct]
         assert len(set(record["choices"])) == len(record["choices"]) >= 2
-        focus = record["scene"]["objects"][0]
-        if record["question"].startswith(("What colour", "What is the colour", "What color")):
-            assert correct == focus["colour"]
-        if record["question"].startswith("Which of these objects"):
-            assert correct == f"{focus['colour']} {focus['shape']}"
+        question = record["question"].split("\n")[0]  # the options follow on their own lines
+        kinds[_check_choice(question, correct, record["choices"], record["scene"]["objects"])] += 1
+    assert set(kinds) == {"colour", "shape", "size", "count", "present"}, kinds
+
+
+def _check_choice(question: str, correct: str, choices: list[str], objects: list[dict]) -> str:
+    """Check the correct option of a multiple-choice question against the scene; returns the question's kind."""
+    focus = objects[0]
+    if question.startswith(("What colour", "What is the colour", "What color")):
+        assert correct == focus["colour"], question
+        return "colour"
+    if question.startswith(("What shape", "What is the shape", "Which shape")):
+        assert correct == focus["shape"], question
+        return "shape"
+    if question.startswith(("What size", "How big")) or "small or large" in question:
+        assert correct == focus["size"], question
+        return "size"
+    if question.startswith(("How many", "Count")):
+        assert correct == str(sum(_mentioned(item, question) for item in objects)), (question, objects)
+        return "count"
+    assert question.startswith("Which of these objects"), f"a question of an unknown kind: {question!r}"
+    present = {f"{item['colour']} {item['shape']}" for item in objects}
+    assert correct in present and not present & (set(choices) - {correct}), (choices, present)
+    return "present"
 
 
 # -- files, CLI and streaming ----------------------------------------------------------------------
@@ -302,6 +341,7 @@ def test_cli_writes_jpeg_images(tmp_path):
                  str(tmp_path / "jpeg"), "--image-format", "jpeg", "--no-progress"]) == 0
     png = load_llava_json(write_task("multi_image", "val", 2, str(tmp_path / "png"), progress=False))
     jpeg = load_llava_json(str(tmp_path / "jpeg" / "multi_image-val.json"))
+    assert len(png) == len(jpeg) == 2
     for png_sample, jpeg_sample in zip(png, jpeg):
         assert len(jpeg_sample.images) == len(png_sample.images) >= 2
         for png_path, jpeg_path in zip(png_sample.images, jpeg_sample.images):
@@ -404,6 +444,7 @@ def test_a_conversation_gives_each_format_instruction_once_at_its_first_turn(tas
     """A short-answer or yes/no instruction holds for the rest of the conversation: repeating it on every turn
     was a quarter of a drill's text tokens. The first turn of each format still carries it, as every single
     question (and so every test prompt) does."""
+    checked = Counter()  # (format, first turn of it or not) of the turns checked
     for index in range(12):
         record = make_record(task, "train", index)
         seen = set()
@@ -411,6 +452,8 @@ def test_a_conversation_gives_each_format_instruction_once_at_its_first_turn(tas
             instruction = {"short": SHORT, "yesno": YES_NO}.get(turn["format"])
             if instruction:
                 assert question["value"].endswith(instruction) == (turn["format"] not in seen), (index, question)
+                checked[turn["format"], turn["format"] not in seen] += 1
             seen.add(turn["format"])
+    assert set(checked) == {(name, first) for name in ("short", "yesno") for first in (True, False)}, checked
     single = make_record("attribute", "test", 0)["conversations"][0]["value"]
     assert single.endswith(SHORT)

@@ -63,6 +63,7 @@ def test_chatml_single_turn_labels_only_the_answer_and_end_token(chatml):
 def test_labels_equal_input_ids_where_set(chatml):
     example = make_processor(chatml)(Sample("a", conversation("Which shape?", "A square.")), images=[])
     keep = example["labels"] != IGNORE_INDEX
+    assert keep.any()  # the answer is labelled (an empty selection would make the next check vacuous)
     assert torch.equal(example["labels"][keep], example["input_ids"][keep])
     assert example["input_ids"].dtype == torch.long and example["labels"].shape == example["input_ids"].shape
 

@@ -24,12 +24,15 @@ from serve_support import (MODEL_NAME, ServerProcess, bomb_png, data_url, image_
                            save_tiny_model)
 
 GREEDY = {"temperature": 0, "max_tokens": 8}
+# sampling hot enough that two seeds, or sampling and greedy decoding, share no 16-token answer on any CPU
+SAMPLED = {"temperature": 1.5, "top_p": 0.9, "max_tokens": 16}
 MAX_IMAGES, MAX_BODY, MAX_PIXELS, TOKENS_CAP = 2, 65536, 100_000, 64
 
 
 @pytest.fixture(scope="module")
 def model_dir(tokenizer_dir, tmp_path_factory) -> str:
-    return save_tiny_model(tokenizer_dir, str(tmp_path_factory.mktemp("serve") / "model"))
+    """Wide LLM weights: greedy answers follow the pixels, so a server that drops or mixes up images fails."""
+    return save_tiny_model(tokenizer_dir, str(tmp_path_factory.mktemp("serve") / "model"), initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +82,14 @@ def test_text_completion(client):
 
 
 def test_greedy_answer_equals_model_chat(client, model):
-    image = sample_image()
-    reply = ask(client, [image_part(data_url(image)), {"type": "text", "text": "What colour is it?"}])
-    expected = model.chat("What colour is it?", [image], max_new_tokens=8)
-    assert reply.choices[0].message.content == expected
-    assert reply.usage.prompt_tokens > model.tokens_per_image  # the visual tokens count as prompt tokens
+    answers = []
+    for image in (sample_image(), sample_image("blue", "square")):
+        reply = ask(client, [image_part(data_url(image)), {"type": "text", "text": "What colour is it?"}])
+        expected = model.chat("What colour is it?", [image], max_new_tokens=8)
+        assert reply.choices[0].message.content == expected
+        assert reply.usage.prompt_tokens > model.tokens_per_image  # the visual tokens count as prompt tokens
+        answers.append(expected)
+    assert answers[0] != answers[1]  # the image matters: a server that ignored it would fail one of the two
 
 
 def test_multi_turn_with_system_prompt_equals_model_chat(client, model):
@@ -96,6 +102,9 @@ def test_multi_turn_with_system_prompt_equals_model_chat(client, model):
     history = [{"role": "system", "content": "Answer briefly."},
                {"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "Blue."}]
     assert reply.choices[0].message.content == model.chat("Which shape is it?", [image], history=history,
+                                                          max_new_tokens=8)
+    # the image of the first turn still matters at the second
+    assert reply.choices[0].message.content != model.chat("Which shape is it?", [sample_image()], history=history,
                                                           max_new_tokens=8)
 
 
@@ -115,8 +124,7 @@ def test_streamed_completion_equals_plain(client, with_image):
 def test_stop_string_cuts_the_answer(client):
     full = ask(client, "Hello there", max_tokens=12).choices[0].message.content
     start = next((index for index in range(2, len(full) - 1) if full[index:index + 2].isalnum()), None)
-    if start is None:
-        pytest.skip(f"the tiny model's answer {full!r} has no two letters to stop at")
+    assert start is not None, f"the tiny model's answer {full!r} has no two letters to stop at"
     stop = full[start:start + 2]
     expected = full[:full.find(stop)].rstrip()
     reply = ask(client, "Hello there", max_tokens=12, stop=[stop, "never seen"])
@@ -128,6 +136,16 @@ def test_sampling_with_a_seed_repeats(client):
     settings = {"temperature": 0.9, "top_p": 0.9, "seed": 7, "max_tokens": 8}
     first, second = (ask(client, "Hello there", **settings).choices[0].message.content for _ in range(2))
     assert first == second
+
+
+def test_sampling_follows_temperature_top_p_and_seed(client, model):
+    """A seeded sample is ``model.chat``'s with the same settings, another seed gives another answer, and
+    neither is the greedy one: a server that ignored the sampling settings would fail."""
+    answers = {seed: ask(client, "Hello there", seed=seed, **SAMPLED).choices[0].message.content for seed in (7, 8)}
+    expected = model.chat("Hello there", max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
+    assert answers[7] == expected
+    greedy = ask(client, "Hello there", max_tokens=16).choices[0].message.content
+    assert len({answers[7], answers[8], greedy}) == 3, (answers, greedy)
 
 
 def bad(client, content, **settings) -> openai.APIStatusError:

@@ -250,14 +250,22 @@ def test_micro_batches_whose_samples_were_all_skipped_are_not_steps(tokenizer_di
     assert [record["loss"] for record in resumed.history] == [record["loss"] for record in whole.history]
 
 
-def test_log_records_the_learning_rate_each_step_used(tokenizer_dir, dataset, tmp_path):
-    from mmbridge.train.recipe import lr_lambda
+# lr multipliers by hand from the definition (linear warmup over W = ceil(steps·ratio) steps to the peak at step
+# W-1, then half a cosine period from 1 down to 0 over the remaining steps): 0.5·(1 + cos(π·(step-W)/(steps-W)))
+COSINE_4 = [1.0, 0.5 * (1 + 0.5 ** 0.5), 0.5, 0.5 * (1 - 0.5 ** 0.5)]  # W = 0: cos 0, π/4, π/2, 3π/4
+WARMUP_2_COSINE_3 = [0.5, 1.0, 1.0, 0.75, 0.25]  # W = ceil(5·0.4) = 2: 1/2, 2/2, then cos 0, π/3, 2π/3
 
-    stage = {**ALIGN, "steps": 4, "warmup_ratio": 0.0}
+
+@pytest.mark.parametrize("steps, warmup_ratio, factors", [(4, 0.0, COSINE_4), (5, 0.4, WARMUP_2_COSINE_3)],
+                         ids=["cosine", "warmup"])
+def test_log_records_the_learning_rate_each_step_used(tokenizer_dir, dataset, tmp_path, steps, warmup_ratio,
+                                                      factors):
+    stage = {**ALIGN, "steps": steps, "warmup_ratio": warmup_ratio}
     result = train(_run(tokenizer_dir, dataset, str(tmp_path / "lr"), [stage]), progress=False)
-    factor = lr_lambda(4, 0.0, "cosine")
-    assert [record["lr"] for record in result.history] == pytest.approx([1e-2 * factor(step) for step in range(4)])
-    assert result.history[0]["lr"] == pytest.approx(1e-2) and result.history[-1]["lr"] > 0
+    assert [record["lr"] for record in result.history] == pytest.approx([1e-2 * factor for factor in factors])
+    assert result.history[-1]["lr"] > 0
+    if not warmup_ratio:
+        assert result.history[0]["lr"] == pytest.approx(1e-2)
 
 
 def test_saved_files_are_readable_by_others(tokenizer_dir, dataset, tmp_path):
