@@ -200,6 +200,12 @@ def build_bridge(spec: Any, in_dim: int, out_dim: int) -> Bridge:
     return BRIDGES.build(spec, in_dim, out_dim)
 
 
-def token_wise_grid(grid: FeatureGrid) -> tuple[int, int] | None:
-    """The token grid of a bridge that maps each feature to one token: the feature grid, when all are cells."""
-    return (grid.rows, grid.cols) if grid.spatial else None
+class TokenWiseBridge(Bridge, abc.ABC):
+    """A bridge that maps each feature to one token (projectors): its tokens lie where the features do."""
+
+    def num_tokens(self, grid: FeatureGrid) -> int:
+        return grid.count
+
+    def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
+        """The feature grid, when every feature is a cell of it (no CLS token kept, not a plain sequence)."""
+        return (grid.rows, grid.cols) if grid.spatial else None

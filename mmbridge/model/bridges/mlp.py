@@ -19,7 +19,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from mmbridge.data.bridge_inputs import BridgeInputs
-from mmbridge.model.bridges.base import BRIDGES, Bridge, token_wise_grid
+from mmbridge.model.bridges.base import BRIDGES, TokenWiseBridge
 from mmbridge.model.grid import FeatureGrid
 
 
@@ -54,7 +54,7 @@ class SwiGLUBridgeConfig:
     bias: bool = False
 
 
-class MLPBridge(Bridge):
+class MLPBridge(TokenWiseBridge):
     """``Linear → act → Linear → …``; layers are named ``linear_1 … linear_depth``."""
 
     def __init__(self, in_dim: int, out_dim: int, depth: int, activation: str, hidden_dim: int | None,
@@ -71,12 +71,6 @@ class MLPBridge(Bridge):
             self.add_module(f"linear_{index + 1}", nn.Linear(widths[index], widths[index + 1], bias=bias))
         self.act = ACT2FN[activation]
 
-    def num_tokens(self, grid: FeatureGrid) -> int:
-        return grid.count
-
-    def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
-        return token_wise_grid(grid)
-
     def forward(self, features: torch.Tensor, grid: FeatureGrid,
                 inputs: BridgeInputs | None = None) -> torch.Tensor:  # [B, N, D_v] -> [B, N, D]
         hidden = features
@@ -87,7 +81,7 @@ class MLPBridge(Bridge):
         return hidden
 
 
-class SwiGLUBridge(Bridge):
+class SwiGLUBridge(TokenWiseBridge):
     """CogVLM's GLU adapter: ``x = proj(f)``; ``down(silu(gate(x)) * up(x))``."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None, bias: bool) -> None:
@@ -97,12 +91,6 @@ class SwiGLUBridge(Bridge):
         self.gate_proj = nn.Linear(out_dim, hidden, bias=bias)
         self.up_proj = nn.Linear(out_dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, out_dim, bias=bias)
-
-    def num_tokens(self, grid: FeatureGrid) -> int:
-        return grid.count
-
-    def token_grid(self, grid: FeatureGrid) -> tuple[int, int] | None:
-        return token_wise_grid(grid)
 
     def forward(self, features: torch.Tensor, grid: FeatureGrid,
                 inputs: BridgeInputs | None = None) -> torch.Tensor:  # [B, N, D_v] -> [B, N, D]
