@@ -22,6 +22,7 @@ import re
 import sys
 
 from mmbridge.model.multimodal import MODULE_KEYS
+from mmbridge.model.output.side import describe as describe_output
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -233,14 +234,16 @@ def info_text(model) -> str:
     if model.highres is not None:
         lines[-1] = (f"high resolution: {_describe(config.highres)}; visual tokens depend on each image's size "
                      f"(--image-size WxH); placeholder {model.config.image_token!r} = id {model.image_token_id}")
+    lines += describe_output(model.output)  # what the model answers with besides text (NExT-GPT)
     if config.adapters:
         lines.append("adapters: " + ", ".join(f"LoRA r={a['r']} on {a['key']}" for a in config.adapters))
     when = "when saved (end of the last stage)" if model.parameters_at_save else "now"
     lines.append(f"parameters, trainable/frozen {when}:")
     lines.append(f"{'key':<8}{'trainable':>14}{'frozen':>14}")
-    for key in MODULE_KEYS:
+    held = [key for key in MODULE_KEYS if key in counts and counts[key]["trainable"] + counts[key]["frozen"]]
+    for key in held:  # a text-only model has no output row; a model saved before the key existed has none either
         lines.append(f"{key:<8}{counts[key]['trainable']:>14,}{counts[key]['frozen']:>14,}")
-    total = sum(counts[key]["trainable"] + counts[key]["frozen"] for key in MODULE_KEYS)
+    total = sum(counts[key]["trainable"] + counts[key]["frozen"] for key in held)
     idle = model.inactive_parameters_per_token()
     lines.append(f"total {total:,}; active per token {total - idle:,}"
                  + (f" ({idle:,} the bridge routes around per token)" if idle else ""))

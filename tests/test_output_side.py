@@ -1,0 +1,143 @@
+"""The output side (NExT-GPT): signal tokens whose rows are the output side's own (the LLM's matrices untouched),
+their logits, forced runs while decoding, the output projection's alignment loss, training only the output key,
+save/load, ``mmbridge info``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import image_prompt
+from mmbridge.cli import info_text
+from mmbridge.model.multimodal import MultimodalModel
+from mmbridge.model.output.render import run_conditioning
+from mmbridge.model.output.side import l2_per_token
+from mmbridge.train import StageConfig, apply_stage
+
+SMALL = {"signal_tokens": 4, "queries": 6, "width": 12, "hidden": 16, "encoder_layers": 1, "decoder_layers": 1,
+         "heads": 2, "feed_forward": 32}
+TEXT = [5, 6, 7, 8]
+
+
+def _with_output(make_model, **fields) -> MultimodalModel:
+    """The conftest's tiny model (same seed, same LLM and bridge weights) with an image output side."""
+    return make_model(output={"image": {**SMALL, **fields}})
+
+
+def _signal_ids(model: MultimodalModel) -> list[int]:
+    return model.output.modalities["image"].token_ids
+
+
+def _answer_with_run(model: MultimodalModel, runs: int = 1) -> torch.Tensor:
+    """``text <image…> text [IMG0..3] text`` (``runs`` times the run) as ``[1, L]`` ids."""
+    ids = image_prompt(model, TEXT)[0].tolist()
+    for _ in range(runs):
+        ids += _signal_ids(model) + [9, 10]
+    return torch.tensor([ids])
+
+
+def test_signal_tokens_are_added_and_the_llms_own_rows_stay(make_model):
+    plain = make_model()
+    model = _with_output(make_model)
+    ids = _signal_ids(model)
+    assert model.tokenizer.convert_ids_to_tokens(ids) == ["[IMG0]", "[IMG1]", "[IMG2]", "[IMG3]"]
+    assert model.output_modalities == ("image",) and plain.output_modalities == ()
+    vocab = plain.llm.model.get_input_embeddings().weight
+    grown = model.llm.model.get_input_embeddings().weight
+    assert torch.equal(grown[:vocab.shape[0]], vocab)  # every row the LLM had is untouched
+    assert {name.split(".", 1)[0] for name, _ in model.named_parameters() if "output." in name or
+            name.startswith("output")} == {"output"}
+
+
+def test_signal_positions_read_the_output_sides_embeddings_and_head_rows(make_model):
+    model = _with_output(make_model)
+    with torch.no_grad():
+        model.output.modalities["image"].embeddings.normal_()
+        model.output.modalities["image"].head.normal_()
+    ids = _answer_with_run(model)
+    embeds = model.embed(ids, pixel_values=torch.randn(1, 3, 16, 16))
+    positions = torch.isin(ids[0], torch.tensor(_signal_ids(model))).nonzero().flatten()
+    assert torch.equal(embeds[0, positions], model.output.modalities["image"].embeddings)
+    hidden = torch.randn(2, 3, model.llm.hidden_size)
+    logits = model.token_logits(hidden)
+    expected = hidden @ model.output.modalities["image"].head.T
+    torch.testing.assert_close(logits[..., _signal_ids(model)], expected)
+    plain_columns = [index for index in range(logits.shape[-1]) if index not in _signal_ids(model)]
+    assert torch.equal(logits[..., plain_columns], model.llm.logits(hidden)[..., plain_columns])
+
+
+def test_decoding_writes_a_started_run_to_its_end(make_model):
+    model = _with_output(make_model)
+    prompt, pixels = image_prompt(model, TEXT), torch.randn(1, 3, 16, 16)
+    with torch.no_grad():  # every logit 0 but [IMG0]'s after the prompt: the run starts, and must then go on
+        last = model(prompt, pixel_values=pixels, return_hidden=True).hidden[0, -1]
+        model.llm.lm_head.weight.zero_()
+        head = model.output.modalities["image"].head
+        head.zero_()
+        head[0] = 10 * last / last.norm()
+    new = model.generate(prompt, pixel_values=pixels, max_new_tokens=6, eos_token_id=[])
+    assert new[0, :4].tolist() == _signal_ids(model)  # chosen [IMG0], then forced [IMG1], [IMG2], [IMG3]
+    assert new[0, 4].item() != _signal_ids(model)[1]  # after the run's last token nothing is forced
+    free = model.generate(prompt, pixel_values=pixels, max_new_tokens=6, eos_token_id=[], use_cache=False)
+    assert torch.equal(free, new)  # the same with the cache as without
+
+
+def test_alignment_loss_is_the_per_token_l2_to_the_targets_and_trains_only_the_output_key(make_model):
+    model = _with_output(make_model, align_weight=0.5)
+    apply_stage(model, StageConfig(name="decoder", train={"output": "full"}, precision="fp32"), log=False)
+    ids = _answer_with_run(model, runs=2)
+    labels = ids.clone()
+    labels[:, :len(TEXT) + model.tokens_per_image] = -100
+    targets = torch.randn(2, SMALL["queries"], SMALL["width"], generator=torch.Generator().manual_seed(3))
+    pixels = torch.randn(1, 3, 16, 16)
+    output = model(ids, pixel_values=pixels, labels=labels, output_targets={"image": targets}, return_hidden=True)
+    embeds = model.embed(ids, pixel_values=pixels)
+    runs = model.output.modalities["image"].runs(ids)
+    assert runs == [(0, len(TEXT) + model.tokens_per_image + 4), (0, len(TEXT) + model.tokens_per_image + 10)]
+    predicted = model.output.modalities["image"].conditioning(output.hidden, embeds, runs)
+    by_hand = (predicted - targets).pow(2).sum(-1).sqrt().mean()  # a distance per token, averaged: not squared
+    torch.testing.assert_close(output.aux_losses["image_align"], 0.5 * by_hand)
+    torch.testing.assert_close(l2_per_token(predicted, targets), by_hand)
+    assert "image_align" in output.aux_losses and output.loss > output.aux_losses["image_align"]
+    output.loss.backward()
+    grads = {name.split(".", 1)[0] for name, parameter in model.named_parameters() if parameter.grad is not None}
+    assert grads == {"output"}
+    projection = model.output.modalities["image"].projection
+    assert projection.queries.grad.abs().sum() > 0 and model.output.modalities["image"].head.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="holds 2 complete image signal-token run.* but 1 caption target"):
+        model(ids, pixel_values=pixels, labels=labels, output_targets={"image": targets[:1]})
+
+
+def test_run_conditioning_reads_each_complete_run_and_skips_a_cut_one(make_model):
+    model = _with_output(make_model)
+    ids = _answer_with_run(model, runs=2)
+    cut = torch.cat([ids, torch.tensor([_signal_ids(model)[:2]])], dim=1)  # a third run, cut after 2 tokens
+    found = run_conditioning(model, cut, torch.ones_like(cut), model.encode_images(torch.randn(1, 3, 16, 16)))
+    assert [row for row, _ in found["image"]] == [0, 0]
+    assert found["image"][0][1].shape == (SMALL["queries"], SMALL["width"])
+    assert not torch.allclose(found["image"][0][1], found["image"][1][1])  # the runs stand in different places
+
+
+def test_save_and_load_keep_the_output_side(make_model, tmp_path):
+    model = _with_output(make_model)
+    with torch.no_grad():
+        for parameter in model.output.parameters():
+            parameter.add_(0.1)
+    model.save_pretrained(str(tmp_path / "model"))
+    reloaded = MultimodalModel.from_pretrained(str(tmp_path / "model"))
+    assert _signal_ids(reloaded) == _signal_ids(model)
+    ids = _answer_with_run(model)
+    pixels = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits)
+    text = info_text(reloaded)
+    assert "output image: 4 signal tokens '[IMG0][IMG1][IMG2][IMG3]'" in text and "output " in text
+
+
+def test_bad_output_configs_name_the_field(make_model):
+    with pytest.raises(ValueError, match="output modality 'sound' is not supported; supported: \\['image'\\]"):
+        make_model(output={"sound": {}})
+    with pytest.raises(ValueError, match=r"output.image: unknown field\(s\) \['querys'\]"):
+        make_model(output={"image": {"querys": 4}})
+    with pytest.raises(ValueError, match="output: signal_tokens must be >= 1, got 0"):
+        make_model(output={"image": {**SMALL, "signal_tokens": 0}})
