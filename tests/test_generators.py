@@ -318,6 +318,9 @@ def test_text_encoder_that_does_not_fit_the_unet(pipeline_dirs, tmp_path):
     assert f"encodes a prompt as [1, {CLIP_LENGTH}, 16]; the UNet takes [B, {CLIP_LENGTH}, {WIDTH}]" in message
     unset = lambda path: edit_json(os.path.join(path, "tokenizer", "tokenizer_config.json"), model_max_length="DELETE")
     assert "model_max_length is unset" in build_error(broken_copy(pipeline_dirs["bert"], tmp_path / "b", unset))
+    too_long = lambda path: edit_json(os.path.join(path, "tokenizer", "tokenizer_config.json"), model_max_length=65)
+    assert "model_max_length 65 exceeds the text encoder's max_position_embeddings 64" in build_error(
+        broken_copy(pipeline_dirs["bert"], tmp_path / "c", too_long))
 
 
 def test_config_values_are_checked(pipeline_dirs):

@@ -146,6 +146,10 @@ class DiffusersGenerator(Generator):
         if not isinstance(max_length, int) or max_length > MAX_CONDITION_LENGTH:
             raise ValueError(f"{path}/tokenizer: model_max_length is unset ({max_length}); set it in "
                              "tokenizer_config.json: it sets the conditioning length L")
+        positions = getattr(self.pipeline.text_encoder.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions < max_length:
+            raise ValueError(f"{path}/tokenizer: model_max_length {max_length} exceeds the text encoder's "
+                             f"max_position_embeddings {positions}")
         unet_config = self.pipeline.unet.config
         width = unet_config.encoder_hid_dim or unet_config.cross_attention_dim
         empty = self.encode_text([""]).embeds  # [1, L, W_text]
