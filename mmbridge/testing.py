@@ -187,3 +187,65 @@ def data_loss(model: Any, data: dict, max_length: int | None = None, batch_size:
             total += float(output.loss) * output.num_label_tokens
             tokens += output.num_label_tokens
     return total / tokens
+
+
+CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def tiny_clip_tokenizer(model_max_length: int = 12) -> Any:
+    """A character-level CLIP BPE tokenizer (lower-case letters, digits, a few signs, two merges), built offline."""
+    from transformers import CLIPTokenizer
+
+    vocab = {token: index for index, token in enumerate(CLIP_SPECIALS)}
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789.,?!'":
+        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
+    merges = [("r", "e"), ("re", "d</w>")]
+    for first, second in merges:
+        vocab[first + second] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def tiny_diffusers_pipeline(directory: str, text_encoder: str = "clip", condition_length: int = 16,
+                            prediction_type: str = "epsilon", scheduler: str = "ddim") -> str:
+    """A tiny random ``StableDiffusionPipeline`` saved to ``directory`` (returned), with diffusers' own dummy
+    component sizes: UNet channels (4, 8), one layer per block, 2 norm groups, cross-attention width 32; a VAE of
+    channels (4, 8) (scale factor 2; default images 16 × 16); ``text_encoder`` ``clip`` (CLIPTextModel +
+    CLIPTokenizer) or ``bert`` (:func:`tiny_bert`, hidden 32); the tokenizer's ``model_max_length`` is
+    ``condition_length``. ``scheduler``: ``ddim`` or ``euler_ancestral`` (stochastic steps). Seeded."""
+    import tempfile
+
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModel
+
+    schedulers = {"ddim": DDIMScheduler, "euler_ancestral": EulerAncestralDiscreteScheduler}
+    options = {"clip_sample": False, "set_alpha_to_one": False} if scheduler == "ddim" else {}
+    noise_schedule = schedulers[scheduler](beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           prediction_type=prediction_type, steps_offset=1, **options)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=2)
+    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=2)
+    if text_encoder == "clip":
+        tokenizer = tiny_clip_tokenizer(condition_length)
+        encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                               num_attention_heads=4, num_hidden_layers=2, bos_token_id=0,
+                                               eos_token_id=1, pad_token_id=1,
+                                               max_position_embeddings=condition_length))
+    elif text_encoder == "bert":
+        with tempfile.TemporaryDirectory() as bert_dir:
+            tiny_bert(bert_dir)
+            tokenizer = BertTokenizer.from_pretrained(bert_dir, model_max_length=condition_length)
+            encoder = BertModel.from_pretrained(bert_dir)
+    else:
+        raise ValueError(f"text_encoder must be 'clip' or 'bert', got '{text_encoder}'")
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=noise_schedule, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(directory)
+    return directory

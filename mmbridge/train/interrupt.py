@@ -56,4 +56,7 @@ class StopOnInterrupt:
                 return  # the launcher forwarding the Ctrl-C this process already received
             raise KeyboardInterrupt
         self.requested, self._first = True, time.monotonic()
-        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
+        # one write, the newline with the text: under a launcher several processes share the pipe, and a record
+        # another process prints between the text and its newline would land on this line
+        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)\n",
+                   end="")
