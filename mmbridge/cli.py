@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
@@ -72,8 +73,30 @@ def _generate(args: argparse.Namespace) -> int:
         tokenizer = model.tokenizer
         settings["streamer"] = lambda tokens: print(tokenizer.decode(tokens[0], skip_special_tokens=True),
                                                     end="", flush=True)
-    answer = model.chat(args.prompt, args.image or [], **settings)
-    print() if args.stream else print(answer)
+    if args.out is None:
+        answer = model.chat(args.prompt, args.image or [], **settings)
+        print() if args.stream else print(answer)
+        return 0
+    return _generate_media(model, args, settings)
+
+
+def _generate_media(model, args: argparse.Namespace, settings: dict) -> int:
+    """``generate --out DIR``: the answer's text, and the images its signal tokens ask for written as PNG files."""
+    from mmbridge.model.output.render import ImageSettings
+
+    if not model.output_modalities:
+        raise ValueError(f"--out: {args.model} answers with text only (no output side), so there are no images "
+                         f"to write")
+    image_settings = ImageSettings(steps=args.image_steps, seed=args.image_seed)
+    answer = model.chat(args.prompt, args.image or [], return_media=True, image_settings=image_settings, **settings)
+    print() if args.stream else print(answer.text)
+    os.makedirs(args.out, exist_ok=True)
+    for number, image in enumerate(answer.images, start=1):
+        path = os.path.join(args.out, f"image-{number}.png")
+        image.save(path)
+        print(f"image {number}: {path}")
+    if not answer.images:
+        print("the answer asked for no image", file=sys.stderr)
     return 0
 
 
@@ -295,7 +318,6 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(run=_train)
 
 
-
 def _add_pretrain_qformer_parser(commands: argparse._SubParsersAction) -> None:
     """``mmbridge pretrain-qformer RECIPE [overrides]`` (BLIP-2 stage 1)."""
     stage1 = commands.add_parser("pretrain-qformer", help="BLIP-2 stage 1 for a Q-Former bridge (no LLM): `train` "
@@ -318,6 +340,9 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--do-sample", action="store_true")
     generate.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
     generate.add_argument("--top-p", type=float, default=None, help="with --do-sample (default 1.0)")
+    generate.add_argument("--out", help="a model that answers with images: write them here as PNG files")
+    generate.add_argument("--image-steps", type=int, default=30, help="with --out: denoising steps (default 30)")
+    generate.add_argument("--image-seed", type=int, default=None, help="with --out: seed of the image draws")
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     generate.set_defaults(run=_generate)

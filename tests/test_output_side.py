@@ -4,14 +4,17 @@ save/load, ``mmbridge info``."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from conftest import image_prompt
-from mmbridge.cli import info_text
+from mmbridge.cli import info_text, main
 from mmbridge.model.multimodal import MultimodalModel
-from mmbridge.model.output.render import run_conditioning
+from mmbridge.model.output.render import ImageSettings, run_conditioning
 from mmbridge.model.output.side import l2_per_token
+from mmbridge.testing import shape_image, tiny_diffusers_pipeline
 from mmbridge.train import StageConfig, apply_stage
 
 SMALL = {"signal_tokens": 4, "queries": 6, "width": 12, "hidden": 16, "encoder_layers": 1, "decoder_layers": 1,
@@ -141,3 +144,90 @@ def test_bad_output_configs_name_the_field(make_model):
         make_model(output={"image": {"querys": 4}})
     with pytest.raises(ValueError, match="output: signal_tokens must be >= 1, got 0"):
         make_model(output={"image": {**SMALL, "signal_tokens": 0}})
+
+
+# -- with a generator (a tiny random diffusers pipeline: conditioning 16 × 32) ---------------------------------
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> str:
+    return tiny_diffusers_pipeline(str(tmp_path_factory.mktemp("pipeline")), condition_length=16)
+
+
+def _drawing_model(make_model, pipeline_dir: str, **fields) -> MultimodalModel:
+    spec = {**SMALL, "queries": 16, "width": 32, "generator": {"type": "diffusers", "path": pipeline_dir}, **fields}
+    return make_model(output={"image": spec})
+
+
+def _start_a_run(model: MultimodalModel, prompt: torch.Tensor, pixels: torch.Tensor) -> None:
+    """Every logit 0 but [IMG0]'s after ``prompt``, as in test_decoding_writes_a_started_run_to_its_end."""
+    with torch.no_grad():
+        last = model(prompt, pixel_values=pixels, return_hidden=True).hidden[0, -1]
+        model.llm.lm_head.weight.zero_()
+        model.output.modalities["image"].head.zero_()
+        model.output.modalities["image"].head[0] = 10 * last / last.norm()
+
+
+def test_the_generators_conditioning_shape_is_checked_at_build(make_model, pipeline_dir):
+    with pytest.raises(ValueError, match=r"\[16, 12\].*\[16, 32\]|\[16, 32\].*\[16, 12\]"):
+        _drawing_model(make_model, pipeline_dir, width=12)
+    model = _drawing_model(make_model, pipeline_dir)
+    assert model.output.modalities["image"].generator.condition_width == 32
+    assert "generator diffusers" in info_text(model)
+
+
+def test_captions_become_the_generators_own_encodings_as_targets(make_model, pipeline_dir):
+    model = _drawing_model(make_model, pipeline_dir)
+    ids = _answer_with_run(model, runs=2)
+    labels = ids.clone()
+    labels[:, :len(TEXT) + model.tokens_per_image] = -100
+    pixels = torch.randn(1, 3, 16, 16)
+    captions = ["a red circle", "two blue squares"]
+    generator = model.output.modalities["image"].generator
+    by_captions = model(ids, pixel_values=pixels, labels=labels, output_captions={"image": captions})
+    by_targets = model(ids, pixel_values=pixels, labels=labels,
+                       output_targets={"image": generator.encode_text(captions).embeds})
+    assert torch.equal(by_captions.aux_losses["image_align"], by_targets.aux_losses["image_align"])
+    other = model(ids, pixel_values=pixels, labels=labels, output_captions={"image": captions[::-1]})
+    assert not torch.equal(other.aux_losses["image_align"], by_captions.aux_losses["image_align"])
+
+
+def test_generate_and_chat_draw_one_image_per_run(make_model, pipeline_dir, tmp_path):
+    model = _drawing_model(make_model, pipeline_dir)
+    prompt, pixels = image_prompt(model, TEXT), torch.randn(1, 3, 16, 16)
+    _start_a_run(model, prompt, pixels)
+    settings = ImageSettings(steps=2, seed=5)
+    result = model.generate(prompt, pixel_values=pixels, max_new_tokens=5, eos_token_id=[], return_media=True,
+                            image_settings=settings)
+    assert result.sequences[0, :4].tolist() == _signal_ids(model) and len(result.images[0]) == 1
+    image = result.images[0][0]
+    assert image.size == (16, 16) and image.mode == "RGB"
+    again = model.generate(prompt, pixel_values=pixels, max_new_tokens=5, eos_token_id=[], return_media=True,
+                           image_settings=settings).images[0][0]
+    assert again.tobytes() == image.tobytes()  # the same seed draws the same image
+    other = model.generate(prompt, pixel_values=pixels, max_new_tokens=5, eos_token_id=[], return_media=True,
+                           image_settings=ImageSettings(steps=2, seed=6)).images[0][0]
+    assert other.tobytes() != image.tobytes()
+    answer = model.chat("Draw it.", [shape_image("red", "circle", 16)], return_media=True, max_new_tokens=5,
+                        eos_token_id=[], image_settings=settings)
+    assert isinstance(answer.text, str) and len(answer.images) == 1
+    assert model.generate(prompt, pixel_values=pixels, max_new_tokens=3, eos_token_id=[],  # a run cut short
+                          return_media=True, image_settings=settings).images == [[]]
+
+
+def test_saved_model_reloads_its_generator_and_the_cli_writes_the_images(make_model, pipeline_dir, tmp_path, capsys):
+    model = _drawing_model(make_model, pipeline_dir)
+    prompt, pixels = image_prompt(model, TEXT), torch.randn(1, 3, 16, 16)
+    _start_a_run(model, prompt, pixels)
+    model.save_pretrained(str(tmp_path / "model"))
+    reloaded = MultimodalModel.from_pretrained(str(tmp_path / "model"))
+    assert reloaded.export_config().output["image"]["generator"]["path"] == os.path.abspath(pipeline_dir)
+    image_path = str(tmp_path / "input.png")
+    shape_image("red", "circle", 16).save(image_path)
+    arguments = ["generate", "--model", str(tmp_path / "model"), "--image", image_path, "--prompt", "Draw it.",
+                 "--max-new-tokens", "5", "--out", str(tmp_path / "drawn"), "--image-steps", "2", "--image-seed", "1"]
+    assert main(arguments) == 0
+    assert (tmp_path / "drawn" / "image-1.png").is_file()
+    assert f"image 1: {tmp_path / 'drawn' / 'image-1.png'}" in capsys.readouterr().out
+    plain = make_model()
+    plain.save_pretrained(str(tmp_path / "plain"))
+    assert main(["generate", "--model", str(tmp_path / "plain"), "--prompt", "Hi", "--out", str(tmp_path / "x")]) == 2
+    assert "answers with text only" in capsys.readouterr().err

@@ -491,7 +491,7 @@ class MultimodalModel(nn.Module):
                            image_token=self.config.image_token, image_token_id=self.image_token_id,
                            adapters=list(self.config.adapters),
                            highres=self.highres.export_config() if self.highres is not None else None,
-                           output=self.config.output)
+                           output=self.output.export_configs())
 
     def save_pretrained(self, directory: str) -> None:
         """Write config, safetensors weights, tokenizer and processor settings; each file atomically."""

@@ -61,11 +61,8 @@ def draw(model: Any, conditioning: dict[str, list[tuple[int, torch.Tensor]]], ro
     """Each row's images, drawn by its modality's generator from the runs' conditioning (one image per run)."""
     images: list[list[Image.Image]] = [[] for _ in range(rows)]
     for modality, runs in conditioning.items():
-        generator = model.output.modalities[modality].generator
-        if generator is None:
-            raise ValueError(f"the answer holds {len(runs)} {modality} signal-token run(s) but output.{modality} "
-                             f"has no generator to draw them (set output.{modality}.generator)")
         stacked = torch.stack([tensor for _, tensor in runs])  # [n, Q, W]
+        generator = model.output.modalities[modality].generator_on(stacked.device)
         drawn = generator.generate(stacked, steps=settings.steps, guidance_scale=settings.guidance_scale,
                                    seed=settings.seed, height=settings.height, width=settings.width)
         for (row, _), image in zip(runs, drawn):

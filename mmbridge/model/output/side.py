@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmbridge.model.generators import Generator, build_generator
 from mmbridge.model.output.projection import OutputProjection
 
 MODALITIES = {"image": "IMG"}  # output modality → the stem of its signal tokens' text ([IMG0], [IMG1], …)
@@ -78,8 +79,9 @@ def output_configs(spec: dict | None) -> dict[str, OutputModalityConfig]:
 class ModalityOutput(nn.Module):
     """One modality's signal-token rows (input embeddings, LM-head rows) and projection."""
 
-    def __init__(self, config: OutputModalityConfig, token_ids: list[int], llm: nn.Module) -> None:
+    def __init__(self, modality: str, config: OutputModalityConfig, token_ids: list[int], llm: nn.Module) -> None:
         super().__init__()
+        self.modality = modality
         self.config = config
         self.token_ids = list(token_ids)
         width = llm.hidden_size
@@ -90,7 +92,25 @@ class ModalityOutput(nn.Module):
         self.projection = OutputProjection(width, config.width, config.queries, config.hidden,
                                            (config.encoder_layers, config.decoder_layers), config.heads,
                                            config.feed_forward)
-        self.__dict__["generator"] = None  # the frozen generator, referenced (set by OutputSide.attach_generators)
+        self.__dict__["generator"] = None  # the frozen generator, referenced, not registered (OutputSide.build)
+
+    def attach_generator(self, generator: Generator) -> None:
+        """Refer to ``generator`` (frozen, not a submodule); its conditioning must be ``queries × width``."""
+        modality = self.modality
+        if generator.modality != modality:
+            raise ValueError(f"output.{modality}.generator draws {generator.modality!r}, not {modality!r}")
+        generator.check_conditioning(self.config.queries, self.config.width)
+        self.__dict__["generator"] = generator
+
+    def generator_on(self, device: torch.device) -> Generator:
+        """The generator, moved to ``device`` when it is elsewhere; a clear error when there is none."""
+        if self.generator is None:
+            raise ValueError(f"output.{self.modality}: no generator (set output.{self.modality}.generator)")
+        held = next(self.generator.parameters(), None)
+        if held is not None and held.device != device:
+            self.generator.to(device)
+        return self.generator
+
 
     def runs(self, input_ids: torch.Tensor) -> list[tuple[int, int]]:
         """``(row, start)`` of every complete run of this modality's signal tokens in ``input_ids`` ``[B, L]``, in
@@ -128,8 +148,23 @@ class OutputSide(nn.Module):
         side = cls()
         for modality, config in configs.items():
             texts = [f"[{MODALITIES[modality]}{index}]" for index in range(config.signal_tokens)]
-            side.modalities[modality] = ModalityOutput(config, llm.add_tokens(texts), llm)
+            output = ModalityOutput(modality, config, llm.add_tokens(texts), llm)
+            if config.generator is not None:  # loaded now: a conditioning shape it does not take fails at build
+                output.attach_generator(build_generator(config.generator))
+            side.modalities[modality] = output
         return side
+
+    def export_configs(self) -> dict[str, dict] | None:
+        """``ModelConfig.output`` as built: each generator's own config (an absolute path) in place of the spec."""
+        exported = {}
+        for modality, output in self.modalities.items():
+            fields = dataclasses.asdict(output.config)
+            if output.generator is not None:
+                generator = output.generator.export_config()
+                fields["generator"] = dataclasses.asdict(generator) if dataclasses.is_dataclass(generator) \
+                    else dict(generator)
+            exported[modality] = fields
+        return exported or None
 
     def token_texts(self, modality: str) -> str:
         """The text of one run of ``modality``'s signal tokens (what a marker in an answer becomes)."""
@@ -174,15 +209,13 @@ class OutputSide(nn.Module):
         for modality, texts in (captions or {}).items():
             if modality in result or not texts:
                 continue
-            output = self.modalities[modality] if modality in self.modalities else None
-            if output is None:
+            if modality not in self.modalities:
                 raise ValueError(f"the batch holds {modality} captions but the model has no {modality} output "
                                  f"side (output modalities: {sorted(self.modalities)})")
-            if output.generator is None:
-                raise ValueError(f"output.{modality} has no generator to encode its captions with (set "
-                                 f"output.{modality}.generator)")
+            output = self.modalities[modality]
+            generator = output.generator_on(output.head.device)
             with torch.no_grad():
-                result[modality] = output.generator.encode_text(texts).embeds
+                result[modality] = generator.encode_text(texts).embeds.float()
         return result
 
     def align_losses(self, input_ids: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor,
