@@ -19,8 +19,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from mmbridge.cli import main
-from mmbridge.data import (DataConfig, ImageTokens, MixtureDataset, Processor, Sample, TextSettings,
-                           load_llava_json)
+from mmbridge.data import DataConfig, ImageTokens, MixtureDataset, Processor, TextSettings, load_llava_json
 from mmbridge.eval.metrics import wilson_interval
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import tiny_tokenizer
