@@ -5,8 +5,9 @@ and ``GET /``, a web page that asks the model about an image (``static/index.htm
 (:mod:`~mmbridge.serve.protocol`, :mod:`~mmbridge.serve.conversation`), its images are loaded under the
 server's policy (:mod:`~mmbridge.serve.images`), its prompt is built off the event loop
 (:mod:`~mmbridge.serve.prepare`) and the job is queued for the next batch
-(:mod:`~mmbridge.serve.batching`, :mod:`~mmbridge.serve.engine`). Every refusal is a 4xx with OpenAI's
-error body; nothing a request does stops the server from answering the next one.
+(:mod:`~mmbridge.serve.batching`, :mod:`~mmbridge.serve.engine`). An answer is its text, followed by the images
+the engine's ``answer_images`` hook drew for it, if any (:mod:`~mmbridge.serve.outputs`). Every refusal is a 4xx
+with OpenAI's error body; nothing a request does stops the server from answering the next one.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from mmbridge.serve.conversation import Conversation, parse_messages
 from mmbridge.serve.engine import Engine
 from mmbridge.serve.errors import APIError, invalid
 from mmbridge.serve.images import ImageLoader
-from mmbridge.serve.prepare import check_image_count, check_request, completion_budget, encode_prompt, sampling_of
+from mmbridge.serve.outputs import AnswerImages, ImageOptions, message_content
+from mmbridge.serve.prepare import (check_image_count, check_request, completion_budget, encode_prompt,
+                                    image_options_of, sampling_of)
 from mmbridge.serve.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                                      Choice, ChunkChoice, Delta, ModelCard, ModelList, Usage, completion_id, now,
                                      param_path, parse_request)
@@ -50,10 +53,15 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsa
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
-def create_app(model: nn.Module, settings: ServeSettings) -> FastAPI:
-    """An OpenAI-compatible app serving ``model`` under ``settings.served_model_name``."""
+def create_app(model: nn.Module, settings: ServeSettings, answer_images: AnswerImages | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving ``model`` under ``settings.served_model_name``.
+
+    ``answer_images`` is the hook for models that answer with images: called once per finished row with a
+    :class:`~mmbridge.serve.outputs.FinishedRow`, it returns that row's PIL images, which the answer carries after
+    its text as OpenAI image content parts (:mod:`~mmbridge.serve.outputs`). ``None``: text answers only.
+    """
     settings.validate()
-    server = Server(model, settings)
+    server = Server(model, settings, answer_images)
     app = FastAPI(title="mmbridge", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.add_exception_handler(APIError, _api_error)
@@ -82,11 +90,11 @@ def web_page() -> Callable[[], Awaitable[HTMLResponse]]:
 class Server:
     """The state of one serving process: model, processor, tokenizer lock, scheduler, image loader."""
 
-    def __init__(self, model: nn.Module, settings: ServeSettings) -> None:
+    def __init__(self, model: nn.Module, settings: ServeSettings, answer_images: AnswerImages | None = None) -> None:
         self.model, self.settings = model, settings
         self.processor = model.processor()
         self.lock = threading.Lock()  # the tokenizer, shared by prompt building and the generation thread
-        self.engine = Engine(model, self.processor.pad_token_id, default_eos_ids(model), self.lock)
+        self.engine = Engine(model, self.processor.pad_token_id, default_eos_ids(model), self.lock, answer_images)
         self.max_prompt_tokens = settings.max_prompt_tokens or self.processor.max_length
         self.context_length = _context_length(model)
         self.created = now()
@@ -131,10 +139,11 @@ class Server:
         """``POST /v1/chat/completions``: validate, load images, build the prompt, queue; answer or stream."""
         chat = parse_request(await read_body(request, self.settings.max_body_bytes))
         check_request(chat, self.settings)
+        image_options = image_options_of(chat, self.settings, self.model.output_modalities)
         conversation = parse_messages(chat.messages, self.model.config.image_token)
         check_image_count(conversation, self.settings)
         images = [await self.images.load(ref) for ref in conversation.images]
-        job = await self._job(chat, conversation, images)
+        job = await self._job(chat, conversation, images, image_options)
         self.scheduler.submit(job)
         reply = {"id": completion_id(), "created": now(), "model": self.settings.served_model_name}
         if chat.stream:
@@ -146,14 +155,14 @@ class Server:
     def _card(self) -> ModelCard:
         return ModelCard(id=self.settings.served_model_name, created=self.created)
 
-    async def _job(self, chat: ChatCompletionRequest, conversation: Conversation,
-                   images: list[Image.Image]) -> Job:
+    async def _job(self, chat: ChatCompletionRequest, conversation: Conversation, images: list[Image.Image],
+                   image_options: ImageOptions) -> Job:
         example = await asyncio.to_thread(self._encode, conversation, images)
         prompt_tokens = len(example["input_ids"])
         max_tokens = completion_budget(chat, prompt_tokens, self.settings, self.max_prompt_tokens,
                                        self.context_length)
         return Job(example=example, sampling=sampling_of(chat), max_tokens=max_tokens, stop=chat.stop,
-                   prompt_tokens=prompt_tokens, loop=asyncio.get_running_loop())
+                   prompt_tokens=prompt_tokens, loop=asyncio.get_running_loop(), image_options=image_options)
 
     def _encode(self, conversation: Conversation, images: list[Image.Image]) -> dict[str, Any]:
         with self.lock:
@@ -198,7 +207,8 @@ async def complete(job: Job, reply: dict[str, Any]) -> dict[str, Any]:
             elif isinstance(event, Finished):
                 usage = Usage(prompt_tokens=job.prompt_tokens, completion_tokens=event.completion_tokens,
                               total_tokens=job.prompt_tokens + event.completion_tokens)
-                choice = Choice(message=AssistantMessage(content="".join(parts)), finish_reason=event.reason)
+                content = message_content("".join(parts), event.images)
+                choice = Choice(message=AssistantMessage(content=content), finish_reason=event.reason)
                 return ChatCompletion(**reply, choices=[choice], usage=usage).model_dump()
             else:
                 raise event.error
@@ -207,13 +217,16 @@ async def complete(job: Job, reply: dict[str, Any]) -> dict[str, Any]:
 
 
 async def stream_events(job: Job, reply: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: a chunk with the role, one per text delta, one with the finish reason, ``[DONE]``."""
+    """Server-sent events: a chunk with the role, one per text delta, one per answer image (its ``content`` a
+    one-part list), one with the finish reason, ``[DONE]``."""
     yield _sse(ChatCompletionChunk(**reply, choices=[ChunkChoice(delta=Delta(role="assistant", content=""))]))
     while True:
         event = await job.next_event()
         if isinstance(event, TextDelta):
             yield _sse(ChatCompletionChunk(**reply, choices=[ChunkChoice(delta=Delta(content=event.text))]))
         elif isinstance(event, Finished):
+            for part in event.images:
+                yield _sse(ChatCompletionChunk(**reply, choices=[ChunkChoice(delta=Delta(content=[part]))]))
             yield _sse(ChatCompletionChunk(**reply, choices=[ChunkChoice(delta=Delta(), finish_reason=event.reason)]))
             if include_usage:
                 usage = Usage(prompt_tokens=job.prompt_tokens, completion_tokens=event.completion_tokens,
