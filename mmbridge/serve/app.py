@@ -1,5 +1,6 @@
-"""The FastAPI app behind ``mmbridge serve``: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``
-and ``GET /``, a web page that asks the model about an image (``static/index.html``, plain HTML and JS).
+"""The FastAPI app behind ``mmbridge serve``: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
+``GET /``, a chat page (``static/index.html``, plain HTML and JS), and ``GET /examples/{name}``, the page's example
+images and their questions (``static/examples/``, written by :mod:`mmbridge.serve.examples`).
 
 :func:`create_app` wires the rooms together: a request body is read under its size limit, validated
 (:mod:`~mmbridge.serve.protocol`, :mod:`~mmbridge.serve.conversation`), its images are loaded under the
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -46,11 +48,14 @@ from mmbridge.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# the page loads nothing from elsewhere and talks only to this server; its one script and style are inline
+# the page loads nothing from elsewhere and talks only to this server; its one script and style are inline, its
+# images are the user's (data: URLs), the model's (data: URLs) and the examples (this server)
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
-                                           "style-src 'unsafe-inline'; img-src blob:; connect-src 'self'; "
-                                           "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+                                           "style-src 'unsafe-inline'; img-src 'self' data: blob:; "
+                                           "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                                           "form-action 'none'",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+EXAMPLE_TYPES = {".png": "image/png", ".json": "application/json"}
 
 
 def create_app(model: nn.Module, settings: ServeSettings, answer_images: AnswerImages | None = None) -> FastAPI:
@@ -69,6 +74,7 @@ def create_app(model: nn.Module, settings: ServeSettings, answer_images: AnswerI
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     app.add_api_route("/", web_page(), methods=["GET"], include_in_schema=False)
+    app.add_api_route("/examples/{name}", example_files(), methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", server.model_card, methods=["GET"])
@@ -85,6 +91,23 @@ def web_page() -> Callable[[], Awaitable[HTMLResponse]]:
         return HTMLResponse(html, headers=PAGE_HEADERS)
 
     return page
+
+
+def example_files() -> Callable[[str], Awaitable[Response]]:
+    """The ``GET /examples/{name}`` route: the files of the package's ``static/examples``, read once."""
+    folder = resources.files("mmbridge.serve") / "static" / "examples"
+    entries = folder.iterdir() if folder.is_dir() else []
+    files = {entry.name: entry.read_bytes() for entry in entries
+             if entry.is_file() and os.path.splitext(entry.name)[1] in EXAMPLE_TYPES}
+
+    async def example(name: str) -> Response:
+        """``GET /examples/{name}``: an example image of the page, or ``examples.json`` (each image's question)."""
+        if name not in files:
+            raise APIError(404, f"GET /examples/{name}: there is no such example file", code="not_found")
+        media_type = EXAMPLE_TYPES[os.path.splitext(name)[1]]
+        return Response(files[name], media_type=media_type, headers={"X-Content-Type-Options": "nosniff"})
+
+    return example
 
 
 class Server:
