@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -35,9 +36,11 @@ from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.serve import ServeSettings, create_app
 from mmbridge.serve.examples import EXAMPLES, MANIFEST, MAX_EXAMPLE_BYTES, default_folder, write_examples
 from mmbridge.serve.outputs import FinishedRow
+from mmbridge.worlds.miniworld import make_episode, render_image
 from serve_support import MODEL_NAME, ThreadServer, sample_image, save_tiny_model
 
 MAX_TOKENS = 12
+SCREENSHOT_BYTES = 150_000  # the README's screenshot stays small
 PNG_URL = "data:image/png;base64,"
 DROP_FILE = """
 const [name, encoded] = arguments;
@@ -125,7 +128,7 @@ def recorder(server) -> Recorder:
 
 @pytest.fixture(scope="module")
 def browser():
-    with chromium(window="1100,1000") as driver:
+    with chromium(window="1100,1250") as driver:
         yield driver
 
 
@@ -257,15 +260,29 @@ def test_an_error_is_shown_in_the_answer_and_left_out_of_the_conversation(page, 
     assert [message["content"][0]["text"] for message in recorder.bodies[-1]["messages"]] == ["Hello again."]
 
 
+def recoloured_example(colour: str, rgb: tuple[int, int, int]) -> Image.Image:
+    """The first example's scene with its circle in ``colour``: what the hook hands back, standing in for a drawing."""
+    example = EXAMPLES[0]
+    (scene,) = make_episode(example.task, example.split, example.index, example.seed).images
+    scene.objects = [dataclasses.replace(item, colour=colour, rgb=rgb) if item.shape == "circle" else item
+                     for item in scene.objects]
+    return render_image(scene)
+
+
 def test_images_in_an_answer_are_shown(page, hook, tmp_path):
-    drawn = [Image.fromarray(np.full((40, 60, 3), (220, 40, 40), dtype=np.uint8)), sample_image("green", "star", 48)]
+    """Two turns, the second answered with two images; the page's screenshot goes to tmp_path, and to the path in
+    MMBRIDGE_CHAT_SCREENSHOT when set (the README's: ``docs/chat_page.png``)."""
+    drawn = [recoloured_example("green", (40, 160, 60)), recoloured_example("blue", (40, 90, 220))]
     page.find_elements(By.CSS_SELECTOR, "#examples button")[0].click()
     WebDriverWait(page, WAIT_S).until(lambda _: shown_images(page, "#attachments img"))
     assert send(page) == "done"
     hook.images = drawn
-    type_message(page, "Draw it again, with the circle in green.")
+    type_message(page, "Draw it again twice: the circle in green, then in blue.")
     assert send(page) == "done"
-    page.save_screenshot(str(tmp_path / "chat.png"))
+    for path in (str(tmp_path / "chat.png"), os.environ.get("MMBRIDGE_CHAT_SCREENSHOT")):
+        if path:
+            page.save_screenshot(path)
+            assert os.path.getsize(path) < SCREENSHOT_BYTES, path
     answers = assistant_messages(page)
     assert not answers[0].find_elements(By.TAG_NAME, "img")
     shown = answers[1].find_elements(By.CSS_SELECTOR, ".images img")
