@@ -70,9 +70,10 @@ class Recorder:
 
         async def recording_receive() -> dict:
             message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                self.bodies.append(json.loads(b"".join(chunks)))
+            if message["type"] == "http.request":  # not the disconnect a streaming response listens for
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    self.bodies.append(json.loads(b"".join(chunks)))
             return message
 
         async def holding_send(message: dict) -> None:
