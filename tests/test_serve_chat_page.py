@@ -135,9 +135,12 @@ def browser():
 
 @pytest.fixture()
 def page(server, browser, recorder, hook):
-    """A fresh page (an empty conversation) with max tokens set; the hook draws nothing unless a test says."""
+    """A fresh page (an empty conversation, its examples shown) with max tokens set; the hook draws nothing unless a
+    test says."""
     hook.images, recorder.hold = [], None
     open_page(browser, server.url, MODEL_NAME)
+    WebDriverWait(browser, WAIT_S).until(  # the examples load after the page
+        lambda _: len(browser.find_elements(By.CSS_SELECTOR, "#examples button")) == len(EXAMPLES))
     set_max_tokens(browser, MAX_TOKENS)
     yield browser
     hook.images, recorder.hold = [], None
