@@ -9,7 +9,7 @@ Checked: two turns, the second request holding the first turn; previews of image
 by drag-and-drop, several per turn, sent as data URL image parts and kept in the history; text that grows while
 the stream is still open; an example click; Clear; an error shown in the answer's place and left out of the
 conversation; an answer's image parts shown as images. Without a browser: the shipped example files are what
-:mod:`mmbridge.serve.examples` draws, and ``GET /examples/{name}`` serves them and nothing else.
+``tests/serve_examples.py`` draws, and ``GET /examples/{name}`` serves them and nothing else.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from browser_support import (WAIT_S, assistant_messages, chromium, last_answer, 
                              set_max_tokens, type_message)
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.serve import ServeSettings, create_app
-from mmbridge.serve.examples import EXAMPLES, MANIFEST, MAX_EXAMPLE_BYTES, default_folder, write_examples
 from mmbridge.serve.outputs import FinishedRow
 from mmbridge.worlds.miniworld import make_episode, render_image
+from serve_examples import EXAMPLES, MANIFEST, MAX_EXAMPLE_BYTES, default_folder, write_examples
 from serve_support import MODEL_NAME, ThreadServer, sample_image, save_tiny_model
 
 MAX_TOKENS = 12

@@ -1,6 +1,6 @@
 """The FastAPI app behind ``mmbridge serve``: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
 ``GET /``, a chat page (``static/index.html``, plain HTML and JS), and ``GET /examples/{name}``, the page's example
-images and their questions (``static/examples/``, written by :mod:`mmbridge.serve.examples`).
+images and their questions (``static/examples/``, written by ``tests/serve_examples.py``).
 
 :func:`create_app` wires the rooms together: a request body is read under its size limit, validated
 (:mod:`~mmbridge.serve.protocol`, :mod:`~mmbridge.serve.conversation`), its images are loaded under the

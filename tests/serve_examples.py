@@ -1,10 +1,12 @@
 """The chat page's example images: MiniWorld renders with fixed seeds, each with the question MiniWorld asks of it.
 
-``python -m mmbridge.serve.examples`` (re)writes them into the package's ``static/examples/`` (or ``--out DIR``):
-one PNG per example and ``examples.json``, ``[{"file", "question", "alt"}]`` (``alt`` describes the picture for
-screen readers). The server serves that folder at ``GET /examples/{name}``; the page shows the examples, and a
-click attaches the image and fills in its question. Renders are deterministic in ``(task, split, index, seed)``,
-so the shipped files are what this module draws (a test checks it, pixel by pixel).
+A test helper and a script, kept outside the package so that ``mmbridge.serve`` never imports the world (only the
+package face and its data commands do: ``tests/test_import_layers.py``). ``python tests/serve_examples.py``
+(re)writes them into this checkout's ``mmbridge/serve/static/examples/`` (or ``--out DIR``): one PNG per example
+and ``examples.json``, ``[{"file", "question", "alt"}]`` (``alt`` describes the picture for screen readers).
+The server serves that folder at ``GET /examples/{name}``; the page shows the examples, and a click attaches the
+image and fills in its question. Renders are deterministic in ``(task, split, index, seed)``, so the shipped files
+are what this module draws (a test checks it, pixel by pixel).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import argparse
 import json
 import os
 from dataclasses import dataclass
-from importlib import resources
 
 from PIL import Image
 
@@ -55,8 +56,9 @@ EXAMPLES = (
 
 
 def default_folder() -> str:
-    """The package's ``mmbridge/serve/static/examples`` folder."""
-    return str(resources.files("mmbridge.serve") / "static" / "examples")
+    """This checkout's ``mmbridge/serve/static/examples`` (beside ``tests/``, whichever mmbridge is installed)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mmbridge", "serve", "static",
+                        "examples")
 
 
 def write_examples(folder: str) -> list[dict[str, str]]:
