@@ -154,6 +154,13 @@ class MultimodalModel(nn.Module):
         return self.llm.tokenizer
 
     @property
+    def output_modalities(self) -> tuple[str, ...]:
+        """What the model answers with besides text: ``()`` for a model that only writes text (all of them today).
+        Models with an output side (issue 24: signal tokens, an output projection and a generator) list ``"image"``;
+        ``mmbridge serve`` refuses a request for an image answer from a model whose tuple lacks it."""
+        return ()
+
+    @property
     def tokens_per_image(self) -> int:
         """Visual tokens each ``<image>`` placeholder expands to (at the encoder's size; with a high-resolution
         strategy the count depends on each image: :meth:`image_token_ids`)."""
