@@ -173,7 +173,8 @@ class MultimodalModel(nn.Module):
 
     @property
     def output_modalities(self) -> tuple[str, ...]:
-        """What the model can answer with besides text (``("image",)`` with an output side; empty otherwise)."""
+        """What the model can answer with besides text (``("image",)`` with an output side; empty otherwise);
+        ``mmbridge serve`` reads it to refuse image answers from a text-only model."""
         return tuple(self.output.modalities)
 
     @property
