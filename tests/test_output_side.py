@@ -231,3 +231,59 @@ def test_saved_model_reloads_its_generator_and_the_cli_writes_the_images(make_mo
     plain.save_pretrained(str(tmp_path / "plain"))
     assert main(["generate", "--model", str(tmp_path / "plain"), "--prompt", "Hi", "--out", str(tmp_path / "x")]) == 2
     assert "answers with text only" in capsys.readouterr().err
+
+
+# -- data: MiniWorld's text_to_image requests ---------------------------------------------------------------------
+def test_the_processor_writes_each_marker_as_a_run_and_carries_its_caption(make_model, pipeline_dir):
+    from mmbridge.data import collate
+    from mmbridge.data.processor import SampleError
+    from mmbridge.worlds.miniworld.stream import load_samples
+
+    samples = load_samples({"task": "text_to_image", "split": "train", "n": 3})
+    model = _drawing_model(make_model, pipeline_dir)
+    processor = model.processor()
+    example = processor(samples[0])
+    ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
+    start = ids.index(_signal_ids(model)[0])
+    assert ids[start:start + 4] == _signal_ids(model) and labels[start:start + 4] == _signal_ids(model)  # targets
+    assert example["output_captions"] == {"image": [samples[0].outputs[0]["caption"]]}
+    batch = collate([processor(sample) for sample in samples], processor.pad_token_id)
+    assert batch["output_captions"]["image"] == [sample.outputs[0]["caption"] for sample in samples]
+    output = model(**{key: value for key, value in batch.items() if key != "ids"}, return_logits="none")
+    assert output.aux_losses["image_align"] > 0
+    with pytest.raises(SampleError, match="answers with image .<image_out>. but the model has no image output side"):
+        make_model().processor()(samples[0])
+    with pytest.raises(SampleError, match="1 output.* but 0 complete run"):
+        model.processor(max_length=len(ids) - 6)(samples[0])  # truncation cuts the run
+
+
+def test_training_only_the_output_key_lowers_the_alignment_loss(tokenizer_dir, pipeline_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from mmbridge.config import RunConfig
+    from mmbridge.testing import tiny_model_config
+    from mmbridge.train import train
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir)) + 1
+    output = {"image": {**SMALL, "queries": 16, "width": 32, "generator": {"type": "diffusers", "path": pipeline_dir}}}
+    data = {"sources": [{"miniworld": {"task": "text_to_image", "split": "train", "n": 8}}], "max_length": 160}
+    stage = {"name": "decoder_side", "train": {"output": "full"}, "lr": 3e-3, "steps": 16, "batch_size": 4,
+             "precision": "fp32", "warmup_ratio": 0.0, "schedule": "constant"}
+    run = RunConfig(model=tiny_model_config(tokenizer_dir, vocab, output=output), stages=[stage], data=data,
+                    output_dir=str(tmp_path / "run"), seed=0)
+    result = train(run, progress=False)
+    aligned = [record["aux_losses"]["image_align"] for record in result.history]
+    assert sum(aligned[-4:]) < 0.8 * sum(aligned[:4])  # the same 8 requests, seen twice each: the l2 falls
+    trained = {name.split(".", 1)[0] for name, parameter in result.model.named_parameters() if parameter.requires_grad}
+    assert trained == {"output"}
+
+
+def test_a_caption_the_generator_truncates_is_said_once(make_model, pipeline_dir, caplog):
+    model = _drawing_model(make_model, pipeline_dir)
+    long = "a large red circle in the top left and a small blue square in the bottom right of a white canvas"
+    with caplog.at_level("WARNING", logger="mmbridge"):
+        model.output.targets({"image": [long, "a red circle"]}, None)
+        model.output.targets({"image": [long]}, None)
+    said = [record.message for record in caplog.records if "truncated" in record.message]
+    assert len(said) == 1 and "keeps 16 tokens" in said[0] and long[:20] in said[0]
+    assert not [record for record in caplog.records if "CLIP can only handle" in record.message]

@@ -199,7 +199,9 @@ class MultimodalModel(nn.Module):
         needs = self.bridge.processor_needs()
         video = VideoSettings(as_media=needs.video_frames is not None, max_frames=needs.video_frames, stride=stride)
         model_text = ModelText(encoder_decoder=self.llm.is_encoder_decoder, chunk_token=needs.chunk_token,
-                               bridge_tokenizer=needs.text_tokenizer)
+                               bridge_tokenizer=needs.text_tokenizer,
+                               signal_texts={modality: self.output.token_texts(modality)
+                                             for modality in self.output_modalities})
         image_tokens = ImageTokens(per_image=self.tokens_per_image, placeholder=self.config.image_token,
                                    token_id=self.image_token_id)
         return Processor(self.tokenizer, self.vision.transform, image_tokens, text_settings=TextSettings(**settings),

@@ -15,29 +15,32 @@ Per output modality (``image`` here; NExT-GPT also has video and audio), ``Model
 * ``generator`` (optional): the frozen generator the conditioning is for
   (:mod:`mmbridge.model.generators`), referenced, never saved with the model (its config is).
 
-In an answer the text ``marker`` (``<image_out>``) stands for one run: the processor writes the run's tokens in
-its place and the run's caption is the alignment target.
+In an answer the modality's marker (``<image_out>``, :data:`mmbridge.data.formats.llava.OUTPUT_MARKERS`) stands for
+one run: the processor writes the run's tokens in its place and the run's caption is the alignment target.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from mmbridge.data.formats.llava import OUTPUT_MARKERS
 from mmbridge.model.generators import Generator, build_generator
 from mmbridge.model.output.projection import OutputProjection
 
+logger = logging.getLogger("mmbridge")
 MODALITIES = {"image": "IMG"}  # output modality → the stem of its signal tokens' text ([IMG0], [IMG1], …)
 
 
 @dataclass
 class OutputModalityConfig:
     """One output modality: its signal tokens, the projection's sizes, the conditioning shape ``queries × width``
-    (checked against the generator's at build), the alignment weight, the answer marker and the generator."""
+    (checked against the generator's at build), the alignment weight and the generator."""
 
     signal_tokens: int = 4
     queries: int = 77
@@ -48,7 +51,6 @@ class OutputModalityConfig:
     heads: int = 4
     feed_forward: int = 2048
     align_weight: float = 1.0
-    marker: str = "<image_out>"
     generator: dict | None = None
 
     def __post_init__(self) -> None:
@@ -111,6 +113,14 @@ class ModalityOutput(nn.Module):
             self.generator.to(device)
         return self.generator
 
+
+    def warn_truncated(self, captions: list[str]) -> None:
+        """Say, once per model, that the generator's text encoder cut captions (their ends are no target)."""
+        if captions and not self.__dict__.get("warned_truncation"):
+            self.__dict__["warned_truncation"] = True
+            logger.warning("output.%s: the generator's text encoder keeps %d tokens; captions longer than that are "
+                           "truncated (their ends are no alignment target), e.g. %r", self.modality,
+                           self.config.queries, captions[0])
 
     def runs(self, input_ids: torch.Tensor) -> list[tuple[int, int]]:
         """``(row, start)`` of every complete run of this modality's signal tokens in ``input_ids`` ``[B, L]``, in
@@ -215,7 +225,9 @@ class OutputSide(nn.Module):
             output = self.modalities[modality]
             generator = output.generator_on(output.head.device)
             with torch.no_grad():
-                result[modality] = generator.encode_text(texts).embeds.float()
+                encoded = generator.encode_text(texts)
+            result[modality] = encoded.embeds.float()
+            output.warn_truncated([text for text, cut in zip(texts, encoded.truncated) if cut])
         return result
 
     def align_losses(self, input_ids: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor,
@@ -248,6 +260,6 @@ def describe(side: OutputSide) -> list[str]:
         config: Any = output.config
         generator = config.generator or {}
         lines.append(f"output {modality}: {len(output.token_ids)} signal tokens {side.token_texts(modality)!r} "
-                     f"(marker {config.marker!r}) → {config.queries}×{config.width} conditioning; generator "
+                     f"(marker {OUTPUT_MARKERS[modality]!r}) → {config.queries}×{config.width} conditioning; generator "
                      f"{generator.get('type', 'none')} {generator.get('path', '')}".rstrip())
     return lines
