@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter
 
 from mmbridge.cli import main
 from mmbridge.data import DataConfig, ImageTokens, MixtureDataset, Processor, TextSettings, load_llava_json
+from mmbridge.data.conversation import ModelText
 from mmbridge.eval.metrics import wilson_interval
 from mmbridge.model.vision import ImageTransform
 from mmbridge.testing import tiny_tokenizer
@@ -272,12 +273,17 @@ def test_in_context_examples_bring_their_outputs_first(tmp_path):
     assert sum(turn["content"].count("<image_out>") for turn in sample.conversation) == 2
 
 
+SIGNALS = ["[IMG0]", "[IMG1]", "[IMG2]", "[IMG3]"]
+
+
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory) -> Processor:
     tokenizer = tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
     tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.add_tokens(SIGNALS)  # as a model with an image output side adds its signal tokens
     return Processor(tokenizer, ImageTransform(size=(16, 16)), ImageTokens(4),
-                     text_settings=TextSettings(max_length=1024))
+                     text_settings=TextSettings(max_length=1024),
+                     model_text=ModelText(signal_texts={"image": "".join(SIGNALS)}))
 
 
 def test_streamed_requests_draw_their_targets_and_train(processor):
@@ -287,6 +293,12 @@ def test_streamed_requests_draw_their_targets_and_train(processor):
     text_request, edit = dataset[0], dataset[3]
     assert text_request["pixel_values"].shape[0] == 0 and edit["pixel_values"].shape == (1, 3, 16, 16)
     assert (text_request["labels"] != -100).any() and (edit["labels"] != -100).any()
+    signal_ids = processor.tokenizer.convert_tokens_to_ids(SIGNALS)
+    for example in (text_request, edit):  # the answer's run of signal tokens is a target, once, in order
+        labelled = example["labels"][example["labels"] != -100].tolist()
+        start = labelled.index(signal_ids[0])
+        assert labelled[start:start + len(SIGNALS)] == signal_ids and labelled.count(signal_ids[0]) == 1
+    assert text_request["output_captions"] == {"image": [dataset.samples[0].outputs[0]["caption"]]}
     for task in GENERATION_TASKS:
         streamed = load_samples({"task": task, "split": "train", "n": 2})
         for index, sample in enumerate(streamed):

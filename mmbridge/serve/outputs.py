@@ -13,7 +13,10 @@ request asked of image answers (:class:`ImageOptions`). The hook returns that ro
 * a streamed answer sends, after its last text delta and before the chunk with the finish reason, one chunk per
   image whose ``delta.content`` is a one-part list ``[{"type": "image_url", ...}]``.
 
-Without a hook (every model today) no row has images and answers are exactly what they were.
+:func:`drawing_hook` is that hook for a :class:`~mmbridge.model.multimodal.MultimodalModel` with an output side
+(``model.output_modalities``): each complete run of signal tokens in a row's answer is drawn by the model's
+generator (:meth:`~mmbridge.model.multimodal.MultimodalModel.render_media`) with the request's steps and size.
+Without a hook (a text-only model) no row has images and answers are exactly what they were.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ import io
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
 from PIL import Image
 
+from mmbridge.data.collate import image_inputs
+from mmbridge.generate import PromptImages
+from mmbridge.model.output.render import ImageSettings
 from mmbridge.serve.settings import ServeSettings
 
 PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")  # saved as they are; others go through RGB(A)
@@ -113,3 +120,24 @@ def _fit(image: Image.Image, max_side: int) -> Image.Image:
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def drawing_hook(model: Any, default_steps: int = 30) -> AnswerImages | None:
+    """The :data:`AnswerImages` of ``model``: the images its answer's signal tokens ask for (every complete run is
+    drawn, whether or not the request named ``modalities``: the model chose to answer with an image), ``default_steps``
+    diffusion steps unless the request names others (capped at ``--max-image-steps``), square ``image.size`` when the
+    request gives one; None for a model that answers only with text."""
+    if not model.output_modalities:
+        return None
+
+    def draw(row: FinishedRow) -> Sequence[Image.Image]:
+        device = next(model.parameters()).device
+        prompt = row.example["input_ids"].to(device)[None]  # [1, L]
+        answer = torch.tensor([row.token_ids], dtype=torch.long, device=device)  # [1, T]
+        images = PromptImages(**image_inputs(row.example, device))
+        side = row.options.size
+        settings = ImageSettings(steps=row.options.steps_or(default_steps), height=side, width=side)
+        with torch.inference_mode():
+            return model.render_media(prompt, torch.ones_like(prompt), answer, images, settings)[0]
+
+    return draw
