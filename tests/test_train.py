@@ -117,6 +117,28 @@ def test_two_stage_run_loss_falls_and_saves(tokenizer_dir, dataset, tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["stages"][1]["name"] == "instruct"
 
 
+def test_save_model_writes_the_model_as_the_stage_ends(tokenizer_dir, dataset, tmp_path):
+    """A ``save_model`` stage's directory holds the model as that stage left it: its bridge, not the next stage's,
+    and reloads like ``final/``; stages without the flag write nothing."""
+    stages = [{**ALIGN, "name": "align/1", "steps": 2, "save_model": True}, {**INSTRUCT, "steps": 2}]
+    seen = {}
+
+    def at_boundary(record: dict) -> None:
+        if record["stage"] == "align/1" and record["step"] == 2:
+            seen["bridge"] = {name: tensor.clone() for name, tensor in result_model.bridge.state_dict().items()}
+
+    run = _run(tokenizer_dir, dataset, str(tmp_path / "s"), stages)
+    torch.manual_seed(0)
+    result_model = MultimodalModel.from_config(run.model, processor_settings=run.processor)
+    result = train(run, progress=False, model=result_model, on_step=at_boundary)
+    assert sorted(os.listdir(tmp_path / "s" / "stages")) == ["1-align_1"]
+    saved = MultimodalModel.from_pretrained(str(tmp_path / "s" / "stages" / "1-align_1"))
+    assert not saved.config.adapters  # LoRA came with the next stage
+    for name, tensor in saved.bridge.state_dict().items():
+        assert torch.equal(tensor, seen["bridge"][name]), name
+    assert any(not torch.equal(tensor, seen["bridge"][name]) for name, tensor in result.model.bridge.state_dict().items())
+
+
 class _Kill(Exception):
     pass
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +69,11 @@ class TuneSpec:
 
 @dataclass
 class StageConfig:
-    """One training stage. ``train`` maps module keys to a mode string or a :class:`TuneSpec` dict."""
+    """One training stage. ``train`` maps module keys to a mode string or a :class:`TuneSpec` dict.
+
+    ``save_model: true`` writes the model as the stage ends (:func:`stage_model_dir`), a directory
+    ``MultimodalModel.from_pretrained`` loads like ``final/``: what a later stage changed can be measured against it
+    (NExT-GPT's image→text accuracy before and after its output stages, ``benchmarks/nextgpt.py``)."""
 
     name: str = "stage"
     train: dict = field(default_factory=lambda: {"bridge": "full"})
@@ -87,6 +93,7 @@ class StageConfig:
     objective: str = "lm"  # lm: next-token loss on the labels; region_words: bridge-only alignment (region_words.py);
     # itc_itm_itg: BLIP-2 stage 1, a Q-Former without the LLM (qformer_pretrain.py)
     upcycle: bool = False  # MoE-tuning: copy each MoE layer's FFN into its experts as this stage starts (moe bridge)
+    save_model: bool = False  # also write the model as this stage ends, to output_dir/stages/<N>-<name> (loadable)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.train) - set(MODULE_KEYS))
@@ -113,6 +120,12 @@ class StageConfig:
 
     def spec(self, key: str) -> TuneSpec:
         return self.train.get(key, TuneSpec("frozen"))
+
+
+def stage_model_dir(output_dir: str, index: int, stage: StageConfig) -> str:
+    """Where a ``save_model`` stage's model goes: ``output_dir/stages/<index + 1>-<name>`` (characters of the name
+    other than letters, digits, ``.``, ``_`` and ``-`` written as ``_``)."""
+    return os.path.join(output_dir, "stages", f"{index + 1}-{re.sub(r'[^A-Za-z0-9._-]', '_', stage.name)}")
 
 
 def _tune_spec(stage: str, key: str, value: Any) -> TuneSpec:

@@ -32,7 +32,8 @@ from mmbridge.train.interrupt import StopOnInterrupt, TrainingInterrupted
 from mmbridge.train.objectives import build_model, stage_batching, stage_objective
 from mmbridge.train.precision import FrozenBf16Weights, frozen_weights_in_bf16, resolve_precision
 from mmbridge.train.preflight import check_run, stage_data
-from mmbridge.train.recipe import StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups
+from mmbridge.train.recipe import (StageConfig, apply_stage, autocast, format_table, lr_lambda, optimizer_groups,
+                                   stage_model_dir)
 from mmbridge.train.sharding import FullyShardedStage, is_fully_sharded, shard_stage
 from mmbridge.utils import seed_everything
 
@@ -374,6 +375,12 @@ class _StageRun:
         if accelerator.is_main_process:
             for path in self.model.bridge.write_plots(stage_records, run.output_dir, index + 1, stage.name):
                 logger.info("plot: %s", path)
+            if stage.save_model:
+                directory = stage_model_dir(run.output_dir, index, stage)
+                self.model.save_pretrained(directory)
+                logger.info("saved the model as stage '%s' ended to %s", stage.name, directory)
+        if stage.save_model:
+            accelerator.wait_for_everyone()  # the others go on once the stage's model is written
         if self.dataset.skipped:
             self.session.result.skipped[stage.name] = dict(self.dataset.skipped)
             logger.warning("stage '%s' skipped samples: %s", stage.name, dict(self.dataset.skipped))
