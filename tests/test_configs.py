@@ -11,7 +11,9 @@ from mmbridge.config import load_run_config
 from mmbridge.data import DataConfig
 from mmbridge.model.bridges import BRIDGES
 from mmbridge.model.highres import HIGHRES
+from mmbridge.model.generators import GENERATORS
 from mmbridge.model.llm import LLMS
+from mmbridge.model.output import output_configs
 from mmbridge.model.vision import VISION_ENCODERS
 from mmbridge.registry import config_from_dict
 from mmbridge.train.ranges import check_ranges
@@ -33,6 +35,8 @@ def test_recipe_parses(path):
     LLMS.make_config(run.model["llm"])
     if run.model.get("highres"):
         HIGHRES.make_config(run.model["highres"])
+    for config in output_configs(run.model.get("output")).values():  # the generator's files are not read here
+        GENERATORS.make_config(config.generator)
     assert run.stages
     for stage in map(stage_from_dict, run.stages):
         data = stage.data if stage.data is not None else run.data
@@ -51,7 +55,7 @@ BUNDLED_RECIPES = [path for path in RECIPES if _on_bundled_backbones(path)]  # w
 
 
 def test_some_recipes_run_on_the_bundled_backbones():
-    assert {os.path.basename(path) for path in BUNDLED_RECIPES} >= {"demo_miniworld.yaml", "perceiver.yaml",
+    assert {os.path.basename(path) for path in BUNDLED_RECIPES} >= {"demo_miniworld.yaml", "nextgpt.yaml", "perceiver.yaml",
                                                                     "pooled_mlp.yaml", "qwen_resampler.yaml"}
 
 

@@ -287,3 +287,31 @@ def test_a_caption_the_generator_truncates_is_said_once(make_model, pipeline_dir
     said = [record.message for record in caplog.records if "truncated" in record.message]
     assert len(said) == 1 and "keeps 16 tokens" in said[0] and long[:20] in said[0]
     assert not [record for record in caplog.records if "CLIP can only handle" in record.message]
+
+
+def test_preflight_names_a_generator_it_cannot_load_before_anything_builds(tokenizer_dir, pipeline_dir, tmp_path):
+    import shutil
+
+    from mmbridge.config import RunConfig
+    from mmbridge.testing import tiny_model_config
+    from mmbridge.train.preflight import check_run
+
+    def run_with(generator: dict, **fields) -> RunConfig:
+        output = {"image": {**SMALL, "queries": 16, "width": 32, "generator": generator, **fields}}
+        return RunConfig(model=tiny_model_config(tokenizer_dir, 100, output=output), output_dir=str(tmp_path / "r"),
+                         stages=[{"name": "decode", "train": {"output": "full"}}],
+                         data={"sources": [{"miniworld": {"task": "text_to_image", "split": "train", "n": 8}}]})
+
+    check_run(run_with({"type": "diffusers", "path": pipeline_dir}))  # the good one passes
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=rf"model\.output\.image\.generator: generator path {missing} is not a dir"):
+        check_run(run_with({"type": "diffusers", "path": missing}))
+    broken = str(tmp_path / "broken")
+    shutil.copytree(pipeline_dir, broken)
+    shutil.rmtree(os.path.join(broken, "unet"))
+    with pytest.raises(ValueError, match=r"model\.output\.image\.generator: .*component 'unet' .* is missing"):
+        check_run(run_with({"type": "diffusers", "path": broken}))
+    with pytest.raises(ValueError, match=r"model\.output\.image\.generator: .*'painter'"):
+        check_run(run_with({"type": "painter"}))
+    with pytest.raises(ValueError, match=r"recipe model\.output\.image: unknown field\(s\) \['colours'\]"):
+        check_run(run_with({"type": "diffusers", "path": pipeline_dir}, colours=3))

@@ -189,6 +189,28 @@ def check_model(model: Any, components: tuple[str, ...] = ("vision", "llm", "bri
             raise ValueError(f"recipe model.{key}: {error.args[0]}") from None
         except ValueError as error:
             raise ValueError(f"recipe model.{key}: {error}") from None
+    check_output(config.output)
+
+
+def check_output(output: Any) -> None:
+    """The output side (``model.output``): each modality's fields, and its generator's spec and files (a
+    directory missing a component is named now, not after the stages before the first that needs it)."""
+    from mmbridge.model.generators import check_generator
+    from mmbridge.model.output import output_configs
+
+    try:
+        configs = output_configs(output)
+    except ValueError as error:
+        raise ValueError(f"recipe model.{error}" if str(error).startswith("output") else
+                         f"recipe model.output: {error}") from None
+    for modality, config in configs.items():
+        if config.generator is None:
+            continue
+        try:
+            check_generator(config.generator)
+        except (KeyError, ValueError, FileNotFoundError) as error:
+            message = error.args[0] if isinstance(error, KeyError) else str(error)
+            raise ValueError(f"recipe model.output.{modality}.generator: {message}") from None
 
 
 def check_processor(settings: Any) -> None:

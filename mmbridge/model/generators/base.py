@@ -107,6 +107,12 @@ def min_snr_weights(snr: torch.Tensor, prediction_type: str, gamma: float = MIN_
     raise ValueError(f"unknown prediction_type '{prediction_type}'; known: epsilon, v_prediction, sample")
 
 
+def check_generator(spec: Any) -> None:
+    """Check a generator spec without loading any weights (preflight): its fields, then its config's ``check()``
+    (every registered generator config has one: e.g. that a diffusers directory holds each component)."""
+    GENERATORS.make_config(spec).check()
+
+
 def build_generator(spec: Any) -> Generator:
     """Build a generator from a dict (``{"type": "diffusers", "path": ...}``) or a registered config."""
     return GENERATORS.build(spec)

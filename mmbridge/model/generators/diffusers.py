@@ -45,6 +45,10 @@ class DiffusersGeneratorConfig:
     modality: str = "image"
     dtype: str = "auto"
 
+    def check(self) -> None:
+        """What can be known before loading (a recipe's preflight): the directory and each component's files."""
+        check_pipeline_dir(self.path)
+
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The weights' dtype for config value ``name`` on ``device`` (``auto``: fp32 on CPU)."""
