@@ -315,3 +315,35 @@ def test_preflight_names_a_generator_it_cannot_load_before_anything_builds(token
         check_run(run_with({"type": "painter"}))
     with pytest.raises(ValueError, match=r"recipe model\.output\.image: unknown field\(s\) \['colours'\]"):
         check_run(run_with({"type": "diffusers", "path": pipeline_dir}, colours=3))
+
+
+def test_the_denoising_loss_is_the_generators_on_the_projection_and_trains_only_the_output_key(make_model,
+                                                                                                pipeline_dir):
+    model = _drawing_model(make_model, pipeline_dir, denoise_weight=0.25)
+    apply_stage(model, StageConfig(name="decoder", train={"output": "full"}, precision="fp32"), log=False)
+    generator = model.output.modalities["image"].generator
+    unet_before = {name: tensor.clone() for name, tensor in generator.pipeline.unet.state_dict().items()}
+    ids = _answer_with_run(model, runs=2)
+    labels = ids.clone()
+    labels[:, :len(TEXT) + model.tokens_per_image] = -100
+    pixels = torch.randn(1, 3, 16, 16)
+    targets = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1  # [runs, 3, H, W]
+    torch.manual_seed(11)  # the loss draws its noise and timesteps from torch's RNG (the trainer seeds it)
+    output = model(ids, pixel_values=pixels, labels=labels, output_pixels={"image": targets}, return_hidden=True)
+    assert set(output.aux_losses) == {"image_denoise"}  # no captions given: no alignment term
+    embeds = model.embed(ids, pixel_values=pixels)
+    runs = model.output.modalities["image"].runs(ids)
+    predicted = model.output.modalities["image"].conditioning(output.hidden, embeds, runs)
+    torch.manual_seed(11)
+    by_hand = generator.denoising_loss(predicted.detach(), targets)
+    torch.testing.assert_close(output.aux_losses["image_denoise"], 0.25 * by_hand)
+    output.loss.backward()
+    grads = {name.split(".", 1)[0] for name, parameter in model.named_parameters() if parameter.grad is not None}
+    assert grads == {"output"} and model.output.modalities["image"].projection.queries.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in generator.pipeline.unet.parameters())
+    for name, tensor in generator.pipeline.unet.state_dict().items():
+        assert torch.equal(tensor, unet_before[name]), name
+    with pytest.raises(ValueError, match="holds 2 complete image signal-token run.* but 1 target image"):
+        model(ids, pixel_values=pixels, labels=labels, output_pixels={"image": targets[:1]})
+    with pytest.raises(ValueError, match="denoise_weight needs a generator"):
+        _with_output(make_model, denoise_weight=1.0)

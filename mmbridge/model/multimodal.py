@@ -47,7 +47,7 @@ from mmbridge.model.highres import HIGHRES, HighResStrategy, build_highres
 from mmbridge.model.highres.base import crop_features, tokens_from_features
 from mmbridge.model.llm import LLMS, build_llm, load_tokenizer
 from mmbridge.model.lora import LoraSpec, inject_lora
-from mmbridge.model.output import OutputSide, output_configs
+from mmbridge.model.output import OutputSide, OutputTargets, output_configs
 from mmbridge.model.output.render import ImageSettings, draw, run_conditioning
 from mmbridge.model.vision import VISION_ENCODERS, build_vision
 from mmbridge.utils import atomic_write_json, atomic_path
@@ -299,6 +299,7 @@ class MultimodalModel(nn.Module):
                 decoder_attention_mask: torch.Tensor | None = None,
                 encoder_hidden: torch.Tensor | None = None, output_captions: dict[str, list[str]] | None = None,
                 output_targets: dict[str, torch.Tensor] | None = None,
+                output_pixels: dict[str, torch.Tensor] | None = None,
                 return_hidden: bool = False) -> MultimodalOutput:
         """LLaVA-compatible forward (and BLIP-2-FlanT5-compatible with an encoder–decoder LLM).
 
@@ -317,8 +318,10 @@ class MultimodalModel(nn.Module):
         A model with an output side (``output``) trains its projection with ``labels`` and, per modality, the
         captions of the batch's signal-token runs in order (``output_captions``, encoded by the modality's
         generator) or their encodings (``output_targets`` ``[n_runs, queries, width]``): the loss then holds
-        ``align_weight`` × the l2 distance as ``aux_losses[f"{modality}_align"]``. ``return_hidden`` keeps the
-        LLM's last hidden states (``output.hidden``).
+        ``align_weight`` × the l2 distance as ``aux_losses[f"{modality}_align"]``; with a ``denoise_weight``, the
+        runs' target images (``output_pixels`` ``[n_runs, 3, H, W]`` in [-1, 1]) add the frozen generator's
+        denoising loss as ``aux_losses[f"{modality}_denoise"]``. ``return_hidden`` keeps the LLM's last hidden
+        states (``output.hidden``).
 
         With an encoder–decoder LLM (T5, as BLIP-2 FlanT5) ``input_ids``/``attention_mask`` are the
         encoder's (visual tokens spliced in), the decoder reads ``decoder_input_ids`` (``labels``
@@ -338,7 +341,7 @@ class MultimodalModel(nn.Module):
             if decoder_input_ids is not None or decoder_attention_mask is not None or encoder_hidden is not None:
                 raise TypeError("decoder_input_ids, decoder_attention_mask and encoder_hidden are for "
                                 "encoder-decoder LLMs; this model's LLM is decoder-only")
-            targets = self.output.targets(output_captions, output_targets)
+            targets = OutputTargets(self.output.targets(output_captions, output_targets), output_pixels or {})
             hidden, output = self._decoder_forward(self._needs_ids(input_ids), attention_mask, labels, image_tokens,
                                                    image_attention_mask, prompt_state, position_ids, cache, use_cache,
                                                    targets)
@@ -359,7 +362,7 @@ class MultimodalModel(nn.Module):
                          labels: torch.Tensor | None, image_tokens: torch.Tensor | None,
                          image_attention_mask: torch.Tensor | None, prompt_state: Any,
                          position_ids: torch.Tensor | None, cache: Any, use_cache: bool,
-                         output_targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, MultimodalOutput]:
+                         output_targets: OutputTargets) -> tuple[torch.Tensor, MultimodalOutput]:
         """A decoder-only LLM: embed (visual tokens entered), run the layers with this call's :class:`FusionCall`,
         the loss over ``labels`` (aligned with ``input_ids``) plus the bridge's and the output side's auxiliary
         terms."""
@@ -382,7 +385,8 @@ class MultimodalModel(nn.Module):
         if labels is not None:  # labels align with input_ids: position t predicts the label at t + 1
             output.loss, output.num_label_tokens = self.target_loss(hidden[:, :-1], labels[:, 1:])
             output.aux_losses, output.stats = self.bridge.training_outputs(call)
-            output.aux_losses.update(self.output.align_losses(input_ids, hidden, embeds, output_targets))
+            output.aux_losses.update(self.output.losses(input_ids, hidden, embeds, output_targets.conditioning,
+                                                        output_targets.pixels))
             output.loss = output.loss + sum(output.aux_losses.values())
         return hidden, output
 

@@ -1,6 +1,8 @@
 """The output side of models that answer with images (NExT-GPT): signal tokens and the output projection."""
 
 from mmbridge.model.output.projection import OutputProjection
-from mmbridge.model.output.side import MODALITIES, ModalityOutput, OutputModalityConfig, OutputSide, output_configs
+from mmbridge.model.output.side import (MODALITIES, ModalityOutput, OutputModalityConfig, OutputSide, OutputTargets,
+                                       output_configs)
 
-__all__ = ["MODALITIES", "ModalityOutput", "OutputModalityConfig", "OutputProjection", "OutputSide", "output_configs"]
+__all__ = ["MODALITIES", "ModalityOutput", "OutputModalityConfig", "OutputProjection", "OutputSide", "OutputTargets",
+           "output_configs"]

@@ -12,6 +12,10 @@ Per output modality (``image`` here; NExT-GPT also has video and audio), ``Model
 * ``align_weight``: training adds ``align_weight`` × NExT-GPT's ``l2_loss`` — the Euclidean distance per
   conditioning token between the projection of each run and the generator's own encoding of the run's caption,
   averaged (not squared) — to the LM loss, whose targets hold the signal tokens;
+* ``denoise_weight`` (0: off): training also adds ``denoise_weight`` × the frozen generator's denoising loss on the
+  run's target image under the projection's conditioning (Min-SNR-γ weighted, γ = 5, as NExT-GPT's newer code;
+  :meth:`~mmbridge.model.generators.base.Generator.denoising_loss`): its gradient reaches the projection through
+  the UNet, which stays frozen;
 * ``generator`` (optional): the frozen generator the conditioning is for
   (:mod:`mmbridge.model.generators`), referenced, never saved with the model (its config is).
 
@@ -51,14 +55,18 @@ class OutputModalityConfig:
     heads: int = 4
     feed_forward: int = 2048
     align_weight: float = 1.0
+    denoise_weight: float = 0.0
     generator: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("signal_tokens", "queries", "width", "hidden", "heads", "feed_forward"):
             if getattr(self, name) < 1:
                 raise ValueError(f"output: {name} must be >= 1, got {getattr(self, name)}")
-        if self.align_weight < 0:
-            raise ValueError(f"output: align_weight must be >= 0, got {self.align_weight}")
+        for name in ("align_weight", "denoise_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"output: {name} must be >= 0, got {getattr(self, name)}")
+        if self.denoise_weight > 0 and self.generator is None:
+            raise ValueError("output: denoise_weight needs a generator (its frozen UNet gives the loss)")
 
 
 def output_configs(spec: dict | None) -> dict[str, OutputModalityConfig]:
@@ -76,6 +84,16 @@ def output_configs(spec: dict | None) -> dict[str, OutputModalityConfig]:
             raise ValueError(f"output.{modality}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
         configs[modality] = OutputModalityConfig(**(fields or {}))
     return configs
+
+
+@dataclass
+class OutputTargets:
+    """What a batch's signal-token runs train toward, per modality and in run order: the generator's encodings of
+    their captions ``conditioning`` ``[n_runs, Q, W]`` and, for the denoising loss, their target images ``pixels``
+    ``[n_runs, 3, H, W]`` in [-1, 1]."""
+
+    conditioning: dict[str, torch.Tensor]
+    pixels: dict[str, torch.Tensor]
 
 
 class ModalityOutput(nn.Module):
@@ -230,21 +248,32 @@ class OutputSide(nn.Module):
             output.warn_truncated([text for text, cut in zip(texts, encoded.truncated) if cut])
         return result
 
-    def align_losses(self, input_ids: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor,
-                     targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{f"{modality}_align": align_weight × l2}`` for each modality with ``targets`` ``[n_runs, Q, W]``
-        (the generator's encodings of the runs' captions, in run order); a count mismatch names both counts."""
+    def losses(self, input_ids: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor,
+               targets: dict[str, torch.Tensor], pixels: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The output side's loss terms: ``{f"{modality}_align": align_weight × l2}`` for each modality with
+        ``targets`` ``[n_runs, Q, W]`` (the generator's encodings of the runs' captions, in run order), and
+        ``{f"{modality}_denoise": denoise_weight × the generator's denoising loss}`` for a modality with a
+        ``denoise_weight``, on ``pixels[modality]`` ``[n_runs, 3, H, W]`` (the runs' target images in [-1, 1]).
+        A count that does not match the batch's runs names both counts."""
         losses = {}
-        for modality, target in targets.items():
+        pixels = pixels or {}
+        for modality in sorted(set(targets) | set(pixels)):
             output = self.modalities[modality]
             runs = output.runs(input_ids)
-            if len(runs) != target.shape[0]:
-                raise ValueError(f"the batch holds {len(runs)} complete {modality} signal-token run(s) but "
-                                 f"{target.shape[0]} caption target(s) were given")
+            for name, given in (("caption target(s)", targets.get(modality)), ("target image(s)", pixels.get(modality))):
+                if given is not None and len(runs) != given.shape[0]:
+                    raise ValueError(f"the batch holds {len(runs)} complete {modality} signal-token run(s) but "
+                                     f"{given.shape[0]} {name} were given")
             if not runs:
                 continue
             predicted = output.conditioning(hidden, embeds, runs)  # [n, Q, W]
-            losses[f"{modality}_align"] = output.config.align_weight * l2_per_token(predicted, target.to(predicted))
+            if modality in targets:
+                losses[f"{modality}_align"] = output.config.align_weight * l2_per_token(
+                    predicted, targets[modality].to(predicted))
+            if output.config.denoise_weight > 0 and modality in pixels:
+                generator = output.generator_on(predicted.device)
+                losses[f"{modality}_denoise"] = output.config.denoise_weight * generator.denoising_loss(
+                    predicted.float(), pixels[modality].float())
         return losses
 
 
