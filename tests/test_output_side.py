@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import image_prompt
 from mmbridge.cli import info_text, main
@@ -276,6 +278,12 @@ def test_training_only_the_output_key_lowers_the_alignment_loss(tokenizer_dir, p
     assert sum(aligned[-4:]) < 0.8 * sum(aligned[:4])  # the same 8 requests, seen twice each: the l2 falls
     trained = {name.split(".", 1)[0] for name, parameter in result.model.named_parameters() if parameter.requires_grad}
     assert trained == {"output"}
+    output["image"]["denoise_weight"] = 0.5  # the trainer carries each run's target image to the denoising loss
+    run = RunConfig(model=tiny_model_config(tokenizer_dir, vocab, output=output), stages=[{**stage, "steps": 2}],
+                    data=data, output_dir=str(tmp_path / "denoised"), seed=0)
+    logged = train(run, progress=False).history
+    assert all(record["aux_losses"]["image_denoise"] > 0 and record["aux_losses"]["image_align"] > 0
+               for record in logged)
 
 
 def test_a_caption_the_generator_truncates_is_said_once(make_model, pipeline_dir, caplog):
@@ -347,3 +355,38 @@ def test_the_denoising_loss_is_the_generators_on_the_projection_and_trains_only_
         model(ids, pixel_values=pixels, labels=labels, output_pixels={"image": targets[:1]})
     with pytest.raises(ValueError, match="denoise_weight needs a generator"):
         _with_output(make_model, denoise_weight=1.0)
+
+
+def test_a_denoising_model_reads_each_runs_target_image_from_the_data_and_trains_with_it(make_model, pipeline_dir,
+                                                                                       tmp_path):
+    import dataclasses
+
+    from mmbridge.data import collate, model_inputs
+    from mmbridge.data.processor import SampleError
+    from mmbridge.worlds.miniworld import draw_output
+    from mmbridge.worlds.miniworld.stream import load_samples
+
+    samples = load_samples({"task": "text_to_image", "split": "train", "n": 2}) + \
+        load_samples({"task": "attribute_drill", "split": "train", "n": 1})  # a text answer: no targets
+    plain = _drawing_model(make_model, pipeline_dir).processor()(samples[0])
+    assert "output_pixels" not in plain  # only a model trained with a denoising loss reads the target images
+    model = _drawing_model(make_model, pipeline_dir, denoise_weight=1.0)
+    processor = model.processor()
+    example = processor(samples[0])
+    target = draw_output(samples[0].outputs[0]).resize((16, 16), Image.Resampling.BOX)  # the generator draws 16 px
+    expected = torch.from_numpy(np.asarray(target, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    torch.testing.assert_close(example["output_pixels"]["image"], expected[None])
+    assert "output_pixels" not in processor(samples[0], pixels=False)  # a feature cache's pass reads no pixels
+    batch = collate([processor(sample) for sample in samples], processor.pad_token_id)
+    assert batch["output_pixels"]["image"].shape == (2, 3, 16, 16)
+    torch.manual_seed(0)
+    output = model(**model_inputs(batch), return_logits="none")
+    assert set(output.aux_losses) == {"image_align", "image_denoise"} and output.aux_losses["image_denoise"] > 0
+    written = tmp_path / "target.png"
+    target.save(written)  # a record's outputs name files: they are opened
+    from_file = dataclasses.replace(samples[0], output_loader=None,
+                                    outputs=[{**samples[0].outputs[0], "image": str(written)}])
+    torch.testing.assert_close(processor(from_file)["output_pixels"]["image"], expected[None])
+    nameless = dataclasses.replace(from_file, outputs=[{**samples[0].outputs[0], "image": None}])
+    with pytest.raises(SampleError, match=r"outputs\[0\] names no target image"):
+        processor(nameless)

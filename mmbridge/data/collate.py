@@ -34,8 +34,8 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
     Returns ``input_ids``, ``attention_mask`` and (when the examples carry them) ``labels``,
     all ``[B, L]`` (labels ``[B, T]`` when they are an encoder–decoder LLM's decoder targets);
     ``pixel_values`` ``[n_total_images, 3, H, W]`` in batch order, or ``None`` when no example
-    has an image; ``image_sizes`` ``[n_total_images, 2]``, ``bridge_inputs`` and ``output_captions`` (per output
-    modality, joined in batch order) when the examples carry them; and ``ids``. Examples that carry precomputed encoder
+    has an image; ``image_sizes`` ``[n_total_images, 2]``, ``bridge_inputs``, ``output_captions`` and
+    ``output_pixels`` (per output modality, joined in batch order) when the examples carry them; and ``ids``. Examples that carry precomputed encoder
     outputs (a feature cache) give ``image_features`` ``[n_total_images, N, D_v]`` instead of
     ``pixel_values``. ``regions`` (a list per example, ``None`` where an example has none) come along
     when any example has them. Use ``padding_side="left"`` for generation.
@@ -69,6 +69,9 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
     captions = _joined_captions(examples)
     if captions:
         batch["output_captions"] = captions
+    pixels = _joined_output_pixels(examples)
+    if pixels:
+        batch["output_pixels"] = pixels
     batch["ids"] = [example["id"] for example in examples]
     if any("regions" in example for example in examples):  # region–word alignment targets, per sample
         batch["regions"] = [example.get("regions") for example in examples]
@@ -82,6 +85,16 @@ def _joined_captions(examples: list[dict]) -> dict[str, list[str]]:
         for modality, captions in example.get("output_captions", {}).items():
             joined.setdefault(modality, []).extend(captions)
     return joined
+
+
+def _joined_output_pixels(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Per output modality, every example's output target images ``[n, 3, S, S]`` in batch order (a denoising
+    loss)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for example in examples:
+        for modality, pixels in example.get("output_pixels", {}).items():
+            parts.setdefault(modality, []).append(pixels)
+    return {modality: torch.cat(tensors) for modality, tensors in parts.items()}
 
 
 def _pad(rows: list[torch.Tensor], length: int, value: int, padding_side: str) -> torch.Tensor:

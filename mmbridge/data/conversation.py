@@ -101,6 +101,9 @@ class ModelText:
     # output modality → the text of one run of its signal tokens ("[IMG0][IMG1][IMG2][IMG3]"): a model that answers
     # with images writes that run where an assistant turn holds the modality's marker (NExT-GPT)
     signal_texts: dict[str, str] = dataclasses.field(default_factory=dict)
+    # output modality → the side (px) of the target images its denoising loss reads; examples then carry them as
+    # output_pixels (only modalities trained with a denoise_weight)
+    target_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_decoder", bool(self.encoder_decoder))

@@ -22,6 +22,7 @@ import dataclasses
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -107,6 +108,31 @@ def size_inputs(sizes: list[ImageSize] | None) -> dict[str, torch.Tensor]:
 def media_frames(image_count: int, frames: list[int] | None) -> torch.Tensor:
     """``[n_media, 1]``: the frames behind each placeholder (one video, or one per image)."""
     return torch.tensor([[len(frames)]] if frames else [[1]] * image_count, dtype=torch.long)
+
+
+def load_output_images(sample: Sample) -> list[Image.Image]:
+    """The target image of each of ``sample.outputs`` (the images an answer's output markers stand for), from the
+    sample's ``output_loader`` when it has one (streamed requests), else the files their ``image`` fields name; an
+    output with neither is a :class:`SampleError`, a missing or corrupt file an :class:`ImageLoadError`."""
+    outputs = sample.outputs or []
+    if sample.output_loader is not None:
+        images = list(sample.output_loader())
+        if len(images) != len(outputs):
+            raise SampleError(f"sample {sample.id!r}: output_loader returned {len(images)} image(s) for "
+                              f"{len(outputs)} output(s)", sample.id, "image_load")
+        return images
+    for number, output in enumerate(outputs):
+        if not output.get("image"):
+            raise SampleError(f"sample {sample.id!r}: outputs[{number}] names no target image (a denoising loss "
+                              f"needs one)", sample.id, "no_output_image")
+    return [_open_image(output["image"], sample.id) for output in outputs]
+
+
+def output_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
+    """``[n, 3, size, size]`` in [-1, 1]: target images as a generator's VAE reads them (RGB, box-resized)."""
+    arrays = [np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
+              for image in images]  # [size, size, 3] each
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def as_image(image: Any) -> Image.Image:

@@ -36,7 +36,8 @@ from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.data.conversation import (BRIDGE_TEXT_MAX_LENGTH, TEMPLATES, ConversationTokenizer, ImageTokens,
                                         ModelText, TextSettings, one_placeholder)
 from mmbridge.data.formats.llava import Sample
-from mmbridge.data.images import ImageInputs, VideoSettings, as_image, media_frames, size_inputs
+from mmbridge.data.images import (ImageInputs, VideoSettings, as_image, load_output_images, media_frames, output_pixels,
+                                  size_inputs)
 from mmbridge.data.sample_errors import ImageLoadError, SampleError
 
 __all__ = ["Processor", "SampleError", "ImageLoadError", "ImageTokens", "TextSettings", "ModelText", "VideoSettings",
@@ -114,18 +115,20 @@ class Processor:
             sample, self.conversation.with_signal_tokens(messages, sample.id), image_count, sizes)
         example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
                    "labels": torch.tensor(labels, dtype=torch.long), **size_inputs(sizes),
-                   **self._bridge_inputs(messages, image_count, frames), **self._output_captions(sample, input_ids)}
+                   **self._bridge_inputs(messages, image_count, frames), **self._output_targets(sample, input_ids, pixels)}
         if sample.regions is not None:
             example["regions"] = sample.regions
         if pixels:
             example["pixel_values"] = self.pixel_values([loaded[i] for i in frames] if frames else loaded)
         return example
 
-    def _output_captions(self, sample: Sample, input_ids: list[int]) -> dict[str, dict[str, list[str]]]:
+    def _output_targets(self, sample: Sample, input_ids: list[int], pixels: bool) -> dict[str, dict]:
         """``{"output_captions": {modality: [caption, ...]}}``: the captions of the sample's outputs in order (the
-        alignment targets of a model that answers with images); a run truncation cut is a :class:`SampleError`."""
-        outputs = [output for output in sample.outputs or []
-                   if output["modality"] in self.conversation.model_text.signal_texts]
+        alignment targets of a model that answers with images), and with ``pixels``, for each modality trained with a
+        denoising loss (``ModelText.target_sizes``), ``"output_pixels": {modality: [n, 3, S, S]}`` (the target
+        images in [-1, 1]); a run truncation cut is a :class:`SampleError`."""
+        model_text = self.conversation.model_text
+        outputs = [output for output in sample.outputs or [] if output["modality"] in model_text.signal_texts]
         if not outputs:
             return {}
         runs = self.conversation.signal_runs(input_ids)
@@ -136,7 +139,14 @@ class Processor:
         captions: dict[str, list[str]] = {}
         for output in outputs:
             captions.setdefault(output["modality"], []).append(output["caption"])
-        return {"output_captions": captions}
+        targets: dict[str, dict] = {"output_captions": captions}
+        wanted = {output["modality"] for output in outputs} & set(model_text.target_sizes) if pixels else set()
+        if wanted:
+            images = load_output_images(sample)  # one per output of the sample, every modality
+            targets["output_pixels"] = {modality: output_pixels(
+                [image for image, output in zip(images, sample.outputs or []) if output["modality"] == modality],
+                model_text.target_sizes[modality]) for modality in sorted(wanted)}
+        return targets
 
     def _document_example(self, sample: Sample, images: list[Image.Image] | None, image_count: int,
                           pixels: bool) -> dict:

@@ -201,7 +201,8 @@ class MultimodalModel(nn.Module):
         model_text = ModelText(encoder_decoder=self.llm.is_encoder_decoder, chunk_token=needs.chunk_token,
                                bridge_tokenizer=needs.text_tokenizer,
                                signal_texts={modality: self.output.token_texts(modality)
-                                             for modality in self.output_modalities})
+                                             for modality in self.output_modalities},
+                               target_sizes=self.output.target_sizes())
         image_tokens = ImageTokens(per_image=self.tokens_per_image, placeholder=self.config.image_token,
                                    token_id=self.image_token_id)
         return Processor(self.tokenizer, self.vision.transform, image_tokens, text_settings=TextSettings(**settings),

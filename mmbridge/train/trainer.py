@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mmbridge.config import RunConfig, save_run_config
 from mmbridge.data import DataConfig, MixtureDataset, batch_indices, collate
+from mmbridge.data.bridge_inputs import BridgeInputs
 from mmbridge.data.loader import MicroBatches
 from mmbridge.model.multimodal import MODULE_KEYS
 from mmbridge.train import checkpoint as ckpt
@@ -494,8 +495,16 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def _on_device(batch: dict, device: torch.device) -> dict:
-    """The batch with its tensors on ``device`` (ids and regions stay as they are)."""
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    """The batch with its tensors on ``device``: plain, inside per-modality mappings (``output_pixels``) and in
+    :class:`~mmbridge.data.bridge_inputs.BridgeInputs`; ids, regions and captions stay as they are."""
+    def moved(value: Any) -> Any:
+        if isinstance(value, (torch.Tensor, BridgeInputs)):
+            return value.to(device)
+        if isinstance(value, dict):
+            return {key: moved(item) for key, item in value.items()}
+        return value
+
+    return {key: moved(value) for key, value in batch.items()}
 
 
 def add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:

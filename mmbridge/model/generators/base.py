@@ -47,6 +47,7 @@ class Generator(abc.ABC):
     modality: str  # what it generates: "image"
     condition_length: int  # L: conditioning tokens per item (SD-1.5: 77)
     condition_width: int  # W: width of each (SD-1.5: 768)
+    image_size: int  # the side (px) of what it draws by default, and of the images its denoising loss reads
 
     def check_conditioning(self, length: int, width: int) -> None:
         """A ``ValueError`` naming both shapes unless conditioning ``[length, width]`` per item is what this

@@ -166,6 +166,11 @@ class DiffusersGenerator(Generator):
         return max_length, width
 
     @property
+    def image_size(self) -> int:
+        """The side (px) it draws at by default: the UNet's sample size times the VAE's scale factor."""
+        return int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+
+    @property
     def device(self) -> torch.device:
         return self.pipeline.unet.device
 

@@ -199,6 +199,11 @@ class OutputSide(nn.Module):
         stem = MODALITIES[modality]
         return "".join(f"[{stem}{index}]" for index in range(len(self.modalities[modality].token_ids)))
 
+    def target_sizes(self) -> dict[str, int]:
+        """Per modality trained with a denoising loss, the side (px) of its target images (its generator's)."""
+        return {modality: output.generator.image_size for modality, output in self.modalities.items()
+                if output.config.denoise_weight > 0 and output.generator is not None}
+
     @property
     def signal_ids(self) -> list[int]:
         return [token for output in self.modalities.values() for token in output.token_ids]
