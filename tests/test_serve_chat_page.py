@@ -300,6 +300,18 @@ def test_images_in_an_answer_are_shown(page, hook, tmp_path):
         assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(expected.convert("RGB")))
 
 
+def test_a_small_drawing_is_shown_larger_with_its_pixels_sharp(page, hook):
+    """A generator that draws 32 px (the MiniWorld one) would leave a stamp-sized picture: it is shown 8rem wide,
+    pixelated; larger images keep their own size (up to 12rem)."""
+    hook.images = [sample_image("red", "circle", size=32), sample_image("blue", "square", size=160)]
+    type_message(page, "Draw a red circle.")
+    assert send(page) == "done"
+    small, large = assistant_messages(page)[-1].find_elements(By.CSS_SELECTOR, ".images img")
+    assert small.get_attribute("class") == "small" and small.size["width"] == 128  # 8rem of 16 px
+    assert page.execute_script("return getComputedStyle(arguments[0]).imageRendering", small) == "pixelated"
+    assert not large.get_attribute("class") and large.size["width"] == 160 + 2  # its own width and the border
+
+
 # -- the examples, without a browser ----------------------------------------------------------------------
 def test_shipped_examples_are_what_the_module_draws(tmp_path):
     entries = write_examples(str(tmp_path))
