@@ -215,7 +215,8 @@ def markdown(figures: dict, times: dict, command: str) -> str:
     lines += ["| stage | steps | seconds (sum of step times) |", "|---|---:|---:|"]
     lines += [f"| {name} | {entry['steps']} | {entry['seconds']:.0f} |" for name, entry in times.items()]
     lines += ["", "| image→text (`attribute`) | before (`stages/3-instruct`) | after (`final`) |", "|---|---|---|",
-              f"| exact match | {cell(figures['image_to_text']['before'])} | {cell(figures['image_to_text']['after'])} |",
+              f"| exact match | {cell(figures['image_to_text']['before'])} | "
+              f"{cell(figures['image_to_text']['after'])} |",
               "", "| emits a run of signal tokens | before | after |", "|---|---|---|"]
     for name in figures["emission"]["after"]:
         lines.append(f"| {name} | {cell(figures['emission']['before'].get(name))} | "
@@ -256,7 +257,8 @@ def main() -> None:
     import diffusers
     import transformers
 
-    figures.update(n=args.n, settings=vars(settings), machine=f"{cpu_name()}, {torch.get_num_threads()} threads", times=stage_times(args.run),
+    figures.update(n=args.n, settings=vars(settings), machine=f"{cpu_name()}, {torch.get_num_threads()} threads",
+                   times=stage_times(args.run),
                    versions={"torch": torch.__version__, "transformers": transformers.__version__,
                              "diffusers": diffusers.__version__})
     section = markdown(figures, figures["times"], "python benchmarks/nextgpt.py " + " ".join(sys.argv[1:]))

@@ -55,8 +55,9 @@ BUNDLED_RECIPES = [path for path in RECIPES if _on_bundled_backbones(path)]  # w
 
 
 def test_some_recipes_run_on_the_bundled_backbones():
-    assert {os.path.basename(path) for path in BUNDLED_RECIPES} >= {"demo_miniworld.yaml", "nextgpt.yaml", "perceiver.yaml",
-                                                                    "pooled_mlp.yaml", "qwen_resampler.yaml"}
+    assert {os.path.basename(path) for path in BUNDLED_RECIPES} >= {"demo_miniworld.yaml", "nextgpt.yaml",
+                                                                    "perceiver.yaml", "pooled_mlp.yaml",
+                                                                    "qwen_resampler.yaml"}
 
 
 @pytest.mark.parametrize("path", BUNDLED_RECIPES, ids=os.path.basename)

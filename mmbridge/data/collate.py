@@ -35,9 +35,9 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
     all ``[B, L]`` (labels ``[B, T]`` when they are an encoder–decoder LLM's decoder targets);
     ``pixel_values`` ``[n_total_images, 3, H, W]`` in batch order, or ``None`` when no example
     has an image; ``image_sizes`` ``[n_total_images, 2]``, ``bridge_inputs``, ``output_captions`` and
-    ``output_pixels`` (per output modality, joined in batch order) when the examples carry them; and ``ids``. Examples that carry precomputed encoder
-    outputs (a feature cache) give ``image_features`` ``[n_total_images, N, D_v]`` instead of
-    ``pixel_values``. ``regions`` (a list per example, ``None`` where an example has none) come along
+    ``output_pixels`` (per output modality, joined in batch order) when the examples carry them; and ``ids``.
+    Examples that carry precomputed encoder outputs (a feature cache) give ``image_features``
+    ``[n_total_images, N, D_v]`` instead of ``pixel_values``. ``regions`` (a list per example, ``None`` where an example has none) come along
     when any example has them. Use ``padding_side="left"`` for generation.
     """
     if padding_side not in ("left", "right"):

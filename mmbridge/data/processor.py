@@ -115,7 +115,8 @@ class Processor:
             sample, self.conversation.with_signal_tokens(messages, sample.id), image_count, sizes)
         example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
                    "labels": torch.tensor(labels, dtype=torch.long), **size_inputs(sizes),
-                   **self._bridge_inputs(messages, image_count, frames), **self._output_targets(sample, input_ids, pixels)}
+                   **self._bridge_inputs(messages, image_count, frames),
+                   **self._output_targets(sample, input_ids, pixels)}
         if sample.regions is not None:
             example["regions"] = sample.regions
         if pixels:

@@ -254,7 +254,8 @@ class OutputSide(nn.Module):
         return result
 
     def losses(self, input_ids: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor,
-               targets: dict[str, torch.Tensor], pixels: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+               targets: dict[str, torch.Tensor],
+               pixels: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The output side's loss terms: ``{f"{modality}_align": align_weight × l2}`` for each modality with
         ``targets`` ``[n_runs, Q, W]`` (the generator's encodings of the runs' captions, in run order), and
         ``{f"{modality}_denoise": denoise_weight × the generator's denoising loss}`` for a modality with a
@@ -265,7 +266,8 @@ class OutputSide(nn.Module):
         for modality in sorted(set(targets) | set(pixels)):
             output = self.modalities[modality]
             runs = output.runs(input_ids)
-            for name, given in (("caption target(s)", targets.get(modality)), ("target image(s)", pixels.get(modality))):
+            given_targets = (("caption target(s)", targets.get(modality)), ("target image(s)", pixels.get(modality)))
+            for name, given in given_targets:
                 if given is not None and len(runs) != given.shape[0]:
                     raise ValueError(f"the batch holds {len(runs)} complete {modality} signal-token run(s) but "
                                      f"{given.shape[0]} {name} were given")
