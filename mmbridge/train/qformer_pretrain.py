@@ -344,7 +344,7 @@ def caption_of(sample: Sample) -> str:
     return reply
 
 
-def check_captions(samples: list[Sample], where: str) -> None:
+def check_captions(samples: list[Sample], where: str, objective: str = STAGE1_OBJECTIVE) -> None:
     """Every sample is an image-caption pair; else one ``ValueError`` naming the first five that are not (a stage
     without ``skip_bad_samples`` learns it before training rather than at the batch that holds one)."""
     bad = []
@@ -354,7 +354,7 @@ def check_captions(samples: list[Sample], where: str) -> None:
         except SampleError as error:
             bad.append(f"{sample.id} ({error.reason})")
     if bad:
-        raise ValueError(f"{where}: objective '{STAGE1_OBJECTIVE}' trains on samples with one image and a caption; "
+        raise ValueError(f"{where}: objective '{objective}' trains on samples with one image and a caption; "
                          f"{len(bad)} sample(s) are not: {', '.join(bad[:5])} (or set data.skip_bad_samples)")
 
 
