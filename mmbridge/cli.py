@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
 from mmbridge.model.multimodal import MODULE_KEYS
+from mmbridge.model.output.side import describe as describe_output
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -71,8 +73,30 @@ def _generate(args: argparse.Namespace) -> int:
         tokenizer = model.tokenizer
         settings["streamer"] = lambda tokens: print(tokenizer.decode(tokens[0], skip_special_tokens=True),
                                                     end="", flush=True)
-    answer = model.chat(args.prompt, args.image or [], **settings)
-    print() if args.stream else print(answer)
+    if args.out is None:
+        answer = model.chat(args.prompt, args.image or [], **settings)
+        print() if args.stream else print(answer)
+        return 0
+    return _generate_media(model, args, settings)
+
+
+def _generate_media(model, args: argparse.Namespace, settings: dict) -> int:
+    """``generate --out DIR``: the answer's text, and the images its signal tokens ask for written as PNG files."""
+    from mmbridge.model.output.render import ImageSettings
+
+    if not model.output_modalities:
+        raise ValueError(f"--out: {args.model} answers with text only (no output side), so there are no images "
+                         f"to write")
+    image_settings = ImageSettings(steps=args.image_steps, seed=args.image_seed)
+    answer = model.chat(args.prompt, args.image or [], return_media=True, image_settings=image_settings, **settings)
+    print() if args.stream else print(answer.text)
+    os.makedirs(args.out, exist_ok=True)
+    for number, image in enumerate(answer.images, start=1):
+        path = os.path.join(args.out, f"image-{number}.png")
+        image.save(path)
+        print(f"image {number}: {path}")
+    if not answer.images:
+        print("the answer asked for no image", file=sys.stderr)
     return 0
 
 
@@ -233,14 +257,16 @@ def info_text(model) -> str:
     if model.highres is not None:
         lines[-1] = (f"high resolution: {_describe(config.highres)}; visual tokens depend on each image's size "
                      f"(--image-size WxH); placeholder {model.config.image_token!r} = id {model.image_token_id}")
+    lines += describe_output(model.output)  # what the model answers with besides text (NExT-GPT)
     if config.adapters:
         lines.append("adapters: " + ", ".join(f"LoRA r={a['r']} on {a['key']}" for a in config.adapters))
     when = "when saved (end of the last stage)" if model.parameters_at_save else "now"
     lines.append(f"parameters, trainable/frozen {when}:")
     lines.append(f"{'key':<8}{'trainable':>14}{'frozen':>14}")
-    for key in MODULE_KEYS:
+    held = [key for key in MODULE_KEYS if key in counts and counts[key]["trainable"] + counts[key]["frozen"]]
+    for key in held:  # a text-only model has no output row; a model saved before the key existed has none either
         lines.append(f"{key:<8}{counts[key]['trainable']:>14,}{counts[key]['frozen']:>14,}")
-    total = sum(counts[key]["trainable"] + counts[key]["frozen"] for key in MODULE_KEYS)
+    total = sum(counts[key]["trainable"] + counts[key]["frozen"] for key in held)
     idle = model.inactive_parameters_per_token()
     lines.append(f"total {total:,}; active per token {total - idle:,}"
                  + (f" ({idle:,} the bridge routes around per token)" if idle else ""))
@@ -292,7 +318,6 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(run=_train)
 
 
-
 def _add_pretrain_qformer_parser(commands: argparse._SubParsersAction) -> None:
     """``mmbridge pretrain-qformer RECIPE [overrides]`` (BLIP-2 stage 1)."""
     stage1 = commands.add_parser("pretrain-qformer", help="BLIP-2 stage 1 for a Q-Former bridge (no LLM): `train` "
@@ -315,6 +340,9 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--do-sample", action="store_true")
     generate.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
     generate.add_argument("--top-p", type=float, default=None, help="with --do-sample (default 1.0)")
+    generate.add_argument("--out", help="a model that answers with images: write them here as PNG files")
+    generate.add_argument("--image-steps", type=int, default=30, help="with --out: denoising steps (default 30)")
+    generate.add_argument("--image-seed", type=int, default=None, help="with --out: seed of the image draws")
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     generate.set_defaults(run=_generate)

@@ -27,6 +27,11 @@ With an encoder–decoder LLM (BLIP-2 FlanT5) the prompt is the encoder's input:
 images are encoded once, and the answer is decoded from the decoder's start token
 (:class:`_EncoderDecoderRun`); the returned tokens are again only the new ones.
 
+A model that answers with images (an output side, NExT-GPT) emits signal tokens: once a row emits the first of a
+modality's run, the following steps write the rest of the run in order; ``return_media=True`` then draws each
+complete run's image with the modality's generator (:mod:`mmbridge.model.output.render`) and returns them with the
+tokens (:class:`GenerationOutput`).
+
 :func:`chat` answers one user turn from text and images through the model's processor.
 """
 
@@ -216,7 +221,7 @@ def fast_step_decoder(model: nn.Module) -> nn.Module | None:
     the ``cache`` argument of transformers >= 5.24, none of its layers replaced, and no fusion bridge
     (its hooks read per-call context, which only the full forward sets).
     """
-    if model.bridge.fuses_into_llm:
+    if model.bridge.fuses_into_llm or model.output.modalities:  # hooks, or signal rows of the model's own
         return None
     llm = getattr(model, "llm", None)
     config = getattr(llm, "config", None)
@@ -363,27 +368,43 @@ class PromptImages:
         return model.visual_tokens(self.pixel_values, image_sizes=self.image_sizes, bridge_inputs=self.bridge_inputs)
 
 
+@dataclass
+class GenerationOutput:
+    """What ``generate(..., return_media=True)`` returns: the new tokens ``[B, new]`` and each row's images (one
+    per complete signal-token run, in order; empty lists for a text-only answer)."""
+
+    sequences: torch.Tensor
+    images: list[list[Any]]
+
+
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
              bridge_inputs: BridgeInputs | None = None, image_attention_mask: torch.Tensor | None = None,
              image_tokens: torch.Tensor | None = None, streamer: Streamer | None = None,
-             generation_config: GenerationConfig | None = None, **settings: Any) -> torch.LongTensor:
+             generation_config: GenerationConfig | None = None, return_media: bool = False,
+             image_settings: Any = None, **settings: Any) -> torch.LongTensor | GenerationOutput:
     """Decode new tokens for LEFT-padded prompts ``[B, L]``; returns ``[B, new]``.
 
     ``image_sizes``, ``bridge_inputs``, ``image_attention_mask`` and ``image_tokens`` (visual tokens computed
     elsewhere, in place of ``pixel_values``) are taken as by the model's ``forward``.
     ``settings`` override fields of ``generation_config``. Rows that emitted EOS continue
     with ``pad_token_id``; decoding ends when every row has finished or after
-    ``max_new_tokens``. ``streamer(tokens)`` receives each step's ``[B]`` ids.
+    ``max_new_tokens``. ``streamer(tokens)`` receives each step's ``[B]`` ids. ``return_media``: also draw the
+    images the answer's signal tokens ask for (``image_settings``: an
+    :class:`~mmbridge.model.output.render.ImageSettings`) and return a :class:`GenerationOutput`.
     """
     images = PromptImages(pixel_values, image_sizes, bridge_inputs, image_attention_mask, image_tokens)
     config = resolve_config(model, generation_config, **settings)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids)
     with torch.inference_mode(), eval_mode(model):
         try:
-            return _decode(model, input_ids, attention_mask, images, streamer, config)
+            new_tokens = _decode(model, input_ids, attention_mask, images, streamer, config)
         finally:  # the run made the prompt state: what the bridge's modules kept for it ends here
             model.bridge.release_caches()
+        if not return_media:
+            return new_tokens
+        return GenerationOutput(new_tokens, model.render_media(input_ids, attention_mask, new_tokens, images,
+                                                               image_settings))
 
 
 def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: PromptImages,
@@ -401,9 +422,14 @@ def _decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     banned = _banned_ids(model, logits.shape[-1])
     eos_ids = _eos_tensor(config, logits.shape[-1], device)
     generated: list[torch.Tensor] = []
+    forcing = bool(model.output.modalities)  # a started signal-token run is written to its end
     for step in range(config.max_new_tokens):
         logits = _mask_logits(logits, banned, eos_ids if step < config.min_new_tokens else None)
-        tokens = torch.where(finished, pad, choose_tokens(logits, config, generator))  # [B]
+        tokens = choose_tokens(logits, config, generator)  # [B]
+        if forcing and generated:
+            forced = model.output.forced_next(generated[-1])
+            tokens = torch.where(forced >= 0, forced, tokens)
+        tokens = torch.where(finished, pad, tokens)
         generated.append(tokens)
         if streamer is not None:
             streamer(tokens)
@@ -438,12 +464,23 @@ def _model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def chat(model: nn.Module, prompt: str, images: list, history: list[dict] | None = None, **settings: Any) -> str:
+@dataclass
+class ChatAnswer:
+    """``chat(..., return_media=True)``: the answer's text and the images its signal tokens asked for."""
+
+    text: str
+    images: list[Any]
+
+
+def chat(model: nn.Module, prompt: str, images: list, history: list[dict] | None = None,
+         return_media: bool = False, image_settings: Any = None, **settings: Any) -> str | ChatAnswer:
     """Answer one user turn (``<image>`` placeholders added by the processor if missing); returns the text.
 
     ``images`` are PIL images or paths — all images of the conversation, those placed by earlier
-    turns first; ``history`` holds the earlier ``{"role", "content"}`` turns. ``settings`` are
-    :class:`GenerationConfig` fields, plus ``streamer`` (called with each step's ``[1]`` ids).
+    turns first (their sizes are read from them); ``history`` holds the earlier ``{"role", "content"}`` turns.
+    ``settings`` are :class:`GenerationConfig` fields, plus ``streamer`` (called with each step's ``[1]`` ids).
+    ``return_media``: a :class:`ChatAnswer` with the images the answer's signal tokens asked for, drawn with
+    ``image_settings``.
     """
     processor = model.processor()
     device = _model_device(model)
@@ -451,9 +488,11 @@ def chat(model: nn.Module, prompt: str, images: list, history: list[dict] | None
     input_ids = encoded["input_ids"].to(device).unsqueeze(0)  # [1, L]
     streamer = settings.pop("streamer", None)
     config = resolve_config(model, settings.pop("generation_config", None), **settings)
-    new_tokens = generate(model, input_ids, generation_config=config, streamer=streamer,
-                          **image_inputs(encoded, device))[0]  # [new]
+    result = generate(model, input_ids, generation_config=config, streamer=streamer, return_media=return_media,
+                      image_settings=image_settings, **image_inputs(encoded, device))
+    new_tokens = (result.sequences if return_media else result)[0]  # [new]
     stops = torch.isin(new_tokens, torch.tensor(_as_ids(config.eos_token_id), dtype=torch.long, device=device))
     if bool(stops.any()):
         new_tokens = new_tokens[: int(stops.nonzero()[0, 0])]
-    return model.tokenizer.decode(new_tokens.tolist(), skip_special_tokens=True).strip()
+    text = model.tokenizer.decode(new_tokens.tolist(), skip_special_tokens=True).strip()
+    return ChatAnswer(text, result.images[0]) if return_media else text

@@ -112,9 +112,10 @@ def tiny_vision_config(model_type: str = "clip_vision_model", image_size: int = 
 
 
 def tiny_model_config(tokenizer_dir: str, vocab_size: int, bridge: dict | None = None,
-                      vision: dict | None = None, llm: dict | None = None, highres: dict | None = None) -> dict:
+                      vision: dict | None = None, llm: dict | None = None, highres: dict | None = None,
+                      output: dict | None = None) -> dict:
     """A whole :class:`~mmbridge.model.multimodal.ModelConfig` dict of tiny random parts (``highres``: a
-    high-resolution strategy spec, or None)."""
+    high-resolution strategy spec, or None; ``output``: an output side, ``{"image": {...}}``, or None)."""
     vision_spec = {"type": "hf", "hf_config": tiny_vision_config(), "feature_layer": -2}
     if vision and vision.get("type", "hf") != "hf":
         vision_spec = {}  # another encoder family: its own spec replaces the HF defaults
@@ -123,6 +124,7 @@ def tiny_model_config(tokenizer_dir: str, vocab_size: int, bridge: dict | None =
         "llm": {"type": "hf", "hf_config": tiny_llm_config(vocab_size), "tokenizer": tokenizer_dir, **(llm or {})},
         "bridge": bridge or {"type": "mlp", "depth": 2, "activation": "gelu"},
         "highres": highres,
+        "output": output,
     }
 
 

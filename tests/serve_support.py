@@ -1,4 +1,6 @@
-"""Helpers for the server tests: a tiny saved model, a real ``python -m mmbridge serve`` process, images."""
+"""Helpers for the server tests: a tiny saved model, a real ``python -m mmbridge serve`` process, the same app
+served by uvicorn in a thread of the test process (where a test hands the engine its ``answer_images`` hook), images.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import torch
@@ -96,6 +100,39 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class ThreadServer:
+    """An ASGI ``app`` (``create_app``'s, or a wrapper of it) served by uvicorn on 127.0.0.1, in a thread of this
+    process: real HTTP, and the test holds the objects the app was built with (a hook it handed the engine)."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def running(self) -> Iterator["ThreadServer"]:
+        """Start, wait until it serves, hand it out, and stop it afterwards (a fixture's ``yield from``)."""
+        self.thread.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        try:
+            while not self.server.started:
+                if not self.thread.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"uvicorn did not start on port {self.port} (thread alive: "
+                                       f"{self.thread.is_alive()})")
+                time.sleep(0.05)
+            yield self
+        finally:
+            self.server.should_exit = True
+            self.thread.join(timeout=30)
 
 
 def openai_client(server: ServerProcess):

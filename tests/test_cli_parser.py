@@ -23,7 +23,7 @@ COMMANDS = {
     ("eval",): ["--model", "--suite", "--tasks", "--n", "--seed", "--batch-size", "--shots", "--out", "--box-format",
                 "--blind", "--with-blind", "--compare", "--no-progress"],
     ("serve",): ["--model", "--host", "--port", "--served-model-name", "--device", "--allow-remote-images",
-                 "--image-root"],
+                 "--image-root", "--max-image-steps", "--max-image-size"],
 }
 
 

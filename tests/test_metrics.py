@@ -8,7 +8,7 @@ import pytest
 
 from mmbridge.eval.metrics import (accepted_answer_match, bleu, box_iou, cider_d, circular_accuracy,
                                    grounding_metrics, normalize_answer, parse_box, parse_choice_letter, parse_yes_no,
-                                   pope_metrics, rotate_choices, vqa_accuracy)
+                                   pope_metrics, rotate_choices, vqa_accuracy, wilson_interval)
 
 
 # -- VQA ------------------------------------------------------------------------------------------
@@ -189,3 +189,23 @@ def test_bleu_closest_reference_length_and_clipping() -> None:
     assert bleu(["a b c d"], [["a b c d e f", "a b c d e f g h i"]]) == pytest.approx(math.exp(-0.5))
     # "the the the the" vs "the cat": unigram precision clipped to 1/4, no bigram matches → 0
     assert bleu(["the the the the"], [["the cat"]]) == 0.0
+
+
+# -- Wilson intervals ----------------------------------------------------------------------------
+def test_wilson_interval_by_hand() -> None:
+    # 31/60: p = 0.5167, z² = 3.8415; centre = (p + z²/120) / (1 + z²/60) = 0.5157;
+    # half = z * sqrt(p(1-p)/60 + z²/14400) / (1 + z²/60) = 0.1226 -> (0.393, 0.638), the README's 39–64%
+    low, high = wilson_interval(31, 60)
+    assert low == pytest.approx(0.3931, abs=5e-4) and high == pytest.approx(0.6382, abs=5e-4)
+    # all correct: centre = (1 + z²/2n) / (1 + z²/n), half the same distance down; the top is exactly 1
+    low, high = wilson_interval(20, 20)
+    assert low == pytest.approx(20 / (20 + 1.959964 ** 2), abs=1e-6) and high == 1.0
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(1.959964 ** 2 / (10 + 1.959964 ** 2), abs=1e-6)
+    assert wilson_interval(50, 100, z=1.0) == pytest.approx((0.5 - 0.5 / math.sqrt(101), 0.5 + 0.5 / math.sqrt(101)))
+
+
+@pytest.mark.parametrize("successes, total", [(3, 0), (-1, 5), (6, 5)])
+def test_wilson_interval_refuses_impossible_counts(successes: int, total: int) -> None:
+    with pytest.raises(ValueError, match="wilson_interval needs"):
+        wilson_interval(successes, total)

@@ -111,9 +111,11 @@ def test_held_out_pairs_never_occur_outside_the_compositional_split():
         for split in ("train", "val", "test"):
             for index in range(12):
                 record = make_record(task, split, index)
-                assert not set(scene_pairs(record["scene"])) & set(HELD_OUT_PAIRS), (task, split, index)
+                # the scene and any output scene (generation tasks); a caption is text too
+                assert not set(scene_pairs(record)) & set(HELD_OUT_PAIRS), (task, split, index)
                 text = " ".join([turn["value"] for turn in record.get("conversations", [])]
-                                + record.get("texts", []))  # conversations, or a document's texts
+                                + record.get("texts", [])  # conversations, or a document's texts
+                                + [output["caption"] for output in record.get("outputs", [])])
                 assert not any(phrase in text for phrase in phrases), (task, split, index, text)
 
 
@@ -126,7 +128,8 @@ def test_compositional_questions_ask_about_a_held_out_pair():
     for task in [name for name, task in TASKS.items() if task.compositional]:
         for index in range(6):
             record = make_record(task, "compositional", index)
-            assert set(scene_pairs(record["scene"])) & set(HELD_OUT_PAIRS), (task, index)
+            shown = record["outputs"][0]["scene"] if task == "image_edit" else record["scene"]  # the edit makes it
+            assert set(scene_pairs(shown)) & set(HELD_OUT_PAIRS), (task, index)
 
 
 @pytest.mark.parametrize("task", ["text_reading", "chart"])
@@ -152,6 +155,15 @@ def test_records_are_well_formed(task):
             if "texts" in record:  # an interleaved document: one sentence after each image, no placeholders
                 assert record["images"] == record["image"] and len(record["texts"]) == len(images) >= 2
                 assert all(text.strip() and "<image>" not in text for text in record["texts"])
+                continue
+            if record["format"] == "image":  # a generation request: 0 or 1 input image, one output per marker
+                human, reply = (turn["value"] for turn in record["conversations"])
+                assert human.count("<image>") == len(images) == (1 if "image" in record else 0)
+                assert ("image" in record) == (task == "image_edit")
+                assert reply == record["answer"] and reply.count("<image_out>") == len(record["outputs"]) == 1
+                assert record["question"] in human and reply.endswith("<image_out>")
+                assert record["outputs"][0]["caption"].endswith(".") and record["outputs"][0]["scene"]["objects"]
+                json.dumps(record)
                 continue
             assert record["format"] in FORMATS
             names = [record["image"]] if isinstance(record["image"], str) else record["image"]

@@ -34,8 +34,8 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
     Returns ``input_ids``, ``attention_mask`` and (when the examples carry them) ``labels``,
     all ``[B, L]`` (labels ``[B, T]`` when they are an encoder–decoder LLM's decoder targets);
     ``pixel_values`` ``[n_total_images, 3, H, W]`` in batch order, or ``None`` when no example
-    has an image; ``image_sizes`` ``[n_total_images, 2]`` and ``bridge_inputs`` (joined in batch order) when the
-    examples carry them; and ``ids``. Examples that carry precomputed encoder
+    has an image; ``image_sizes`` ``[n_total_images, 2]``, ``bridge_inputs`` and ``output_captions`` (per output
+    modality, joined in batch order) when the examples carry them; and ``ids``. Examples that carry precomputed encoder
     outputs (a feature cache) give ``image_features`` ``[n_total_images, N, D_v]`` instead of
     ``pixel_values``. ``regions`` (a list per example, ``None`` where an example has none) come along
     when any example has them. Use ``padding_side="left"`` for generation.
@@ -66,10 +66,22 @@ def collate(examples: list[dict | None], pad_token_id: int, padding_side: str = 
     extras = BridgeInputs.concat([example.get("bridge_inputs") for example in examples])
     if extras is not None:
         batch["bridge_inputs"] = extras
+    captions = _joined_captions(examples)
+    if captions:
+        batch["output_captions"] = captions
     batch["ids"] = [example["id"] for example in examples]
     if any("regions" in example for example in examples):  # region–word alignment targets, per sample
         batch["regions"] = [example.get("regions") for example in examples]
     return batch
+
+
+def _joined_captions(examples: list[dict]) -> dict[str, list[str]]:
+    """Per output modality, every example's output captions in batch order (a model that answers with images)."""
+    joined: dict[str, list[str]] = {}
+    for example in examples:
+        for modality, captions in example.get("output_captions", {}).items():
+            joined.setdefault(modality, []).extend(captions)
+    return joined
 
 
 def _pad(rows: list[torch.Tensor], length: int, value: int, padding_side: str) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 
 from mmbridge.boxes import check_box_format, rewrite_boxes
 from mmbridge.data.collate import IGNORE_INDEX
-from mmbridge.data.formats.llava import Sample
+from mmbridge.data.formats.llava import OUTPUT_MARKERS, Sample
 from mmbridge.data.sample_errors import SampleError
 
 Span = tuple[int, int]  # [start, end) character offsets in the rendered text
@@ -98,6 +98,9 @@ class ModelText:
     encoder_decoder: bool = False  # the LLM is an encoder-decoder (T5): prompt in the encoder, reply as targets
     chunk_token: str | None = None  # the model's end-of-chunk token for interleaved documents (Flamingo), or None
     bridge_tokenizer: Any = None  # set: examples carry each image's instruction in bridge_inputs (InstructBLIP)
+    # output modality → the text of one run of its signal tokens ("[IMG0][IMG1][IMG2][IMG3]"): a model that answers
+    # with images writes that run where an assistant turn holds the modality's marker (NExT-GPT)
+    signal_texts: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_decoder", bool(self.encoder_decoder))
@@ -156,6 +159,28 @@ class ConversationTokenizer:
         if placeholders != image_count:
             raise SampleError(f"sample {sample.id!r}: the conversation has {placeholders} {placeholder} "
                               f"placeholder(s) but {image_count} image(s) were given", sample.id, "placeholders")
+
+    def with_signal_tokens(self, messages: list[dict], sample_id: str = "prompt") -> list[dict]:
+        """``messages`` with each output marker (``<image_out>``) written as the model's run of signal tokens; a
+        marker of a modality the model cannot answer with is a :class:`SampleError` naming both."""
+        for modality, marker in OUTPUT_MARKERS.items():
+            if not any(marker in turn["content"] for turn in messages):
+                continue
+            if modality not in self.model_text.signal_texts:
+                raise SampleError(f"sample {sample_id!r} answers with {modality} ({marker}) but the model has no "
+                                  f"{modality} output side (ModelConfig.output)", sample_id, "outputs")
+            run = self.model_text.signal_texts[modality]
+            messages = [{**turn, "content": turn["content"].replace(marker, run)} for turn in messages]
+        return messages
+
+    def signal_runs(self, input_ids: list[int]) -> int:
+        """Complete runs of signal tokens in ``input_ids`` (a run truncation cut short does not count)."""
+        count = 0
+        for text in self.model_text.signal_texts.values():
+            run = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            count += sum(input_ids[start:start + len(run)] == run for start in range(len(input_ids))
+                         if input_ids[start] == run[0])
+        return count
 
     def with_system_prompt(self, conversation: list[dict]) -> list[dict]:
         """``[{"role", "content"}]`` messages, led by the configured system prompt unless one is present."""
@@ -238,7 +263,7 @@ class ConversationTokenizer:
             raise ValueError(f"prompt holds {present} {placeholder} placeholders but {num_images} "
                              f"image(s) were given")
         text = f"{placeholder}\n" * (num_images - present) + text
-        return self.with_system_prompt(history + [{"role": "user", "content": text}])
+        return self.with_signal_tokens(self.with_system_prompt(history + [{"role": "user", "content": text}]))
 
     def bridge_text(self, messages: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per image, the turn holding it without placeholders, tokenized by the bridge tokenizer.

@@ -110,15 +110,33 @@ class Processor:
         loaded = images if images is not None or not pixels else self.load_images(sample)
         sizes = self.image_inputs.sizes(sample, loaded)
         messages = self.conversation.with_system_prompt(sample.conversation)
-        input_ids, labels = self.conversation.conversation_ids(sample, messages, image_count, sizes)
+        input_ids, labels = self.conversation.conversation_ids(
+            sample, self.conversation.with_signal_tokens(messages, sample.id), image_count, sizes)
         example = {"id": sample.id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
                    "labels": torch.tensor(labels, dtype=torch.long), **size_inputs(sizes),
-                   **self._bridge_inputs(messages, image_count, frames)}
+                   **self._bridge_inputs(messages, image_count, frames), **self._output_captions(sample, input_ids)}
         if sample.regions is not None:
             example["regions"] = sample.regions
         if pixels:
             example["pixel_values"] = self.pixel_values([loaded[i] for i in frames] if frames else loaded)
         return example
+
+    def _output_captions(self, sample: Sample, input_ids: list[int]) -> dict[str, dict[str, list[str]]]:
+        """``{"output_captions": {modality: [caption, ...]}}``: the captions of the sample's outputs in order (the
+        alignment targets of a model that answers with images); a run truncation cut is a :class:`SampleError`."""
+        outputs = [output for output in sample.outputs or []
+                   if output["modality"] in self.conversation.model_text.signal_texts]
+        if not outputs:
+            return {}
+        runs = self.conversation.signal_runs(input_ids)
+        if runs != len(outputs):
+            raise SampleError(f"sample {sample.id!r} answers with {len(outputs)} output(s) but {runs} complete "
+                              f"run(s) of signal tokens are left within max_length {self.max_length}", sample.id,
+                              "too_long")
+        captions: dict[str, list[str]] = {}
+        for output in outputs:
+            captions.setdefault(output["modality"], []).append(output["caption"])
+        return {"output_captions": captions}
 
     def _document_example(self, sample: Sample, images: list[Image.Image] | None, image_count: int,
                           pixels: bool) -> dict:

@@ -14,6 +14,7 @@ Every function works on plain strings and lists, so each one can be checked by h
   accuracy at IoU ≥ 0.5.
 - Captions: CIDEr-D (pycocoevalcap's ``cider_scorer``, IDF from the evaluated references)
   and corpus BLEU-4 (closest reference length), on lowercase, punctuation-free tokens.
+- Uncertainty: the Wilson score interval of an accuracy from n samples (95% by default).
 """
 
 from __future__ import annotations
@@ -328,6 +329,24 @@ def bleu(predictions: list[str], references: list[list[str]], max_order: int = 4
     return brevity * math.exp(log_precision)
 
 
+# -- uncertainty ----------------------------------------------------------------------------------
+WILSON_Z = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+
+
+def wilson_interval(successes: int, total: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """The Wilson score interval ``(low, high)`` of the proportion ``successes / total`` (95% for the default z).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or ``total`` successes:
+    20 of 20 gives about (0.839, 1.0)."""
+    if total < 1 or not 0 <= successes <= total:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= total and total >= 1, got {successes}/{total}")
+    share = successes / total
+    spread = z * z / total
+    centre = (share + spread / 2) / (1 + spread)
+    half = z * math.sqrt(share * (1 - share) / total + spread / (4 * total)) / (1 + spread)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 __all__ = ["normalize_answer", "vqa_accuracy", "accepted_answer_match", "parse_yes_no", "pope_metrics",
            "parse_choice_letter", "rotate_choices", "circular_accuracy", "parse_box", "box_iou", "grounding_metrics",
-           "caption_tokens", "cider_d", "bleu"]
+           "caption_tokens", "cider_d", "bleu", "wilson_interval"]

@@ -20,7 +20,10 @@ extras such as an instruction-aware bridge's text) are named arguments of :meth:
 the functions of :mod:`mmbridge.interop`. The model speaks to its bridge only through the hooks of
 :class:`~mmbridge.model.bridges.base.Bridge`, whatever its kind.
 
-Module keys are fixed: ``vision``, ``bridge``, ``llm`` (stages, checkpoints and logs speak them).
+A model may also answer with images (NExT-GPT): ``ModelConfig.output`` adds signal tokens and the projection of
+their states to a generator's conditioning (:mod:`mmbridge.model.output`), under the module key ``output``.
+
+Module keys are fixed: ``vision``, ``bridge``, ``llm``, ``output`` (stages, checkpoints and logs speak them).
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ from mmbridge.model.highres import HIGHRES, HighResStrategy, build_highres
 from mmbridge.model.highres.base import crop_features, tokens_from_features
 from mmbridge.model.llm import LLMS, build_llm, load_tokenizer
 from mmbridge.model.lora import LoraSpec, inject_lora
+from mmbridge.model.output import OutputSide, output_configs
+from mmbridge.model.output.render import ImageSettings, draw, run_conditioning
 from mmbridge.model.vision import VISION_ENCODERS, build_vision
 from mmbridge.utils import atomic_write_json, atomic_path
 
-MODULE_KEYS = ("vision", "bridge", "llm")
+MODULE_KEYS = ("vision", "bridge", "llm", "output")
 CONFIG_FILE, WEIGHTS_FILE, PROCESSOR_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "processor.json", "tokenizer"
 BRIDGE_TOKENIZER_DIR = "bridge_tokenizer"  # the bridge's own text tokenizer (instruction-aware bridges)
 
@@ -66,6 +71,8 @@ class ModelConfig:
     ``adapters`` records LoRA injections (``{"key": "llm", **LoraSpec}``) so a saved model
     is rebuilt with the same structure. ``highres`` names a high-resolution strategy
     (``{"type": "anyres", ...}``, :mod:`mmbridge.model.highres`) or None (one crop at the encoder's size).
+    ``output`` (``{"image": {...}}``, :class:`~mmbridge.model.output.side.OutputModalityConfig` fields) makes the
+    model answer with images too; None: text only.
     """
 
     vision: Any = None
@@ -75,6 +82,7 @@ class ModelConfig:
     image_token_id: int | None = None
     adapters: list[dict] = field(default_factory=list)
     highres: Any = None
+    output: Any = None
 
     def to_dict(self) -> dict:
         """JSON-able dict; component configs become dicts with their ``type``."""
@@ -82,7 +90,8 @@ class ModelConfig:
             return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else spec
         return {"vision": plain(self.vision), "llm": plain(self.llm), "bridge": plain(self.bridge),
                 "image_token": self.image_token, "image_token_id": self.image_token_id,
-                "adapters": [dict(adapter) for adapter in self.adapters], "highres": plain(self.highres)}
+                "adapters": [dict(adapter) for adapter in self.adapters], "highres": plain(self.highres),
+                "output": {modality: plain(spec) for modality, spec in self.output.items()} if self.output else None}
 
 
 @dataclass
@@ -99,17 +108,21 @@ class MultimodalOutput:
     encoder_hidden: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None  # the LLM's last hidden states [B, L, D], when asked for (return_hidden)
 
 
 class MultimodalModel(nn.Module):
-    """A vision encoder, a bridge and a language model under the keys ``vision``, ``bridge``, ``llm``."""
+    """A vision encoder, a bridge and a language model under the keys ``vision``, ``bridge``, ``llm``, and the
+    output side (``output``; empty for a model that writes only text)."""
 
     def __init__(self, vision: nn.Module, bridge: Bridge, llm: nn.Module, config: ModelConfig,
-                 processor_settings: dict | None = None, highres: HighResStrategy | None = None) -> None:
+                 processor_settings: dict | None = None, highres: HighResStrategy | None = None,
+                 output: OutputSide | None = None) -> None:
         super().__init__()
         self.vision = vision
         self.bridge = bridge
         self.llm = llm
+        self.output = output if output is not None else OutputSide()
         self.highres = highres  # holds no parameters: what it adds lives under vision / bridge (attach)
         self.config = config
         self.processor_settings = dict(processor_settings or {})
@@ -131,7 +144,8 @@ class MultimodalModel(nn.Module):
         config = dataclasses.replace(
             config, vision=VISION_ENCODERS.make_config(config.vision), llm=LLMS.make_config(config.llm),
             bridge=BRIDGES.make_config(config.bridge), adapters=list(config.adapters),
-            highres=HIGHRES.make_config(config.highres) if config.highres else None)
+            highres=HIGHRES.make_config(config.highres) if config.highres else None,
+            output=output_configs(config.output) or None)
         vision = build_vision(config.vision)
         llm = build_llm(config.llm) if tokenizer is None else LLMS.get(config.llm.type).build(config.llm, tokenizer)
         bridge = build_bridge(config.bridge, vision.feature_dim, llm.hidden_size)
@@ -143,7 +157,11 @@ class MultimodalModel(nn.Module):
                                  f"decoder-only LLMs; bridge {type(bridge).__name__} / this LLM are not supported")
             highres = build_highres(config.highres)
             highres.attach(vision, bridge, llm.tokenizer, llm.hidden_size)
+        if config.output and llm.is_encoder_decoder:
+            raise ValueError("an output side (signal tokens the LLM emits) needs a decoder-only LLM; this one is "
+                             "encoder-decoder")
         model = cls(vision, bridge, llm, config, processor_settings, highres)
+        model.output = OutputSide.build(config.output or {}, llm)  # its signal tokens come after the image token
         for adapter in config.adapters:
             spec = {k: v for k, v in adapter.items() if k != "key"}
             inject_lora(model.get_submodule(adapter["key"]), LoraSpec(**spec))
@@ -152,6 +170,12 @@ class MultimodalModel(nn.Module):
     @property
     def tokenizer(self) -> Any:
         return self.llm.tokenizer
+
+    @property
+    def output_modalities(self) -> tuple[str, ...]:
+        """What the model can answer with besides text (``("image",)`` with an output side; empty otherwise);
+        ``mmbridge serve`` reads it to refuse image answers from a text-only model."""
+        return tuple(self.output.modalities)
 
     @property
     def tokens_per_image(self) -> int:
@@ -175,7 +199,9 @@ class MultimodalModel(nn.Module):
         needs = self.bridge.processor_needs()
         video = VideoSettings(as_media=needs.video_frames is not None, max_frames=needs.video_frames, stride=stride)
         model_text = ModelText(encoder_decoder=self.llm.is_encoder_decoder, chunk_token=needs.chunk_token,
-                               bridge_tokenizer=needs.text_tokenizer)
+                               bridge_tokenizer=needs.text_tokenizer,
+                               signal_texts={modality: self.output.token_texts(modality)
+                                             for modality in self.output_modalities})
         image_tokens = ImageTokens(per_image=self.tokens_per_image, placeholder=self.config.image_token,
                                    token_id=self.image_token_id)
         return Processor(self.tokenizer, self.vision.transform, image_tokens, text_settings=TextSettings(**settings),
@@ -253,6 +279,8 @@ class MultimodalModel(nn.Module):
             image_tokens = self.visual_tokens(pixel_values, image_sizes=image_sizes, bridge_inputs=bridge_inputs)
         image_mask = input_ids == self.image_token_id  # [B, L]
         embeds = self.llm.embed_tokens(input_ids.masked_fill(image_mask, 0))  # [B, L, D]
+        if self.output.modalities:  # signal tokens' embeddings are the output side's, not the LLM's rows
+            embeds = self.output.embed(input_ids, embeds)
         if image_tokens is None:
             slots = int(image_mask.sum())
             if slots:
@@ -269,7 +297,9 @@ class MultimodalModel(nn.Module):
                 bridge_inputs: BridgeInputs | None = None, image_attention_mask: torch.Tensor | None = None,
                 prompt_state: Any = None, decoder_input_ids: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None,
-                encoder_hidden: torch.Tensor | None = None) -> MultimodalOutput:
+                encoder_hidden: torch.Tensor | None = None, output_captions: dict[str, list[str]] | None = None,
+                output_targets: dict[str, torch.Tensor] | None = None,
+                return_hidden: bool = False) -> MultimodalOutput:
         """LLaVA-compatible forward (and BLIP-2-FlanT5-compatible with an encoder–decoder LLM).
 
         ``return_logits``: ``"all"`` (``[B, L, V]``, as transformers), ``"last"`` (``[B, 1, V]``,
@@ -283,6 +313,12 @@ class MultimodalModel(nn.Module):
         ``pixel_values`` ``[B·N, 3, H, W]``), in place of the ``<image>`` tokens' φ. ``prompt_state``: the
         bridge's :meth:`~mmbridge.model.bridges.base.Bridge.prompt_state` of the prompt a decoding step continues
         (:meth:`prompt_state`); made from this call's own ids and images when not given.
+
+        A model with an output side (``output``) trains its projection with ``labels`` and, per modality, the
+        captions of the batch's signal-token runs in order (``output_captions``, encoded by the modality's
+        generator) or their encodings (``output_targets`` ``[n_runs, queries, width]``): the loss then holds
+        ``align_weight`` × the l2 distance as ``aux_losses[f"{modality}_align"]``. ``return_hidden`` keeps the
+        LLM's last hidden states (``output.hidden``).
 
         With an encoder–decoder LLM (T5, as BLIP-2 FlanT5) ``input_ids``/``attention_mask`` are the
         encoder's (visual tokens spliced in), the decoder reads ``decoder_input_ids`` (``labels``
@@ -302,21 +338,31 @@ class MultimodalModel(nn.Module):
             if decoder_input_ids is not None or decoder_attention_mask is not None or encoder_hidden is not None:
                 raise TypeError("decoder_input_ids, decoder_attention_mask and encoder_hidden are for "
                                 "encoder-decoder LLMs; this model's LLM is decoder-only")
+            targets = self.output.targets(output_captions, output_targets)
             hidden, output = self._decoder_forward(self._needs_ids(input_ids), attention_mask, labels, image_tokens,
-                                                   image_attention_mask, prompt_state, position_ids, cache, use_cache)
+                                                   image_attention_mask, prompt_state, position_ids, cache, use_cache,
+                                                   targets)
         if return_logits == "all":
-            output.logits = self.llm.logits(hidden)
+            output.logits = self.token_logits(hidden)
         elif return_logits == "last":
-            output.logits = self.llm.logits(hidden[:, -1:])
+            output.logits = self.token_logits(hidden[:, -1:])
+        if return_hidden:
+            output.hidden = hidden
         return output
+
+    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V]
+        """The LLM head's logits, with the signal tokens' columns from the output side's own head rows."""
+        logits = self.llm.logits(hidden)
+        return self.output.logits(hidden, logits) if self.output.modalities else logits
 
     def _decoder_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          labels: torch.Tensor | None, image_tokens: torch.Tensor | None,
                          image_attention_mask: torch.Tensor | None, prompt_state: Any,
-                         position_ids: torch.Tensor | None, cache: Any,
-                         use_cache: bool) -> tuple[torch.Tensor, MultimodalOutput]:
+                         position_ids: torch.Tensor | None, cache: Any, use_cache: bool,
+                         output_targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, MultimodalOutput]:
         """A decoder-only LLM: embed (visual tokens entered), run the layers with this call's :class:`FusionCall`,
-        the loss over ``labels`` (aligned with ``input_ids``) plus the bridge's auxiliary terms."""
+        the loss over ``labels`` (aligned with ``input_ids``) plus the bridge's and the output side's auxiliary
+        terms."""
         image_mask = input_ids == self.image_token_id  # [B, L]
         own_prompt = prompt_state is None
         if own_prompt:
@@ -336,6 +382,7 @@ class MultimodalModel(nn.Module):
         if labels is not None:  # labels align with input_ids: position t predicts the label at t + 1
             output.loss, output.num_label_tokens = self.target_loss(hidden[:, :-1], labels[:, 1:])
             output.aux_losses, output.stats = self.bridge.training_outputs(call)
+            output.aux_losses.update(self.output.align_losses(input_ids, hidden, embeds, output_targets))
             output.loss = output.loss + sum(output.aux_losses.values())
         return hidden, output
 
@@ -389,7 +436,7 @@ class MultimodalModel(nn.Module):
         count = int(keep.sum())
         if count == 0:
             return hidden.sum() * 0.0, 0
-        logits = self.llm.logits(hidden[keep])  # [T, V]
+        logits = self.token_logits(hidden[keep])  # [T, V]
         loss = nn.functional.cross_entropy(logits.float(), targets[keep])
         return loss, count
 
@@ -402,6 +449,18 @@ class MultimodalModel(nn.Module):
 
         return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                         image_sizes=image_sizes, bridge_inputs=bridge_inputs, **settings)
+
+    def render_media(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: torch.Tensor,
+                     images: Any = None, settings: ImageSettings | None = None) -> list[list[Any]]:
+        """Each row's images for prompts ``[B, L]`` and their answers ``new_tokens`` ``[B, T]``: every complete
+        signal-token run's conditioning through its modality's generator (:mod:`mmbridge.model.output.render`);
+        ``images`` are the prompts' images as ``generate`` took them."""
+        full = torch.cat([input_ids, new_tokens], dim=1)  # [B, L + T]
+        mask = torch.cat([attention_mask, torch.ones_like(new_tokens)], dim=1)
+        image_tokens = images.visual_tokens(self) if images is not None else None
+        conditioning = run_conditioning(self, full, mask, image_tokens,
+                                        images.image_attention_mask if images is not None else None)
+        return draw(self, conditioning, full.shape[0], settings or ImageSettings())
 
     def chat(self, prompt: str, images: list | None = None, history: list[dict] | None = None,
              **settings: Any) -> str:
@@ -434,7 +493,8 @@ class MultimodalModel(nn.Module):
                            bridge=self.bridge.export_config(self.config.bridge),
                            image_token=self.config.image_token, image_token_id=self.image_token_id,
                            adapters=list(self.config.adapters),
-                           highres=self.highres.export_config() if self.highres is not None else None)
+                           highres=self.highres.export_config() if self.highres is not None else None,
+                           output=self.output.export_configs())
 
     def save_pretrained(self, directory: str) -> None:
         """Write config, safetensors weights, tokenizer and processor settings; each file atomically."""

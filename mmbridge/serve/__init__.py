@@ -12,11 +12,12 @@ from mmbridge.serve.settings import ServeSettings
 __all__ = ["ServeSettings", "create_app", "serve"]
 
 
-def create_app(model: Any, settings: ServeSettings) -> Any:
-    """The FastAPI app serving ``model`` (see :func:`mmbridge.serve.app.create_app`)."""
+def create_app(model: Any, settings: ServeSettings, answer_images: Any = None) -> Any:
+    """The FastAPI app serving ``model``; ``answer_images`` draws the images of models that answer with them
+    (see :func:`mmbridge.serve.app.create_app`)."""
     from mmbridge.serve.app import create_app as build
 
-    return build(model, settings)
+    return build(model, settings, answer_images)
 
 
 def serve(model_dir: str, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,

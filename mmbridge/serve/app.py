@@ -1,12 +1,14 @@
-"""The FastAPI app behind ``mmbridge serve``: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``
-and ``GET /``, a web page that asks the model about an image (``static/index.html``, plain HTML and JS).
+"""The FastAPI app behind ``mmbridge serve``: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
+``GET /``, a chat page (``static/index.html``, plain HTML and JS), and ``GET /examples/{name}``, the page's example
+images and their questions (``static/examples/``, written by ``tests/serve_examples.py``).
 
 :func:`create_app` wires the rooms together: a request body is read under its size limit, validated
 (:mod:`~mmbridge.serve.protocol`, :mod:`~mmbridge.serve.conversation`), its images are loaded under the
 server's policy (:mod:`~mmbridge.serve.images`), its prompt is built off the event loop
 (:mod:`~mmbridge.serve.prepare`) and the job is queued for the next batch
-(:mod:`~mmbridge.serve.batching`, :mod:`~mmbridge.serve.engine`). Every refusal is a 4xx with OpenAI's
-error body; nothing a request does stops the server from answering the next one.
+(:mod:`~mmbridge.serve.batching`, :mod:`~mmbridge.serve.engine`). An answer is its text, followed by the images
+the engine's ``answer_images`` hook drew for it, if any (:mod:`~mmbridge.serve.outputs`). Every refusal is a 4xx
+with OpenAI's error body; nothing a request does stops the server from answering the next one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -35,7 +38,9 @@ from mmbridge.serve.conversation import Conversation, parse_messages
 from mmbridge.serve.engine import Engine
 from mmbridge.serve.errors import APIError, invalid
 from mmbridge.serve.images import ImageLoader
-from mmbridge.serve.prepare import check_image_count, check_request, completion_budget, encode_prompt, sampling_of
+from mmbridge.serve.outputs import AnswerImages, ImageOptions, message_content
+from mmbridge.serve.prepare import (check_image_count, check_request, completion_budget, encode_prompt,
+                                    image_options_of, sampling_of)
 from mmbridge.serve.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                                      Choice, ChunkChoice, Delta, ModelCard, ModelList, Usage, completion_id, now,
                                      param_path, parse_request)
@@ -43,17 +48,25 @@ from mmbridge.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# the page loads nothing from elsewhere and talks only to this server; its one script and style are inline
+# the page loads nothing from elsewhere and talks only to this server; its one script and style are inline, its
+# images are the user's (data: URLs), the model's (data: URLs) and the examples (this server)
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
-                                           "style-src 'unsafe-inline'; img-src blob:; connect-src 'self'; "
-                                           "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+                                           "style-src 'unsafe-inline'; img-src 'self' data: blob:; "
+                                           "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                                           "form-action 'none'",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+EXAMPLE_TYPES = {".png": "image/png", ".json": "application/json"}
 
 
-def create_app(model: nn.Module, settings: ServeSettings) -> FastAPI:
-    """An OpenAI-compatible app serving ``model`` under ``settings.served_model_name``."""
+def create_app(model: nn.Module, settings: ServeSettings, answer_images: AnswerImages | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving ``model`` under ``settings.served_model_name``.
+
+    ``answer_images`` is the hook for models that answer with images: called once per finished row with a
+    :class:`~mmbridge.serve.outputs.FinishedRow`, it returns that row's PIL images, which the answer carries after
+    its text as OpenAI image content parts (:mod:`~mmbridge.serve.outputs`). ``None``: text answers only.
+    """
     settings.validate()
-    server = Server(model, settings)
+    server = Server(model, settings, answer_images)
     app = FastAPI(title="mmbridge", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.add_exception_handler(APIError, _api_error)
@@ -61,6 +74,7 @@ def create_app(model: nn.Module, settings: ServeSettings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     app.add_api_route("/", web_page(), methods=["GET"], include_in_schema=False)
+    app.add_api_route("/examples/{name}", example_files(), methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", server.model_card, methods=["GET"])
@@ -79,14 +93,31 @@ def web_page() -> Callable[[], Awaitable[HTMLResponse]]:
     return page
 
 
+def example_files() -> Callable[[str], Awaitable[Response]]:
+    """The ``GET /examples/{name}`` route: the files of the package's ``static/examples``, read once."""
+    folder = resources.files("mmbridge.serve") / "static" / "examples"
+    entries = folder.iterdir() if folder.is_dir() else []
+    files = {entry.name: entry.read_bytes() for entry in entries
+             if entry.is_file() and os.path.splitext(entry.name)[1] in EXAMPLE_TYPES}
+
+    async def example(name: str) -> Response:
+        """``GET /examples/{name}``: an example image of the page, or ``examples.json`` (each image's question)."""
+        if name not in files:
+            raise APIError(404, f"GET /examples/{name}: there is no such example file", code="not_found")
+        media_type = EXAMPLE_TYPES[os.path.splitext(name)[1]]
+        return Response(files[name], media_type=media_type, headers={"X-Content-Type-Options": "nosniff"})
+
+    return example
+
+
 class Server:
     """The state of one serving process: model, processor, tokenizer lock, scheduler, image loader."""
 
-    def __init__(self, model: nn.Module, settings: ServeSettings) -> None:
+    def __init__(self, model: nn.Module, settings: ServeSettings, answer_images: AnswerImages | None = None) -> None:
         self.model, self.settings = model, settings
         self.processor = model.processor()
         self.lock = threading.Lock()  # the tokenizer, shared by prompt building and the generation thread
-        self.engine = Engine(model, self.processor.pad_token_id, default_eos_ids(model), self.lock)
+        self.engine = Engine(model, self.processor.pad_token_id, default_eos_ids(model), self.lock, answer_images)
         self.max_prompt_tokens = settings.max_prompt_tokens or self.processor.max_length
         self.context_length = _context_length(model)
         self.created = now()
@@ -131,10 +162,11 @@ class Server:
         """``POST /v1/chat/completions``: validate, load images, build the prompt, queue; answer or stream."""
         chat = parse_request(await read_body(request, self.settings.max_body_bytes))
         check_request(chat, self.settings)
+        image_options = image_options_of(chat, self.settings, self.model.output_modalities)
         conversation = parse_messages(chat.messages, self.model.config.image_token)
         check_image_count(conversation, self.settings)
         images = [await self.images.load(ref) for ref in conversation.images]
-        job = await self._job(chat, conversation, images)
+        job = await self._job(chat, conversation, images, image_options)
         self.scheduler.submit(job)
         reply = {"id": completion_id(), "created": now(), "model": self.settings.served_model_name}
         if chat.stream:
@@ -146,14 +178,14 @@ class Server:
     def _card(self) -> ModelCard:
         return ModelCard(id=self.settings.served_model_name, created=self.created)
 
-    async def _job(self, chat: ChatCompletionRequest, conversation: Conversation,
-                   images: list[Image.Image]) -> Job:
+    async def _job(self, chat: ChatCompletionRequest, conversation: Conversation, images: list[Image.Image],
+                   image_options: ImageOptions) -> Job:
         example = await asyncio.to_thread(self._encode, conversation, images)
         prompt_tokens = len(example["input_ids"])
         max_tokens = completion_budget(chat, prompt_tokens, self.settings, self.max_prompt_tokens,
                                        self.context_length)
         return Job(example=example, sampling=sampling_of(chat), max_tokens=max_tokens, stop=chat.stop,
-                   prompt_tokens=prompt_tokens, loop=asyncio.get_running_loop())
+                   prompt_tokens=prompt_tokens, loop=asyncio.get_running_loop(), image_options=image_options)
 
     def _encode(self, conversation: Conversation, images: list[Image.Image]) -> dict[str, Any]:
         with self.lock:
@@ -198,7 +230,8 @@ async def complete(job: Job, reply: dict[str, Any]) -> dict[str, Any]:
             elif isinstance(event, Finished):
                 usage = Usage(prompt_tokens=job.prompt_tokens, completion_tokens=event.completion_tokens,
                               total_tokens=job.prompt_tokens + event.completion_tokens)
-                choice = Choice(message=AssistantMessage(content="".join(parts)), finish_reason=event.reason)
+                content = message_content("".join(parts), event.images)
+                choice = Choice(message=AssistantMessage(content=content), finish_reason=event.reason)
                 return ChatCompletion(**reply, choices=[choice], usage=usage).model_dump()
             else:
                 raise event.error
@@ -207,13 +240,16 @@ async def complete(job: Job, reply: dict[str, Any]) -> dict[str, Any]:
 
 
 async def stream_events(job: Job, reply: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: a chunk with the role, one per text delta, one with the finish reason, ``[DONE]``."""
+    """Server-sent events: a chunk with the role, one per text delta, one per answer image (its ``content`` a
+    one-part list), one with the finish reason, ``[DONE]``."""
     yield _sse(ChatCompletionChunk(**reply, choices=[ChunkChoice(delta=Delta(role="assistant", content=""))]))
     while True:
         event = await job.next_event()
         if isinstance(event, TextDelta):
             yield _sse(ChatCompletionChunk(**reply, choices=[ChunkChoice(delta=Delta(content=event.text))]))
         elif isinstance(event, Finished):
+            for part in event.images:
+                yield _sse(ChatCompletionChunk(**reply, choices=[ChunkChoice(delta=Delta(content=[part]))]))
             yield _sse(ChatCompletionChunk(**reply, choices=[ChunkChoice(delta=Delta(), finish_reason=event.reason)]))
             if include_usage:
                 usage = Usage(prompt_tokens=job.prompt_tokens, completion_tokens=event.completion_tokens,

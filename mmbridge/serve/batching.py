@@ -9,9 +9,9 @@ setting per batch —: every greedy request shares one key, sampling requests sh
 temperature and top_p are equal, and a seeded sampling request always runs alone, so its seed gives the
 same answer whatever else is queued. ``max_tokens`` and stop strings are per row.
 
-A job's events (:class:`TextDelta`, :class:`Finished`, :class:`Failed`) reach its request through an
-``asyncio.Queue`` fed from the generation thread. A job whose client went away is ``cancelled``: it is
-skipped while queued and its row is ignored while decoding.
+A job's events (:class:`TextDelta`, :class:`Finished` with the row's answer images if any, :class:`Failed`) reach
+its request through an ``asyncio.Queue`` fed from the generation thread. A job whose client went away is
+``cancelled``: it is skipped while queued and its row is ignored while decoding.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 from mmbridge.serve.errors import APIError, server_error
+from mmbridge.serve.outputs import ImageOptions
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class TextDelta:
 class Finished:
     reason: str  # "stop" (EOS or a stop string) or "length"
     completion_tokens: int
+    images: list[dict[str, Any]] = field(default_factory=list)  # OpenAI image content parts, sent after the text
 
 
 @dataclass
@@ -69,7 +71,7 @@ Event = TextDelta | Finished | Failed
 @dataclass(eq=False)
 class Job:
     """One request's decoding: its processed ``example`` (``input_ids`` ``[L]``, ``pixel_values``, ``image_sizes``,
-    ``bridge_inputs``), settings and the queue its events go to."""
+    ``bridge_inputs``), settings, what it asks of image answers and the queue its events go to."""
 
     example: dict[str, Any]
     sampling: Sampling
@@ -77,6 +79,7 @@ class Job:
     stop: list[str]
     prompt_tokens: int
     loop: asyncio.AbstractEventLoop
+    image_options: ImageOptions = field(default_factory=ImageOptions)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set on the event loop when the client leaves; read by the generation thread
 

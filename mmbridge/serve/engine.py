@@ -4,6 +4,10 @@ Runs in the scheduler's generation thread. The streamer callback turns every ste
 per-row events: a row ends at EOS, at one of its stop strings or at its own ``max_tokens``, and a
 cancelled row (its client left) is ignored from then on. When every row has ended the callback stops
 ``generate`` early, so a short answer never waits for the batch's longest budget.
+
+A row that ends hands itself to the engine's ``answer_images`` hook, where one is set (a model that answers with
+images, :mod:`~mmbridge.serve.outputs`); the images it returns travel in the row's :class:`Finished` event as
+OpenAI image content parts. A hook that fails fails its row (a 500), not the batch.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from mmbridge.generate import generate
 from mmbridge.serve.batching import Failed, Finished, Job, TextDelta
 from mmbridge.serve.detokenize import AnswerText
 from mmbridge.serve.errors import server_error
+from mmbridge.serve.outputs import AnswerImages, FinishedRow, image_content_parts
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +36,12 @@ class _AllRowsEnded(Exception):
 class Row:
     """One job's place in the batch: its tokens, text and whether it has ended."""
 
-    def __init__(self, job: Job, tokenizer: Any, eos_ids: set[int], lock: threading.Lock) -> None:
+    def __init__(self, job: Job, tokenizer: Any, eos_ids: set[int], lock: threading.Lock,
+                 answer_images: AnswerImages | None = None) -> None:
         self.job, self.eos_ids, self.lock = job, eos_ids, lock
+        self.answer_images = answer_images
         self.text = AnswerText(tokenizer, job.stop)
-        self.tokens = 0
+        self.token_ids: list[int] = []  # every token this row took, its EOS included
         self.ended = False
         self.dropped = False  # its client left before the answer ended
 
@@ -45,7 +52,7 @@ class Row:
         if self.job.cancelled:
             self.ended = self.dropped = True
             return
-        self.tokens += 1
+        self.token_ids.append(token)
         if token in self.eos_ids:
             return self.finish("stop")
         with self.lock:
@@ -54,11 +61,11 @@ class Row:
             self.job.emit(TextDelta(delta))
         if stopped:
             self.finish("stop", flush=False)
-        elif self.tokens >= self.job.max_tokens:
+        elif len(self.token_ids) >= self.job.max_tokens:
             self.finish("length")
 
     def finish(self, reason: str, flush: bool = True) -> None:
-        """Send the held-back text and the finish reason."""
+        """Send the held-back text, then the finish reason with the row's answer images."""
         if self.ended:
             return
         self.ended = True
@@ -67,7 +74,24 @@ class Row:
                 rest = self.text.finish()
             if rest:
                 self.job.emit(TextDelta(rest))
-        self.job.emit(Finished(reason, self.tokens))
+        try:
+            images = self.images(reason)
+        except Exception as error:  # the model's hook failed: this row's request gets a 500, the batch goes on
+            logger.exception("the answer_images hook failed")
+            self.job.emit(Failed(server_error(f"drawing the answer's images failed: {type(error).__name__}: "
+                                              f"{error}")))
+            return
+        self.job.emit(Finished(reason, len(self.token_ids), images))
+
+    def images(self, reason: str) -> list[dict[str, Any]]:
+        """The ``answer_images`` hook's images for this ended row, as OpenAI image content parts (none without
+        a hook)."""
+        if self.answer_images is None:
+            return []
+        options = self.job.image_options
+        row = FinishedRow(example=self.job.example, token_ids=list(self.token_ids), text=self.text.sent,
+                          finish_reason=reason, options=options)
+        return image_content_parts(self.answer_images(row), options.largest_side)
 
     def fail(self, message: str) -> None:
         if not self.ended:
@@ -79,10 +103,15 @@ class Engine:
     """Runs groups of jobs on ``model``; ``lock`` guards the tokenizer, shared with request preparation.
 
     ``pad_token_id`` pads prompts (masked out); ``eos_ids`` are the ids ``generate`` stops a row at by default.
+    ``answer_images`` is the hook for models that answer with images (:data:`~mmbridge.serve.outputs.AnswerImages`):
+    called once per finished row with a :class:`~mmbridge.serve.outputs.FinishedRow`, it returns the row's PIL
+    images; ``None`` (every text-only model) gives text answers only.
     """
 
-    def __init__(self, model: nn.Module, pad_token_id: int, eos_ids: list[int], lock: threading.Lock) -> None:
+    def __init__(self, model: nn.Module, pad_token_id: int, eos_ids: list[int], lock: threading.Lock,
+                 answer_images: AnswerImages | None = None) -> None:
         self.model = model
+        self.answer_images = answer_images
         self.pad_token_id = pad_token_id
         self.eos_ids = set(eos_ids)
         self.lock = lock
@@ -92,7 +121,7 @@ class Engine:
     def run_group(self, jobs: list[Job]) -> int:
         """Decode ``jobs`` (equal sampling settings) in one batch; every job ends with Finished or Failed, except
         those whose client left: returns how many rows were dropped for that."""
-        rows = [Row(job, self.model.tokenizer, self.eos_ids, self.lock) for job in jobs]
+        rows = [Row(job, self.model.tokenizer, self.eos_ids, self.lock, self.answer_images) for job in jobs]
 
         def streamer(tokens: torch.Tensor) -> None:  # [B]
             for row, token in zip(rows, tokens.tolist()):

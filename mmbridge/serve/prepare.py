@@ -1,4 +1,5 @@
-"""From a validated request to what a :class:`~mmbridge.serve.batching.Job` needs: checks, sampling, prompt, budget.
+"""From a validated request to what a :class:`~mmbridge.serve.batching.Job` needs: checks, sampling, prompt, budget,
+and what it asks of image answers.
 
 The prompt is built as :func:`mmbridge.generate.chat` builds it (the processor's ``prompt_inputs`` plus the
 bridge's text inputs), so a greedy answer through the server is the answer ``model.chat`` gives.
@@ -14,10 +15,12 @@ from PIL import Image
 from mmbridge.serve.batching import Sampling
 from mmbridge.serve.conversation import Conversation
 from mmbridge.serve.errors import APIError, invalid
-from mmbridge.serve.protocol import ChatCompletionRequest
+from mmbridge.serve.outputs import ImageOptions
+from mmbridge.serve.protocol import ChatCompletionRequest, ImageRequest
 from mmbridge.serve.settings import ServeSettings
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's: without a temperature a request samples
+ANSWER_MODALITIES = ("text", "image")  # what a request's ``modalities`` may hold
 
 
 def check_request(request: ChatCompletionRequest, settings: ServeSettings) -> None:
@@ -39,6 +42,35 @@ def check_request(request: ChatCompletionRequest, settings: ServeSettings) -> No
     if requested is not None and requested > settings.max_tokens_cap:
         raise invalid(field, f"{field} is {requested}; this server allows at most {settings.max_tokens_cap} "
                              f"(--max-tokens-cap)", code="max_tokens_too_large")
+
+
+def image_options_of(request: ChatCompletionRequest, settings: ServeSettings,
+                     output_modalities: tuple[str, ...]) -> ImageOptions:
+    """Check what the request asks of image answers (``modalities``, ``image.steps``, ``image.size``) against the
+    server's limits and the model (``output_modalities``); the options handed to the ``answer_images`` hook."""
+    modalities = request.modalities or ["text"]
+    unknown = [modality for modality in modalities if modality not in ANSWER_MODALITIES]
+    if unknown:
+        raise invalid("modalities", f"modality {unknown[0]!r} is not supported; this server answers with "
+                                    f"{list(ANSWER_MODALITIES)}", code="unsupported_modality")
+    asked = request.image or ImageRequest()
+    _check_limit("image.steps", asked.steps, settings.max_image_steps, "diffusion steps", "--max-image-steps")
+    _check_limit("image.size", asked.size, settings.max_image_size, "pixels on the largest side", "--max-image-size")
+    requested = "image" in modalities
+    if (requested or request.image is not None) and "image" not in output_modalities:
+        field, sent = ("modalities", '"modalities" asks for "image"') if requested else ("image", '"image" was sent')
+        raise invalid(field, f"{sent}, but the model `{settings.served_model_name}` cannot answer with images (it "
+                             f"has no image generator; it answers with text only): leave \"image\" out of the "
+                             f"request", code="unsupported_modality")
+    return ImageOptions(requested=requested, steps=asked.steps, size=asked.size, max_steps=settings.max_image_steps,
+                        max_size=settings.max_image_size)
+
+
+def _check_limit(field: str, value: int | None, limit: int, unit: str, flag: str) -> None:
+    """A 400 naming ``field`` and the server's ``limit`` when ``value`` exceeds it."""
+    if value is not None and value > limit:
+        raise invalid(field, f"{field} is {value}; this server allows at most {limit} {unit} ({flag})",
+                      code=f"{field.replace('.', '_')}_too_large")
 
 
 def check_image_count(conversation: Conversation, settings: ServeSettings) -> None:

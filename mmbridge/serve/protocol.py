@@ -26,6 +26,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ImageRequest(BaseModel):
+    """``image``: what a request asks of image answers (an OpenAI client sends it as ``extra_body={"image": {...}}``).
+
+    ``steps``: diffusion steps (at most ``--max-image-steps``); ``size``: the largest side in pixels (at most
+    ``--max-image-size``). Either left out: the generator's default, capped at the limit.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int | None = Field(default=None, ge=1)
+    size: int | None = Field(default=None, ge=1)
+
+
 class ChatCompletionRequest(BaseModel):
     """The fields of ``POST /v1/chat/completions`` this server reads (the rest are refused)."""
 
@@ -47,6 +59,8 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = None
     logprobs: bool | None = None  # only false
     response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    modalities: list[str] | None = Field(default=None, min_length=1)  # OpenAI's: ["text"], or ["text", "image"]
+    image: ImageRequest | None = None  # only for a model that answers with images
 
     @field_validator("stop")
     @classmethod
@@ -115,10 +129,10 @@ class Usage(BaseModel):
 
 
 class AssistantMessage(BaseModel):
-    """The answer's message."""
+    """The answer's message: its text, or (when the model drew images) a text part followed by image parts."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | list[dict[str, Any]]
 
 
 class Choice(BaseModel):
@@ -142,10 +156,10 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(BaseModel):
-    """What one streamed chunk adds: the role (first chunk) or text."""
+    """What one streamed chunk adds: the role (first chunk), text, or one image content part (in a one-part list)."""
 
     role: Literal["assistant"] | None = None
-    content: str | None = None
+    content: str | list[dict[str, Any]] | None = None
 
 
 class ChunkChoice(BaseModel):

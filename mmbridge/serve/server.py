@@ -24,10 +24,11 @@ def serve(model_dir: str, settings: ServeSettings, host: str = "127.0.0.1", port
 
     from mmbridge.model.multimodal import MultimodalModel
     from mmbridge.serve.app import create_app
+    from mmbridge.serve.outputs import drawing_hook
 
     settings.validate()
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # PIL refuses (bomb error) at twice this, as a backstop
     model = MultimodalModel.from_pretrained(model_dir).to(device).eval()
-    app = create_app(model, settings)
+    app = create_app(model, settings, answer_images=drawing_hook(model))
     logger.info("serving %s as %r on http://%s:%d/v1", model_dir, settings.served_model_name, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

@@ -1,4 +1,5 @@
-"""What an ``mmbridge serve`` process allows: request and image limits, batching, where images may come from."""
+"""What an ``mmbridge serve`` process allows: request and image limits, batching, where images may come from, and
+how much image answers may cost (diffusion steps, size)."""
 
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ class ServeSettings:
     allow_remote_images: bool = False
     image_root: str | None = None  # file:// URLs and bare paths are read only under this directory
     image_timeout_s: float = 10.0  # per remote image fetch
+    max_image_steps: int = 30  # diffusion steps a request may ask of an image answer
+    max_image_size: int = 512  # largest side, in pixels, of an image answer
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag of the first setting that cannot work."""
         positive = ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_tokens_cap", "default_max_tokens",
-                    "max_batch", "max_queued", "image_timeout_s")
+                    "max_batch", "max_queued", "image_timeout_s", "max_image_steps", "max_image_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{flag(name)} must be > 0, got {getattr(self, name)}")
@@ -68,6 +71,10 @@ LIMIT_FLAGS: dict[str, tuple[type, str]] = {
                              "(default %(default)s)"),
     "max_queued": (int, "most requests waiting for a batch; beyond it the server answers 503 (default %(default)s)"),
     "image_timeout_s": (float, "timeout of one remote image fetch, in seconds (default %(default)s)"),
+    "max_image_steps": (int, "most diffusion steps a request may ask of an image answer (request field image.steps; "
+                             "default %(default)s)"),
+    "max_image_size": (int, "largest side in pixels of an image answer (request field image.size; "
+                            "default %(default)s)"),
 }
 
 

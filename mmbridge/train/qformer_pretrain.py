@@ -187,7 +187,8 @@ class PretrainOutput:
 
 
 class QFormerPretrainModel(nn.Module):
-    """Stage 1 under the usual module keys: ``vision``, ``bridge`` (Q-Former + heads), ``llm`` (empty)."""
+    """Stage 1 under the usual module keys: ``vision``, ``bridge`` (Q-Former + heads), ``llm`` and ``output``
+    (empty)."""
 
     def __init__(self, vision: nn.Module, bridge: QFormerPretrainHeads, config: QFormerBridgeConfig,
                  tokenizer: Any) -> None:
@@ -195,12 +196,13 @@ class QFormerPretrainModel(nn.Module):
         self.vision = vision
         self.bridge = bridge
         self.llm = nn.Module()  # stage 1 has no LLM; the key exists so stages speak the usual keys
+        self.output = nn.Module()  # nor an output side
         self.bridge_config = config
         self.tokenizer = tokenizer
         self.processor_settings: dict = {}  # the trainer records a stage's box_format here; final/ saves none
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
-        """``{key: {"trainable": n, "frozen": n}}`` for ``vision``, ``bridge``, ``llm``."""
+        """``{key: {"trainable": n, "frozen": n}}`` for every module key."""
         counts = {key: {"trainable": 0, "frozen": 0} for key in MODULE_KEYS}
         for name, parameter in self.named_parameters():
             counts[name.split(".", 1)[0]]["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()

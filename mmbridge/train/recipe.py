@@ -205,8 +205,10 @@ def _layer_stack(module: nn.Module) -> nn.ModuleList:
 
 
 def parameter_table(model: MultimodalModel, stage: StageConfig) -> list[dict]:
+    """One row per module key that holds parameters (a text-only model has no ``output`` row)."""
     counts = model.parameter_counts()
-    return [{"key": key, "mode": stage.spec(key).mode, **counts[key]} for key in MODULE_KEYS]
+    return [{"key": key, "mode": stage.spec(key).mode, **counts[key]} for key in MODULE_KEYS
+            if counts[key]["trainable"] + counts[key]["frozen"] or stage.spec(key).mode != "frozen"]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -7,7 +7,9 @@ The LLaVA format is a JSON list (or JSON Lines, one object per line) of::
                        {"from": "gpt", "value": "A cat."}],
      "regions": [{"box": [120, 80, 560, 700], "words": {"colour": "grey", "animal": "cat"}}],  # optional
      "in_context": ["000007", "000012"],                      # optional (MIMIC-IT's ``rel_ins_ids`` too)
-     "video": false}                                          # optional: true when the images are one clip's frames
+     "video": false,                                          # optional: true when the images are one clip's frames
+     "outputs": [{"modality": "image", "caption": "A red circle.", "image": "out/000001.png",   # optional
+                  "scene": {...}, "asked": ["count", "colour"]}]}
 
 Roles ``human``/``user`` become ``user``, ``gpt``/``assistant`` become ``assistant``,
 ``system`` stays. A trainable conversation is: an optional leading system turn, then
@@ -17,7 +19,11 @@ accepts it). ``regions`` (optional) say which words describe which box of the fi
 for region–word alignment (:mod:`mmbridge.train.region_words`). ``in_context`` (or MIMIC-IT's
 ``rel_ins_ids``) names other samples of the same file whose turns and images come first, as
 solved in-context examples (MIMIC-IT, arXiv 2306.05425): the model sees them, and only the
-sample's own replies are labelled. Every error names the file, the sample index and id, and the field.
+sample's own replies are labelled. ``outputs`` (optional) are the images the assistant answers with (NExT-GPT's
+any-to-any output): each assistant marker ``<image_out>`` (:data:`OUTPUT_MARKERS`) has one entry, in order, with
+the caption a generator is conditioned on, the target image's path (relative like ``image``; ``null`` when there
+is none) and, optionally, the target ``scene`` and the ``asked`` attributes that scoring checks
+(:mod:`mmbridge.worlds.miniworld.scoring`). Every error names the file, the sample index and id, and the field.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+OUTPUT_MARKERS = {"image": "<image_out>"}  # per output modality, the text an assistant turn holds for each output
+OUTPUT_KEYS = ("modality", "caption", "image", "scene", "asked")
+_MODALITY_OF = {marker: modality for modality, marker in OUTPUT_MARKERS.items()}
 
 
 @dataclass
@@ -54,6 +63,9 @@ class Sample:
     video: bool = False  # the images are the frames of one video (a model that takes video reads them as one)
     context_turns: int = 0  # leading turns shown as in-context examples (``in_context``): seen, never labelled
     document: list[dict] | None = None  # an interleaved document's chunks {"image", "text"} (formats/interleaved.py)
+    # what the assistant's output markers stand for, in order: {"modality", "caption", "image": absolute path or
+    # None, "scene", "asked"} (see the module docstring)
+    outputs: list[dict] | None = None
 
 
 def load_llava_json(path: str, image_root: str | None = None, source: str = "",
@@ -86,16 +98,18 @@ def _with_in_context_examples(samples: list[Sample], records: list[Any], path: s
         if missing or sample.id in map(str, named):
             problem = f"names unknown id(s) {missing}" if missing else "names the sample itself"
             raise ValueError(f"{where}: 'in_context' {problem}; ids must be other samples of this file")
-        turns, images = [], []
+        turns, images, outputs = [], [], []
         for item in map(str, named):
             example = by_id[item]
             turns += [turn for turn in example.conversation if turn["role"] != "system"]
             images += example.images
+            outputs += example.outputs or []
         own = sample.conversation
         system = own[:1] if own and own[0]["role"] == "system" else []
         conversation = system + turns + own[len(system):]
+        outputs += sample.outputs or []
         result.append(dataclasses.replace(sample, conversation=conversation, images=images + sample.images,
-                                          context_turns=len(system) + len(turns),
+                                          context_turns=len(system) + len(turns), outputs=outputs or None,
                                           regions=None))  # regions describe the own first image, no longer first
     return result
 
@@ -136,8 +150,77 @@ def _parse_record(record: Any, index: int, path: str, root: str, source: str, st
     video = record.get("video", False)
     if not isinstance(video, bool):
         raise ValueError(f"{where}: field 'video' must be true or false, got {video!r}")
+    outputs = check_outputs(record.get("outputs"), conversation, where)
+    for output in outputs or []:
+        output["image"] = os.path.join(root, output["image"]) if output["image"] is not None else None
     return Sample(id=sample_id, conversation=conversation, images=images, source=source, regions=regions,
-                  video=video)
+                  video=video, outputs=outputs)
+
+
+def check_outputs(outputs: Any, conversation: list[dict], where: str) -> list[dict] | None:
+    """The optional ``outputs`` field, checked against the output markers of ``conversation``'s assistant turns
+    (one entry per marker, same modalities in the same order); a copy of each entry, ``image`` and ``scene``
+    set (``None`` when absent)."""
+    markers = _output_markers(conversation, where)
+    if outputs is None:
+        if markers:
+            raise ValueError(f"{where}: the assistant turns hold {len(markers)} output marker(s) "
+                             f"({', '.join(markers)}) but the sample has no 'outputs'")
+        return None
+    if not isinstance(outputs, list):
+        raise ValueError(f"{where}: field 'outputs' must be a list, got {type(outputs).__name__}")
+    checked = [_check_output(output, number, where) for number, output in enumerate(outputs)]
+    modalities = [output["modality"] for output in checked]
+    if modalities != [_MODALITY_OF[marker] for marker in markers]:
+        raise ValueError(f"{where}: 'outputs' holds {len(checked)} output(s) {modalities} but the assistant turns "
+                         f"hold {len(markers)} output marker(s) {markers}; each marker needs one output, in order")
+    return checked
+
+
+def _output_markers(conversation: list[dict], where: str) -> list[str]:
+    """The output markers of the assistant turns, in order (a marker in any other turn is an error)."""
+    found = []
+    for number, turn in enumerate(conversation):
+        positions = sorted((start, marker) for marker in OUTPUT_MARKERS.values()
+                           for start in _starts(turn["content"], marker))
+        if positions and turn["role"] != "assistant":
+            raise ValueError(f"{where}: conversations[{number}] is a {turn['role']!r} turn holding the output "
+                             f"marker {positions[0][1]!r}; only assistant turns answer with outputs")
+        found += [marker for _, marker in positions]
+    return found
+
+
+def _starts(text: str, marker: str) -> list[int]:
+    """Where ``marker`` starts in ``text``, each occurrence."""
+    starts, position = [], text.find(marker)
+    while position >= 0:
+        starts.append(position)
+        position = text.find(marker, position + len(marker))
+    return starts
+
+
+def _check_output(output: Any, number: int, where: str) -> dict:
+    """One ``outputs`` entry: known keys, a known modality, a caption, an image path or null, a scene mapping."""
+    name = f"{where}: outputs[{number}]"
+    if not isinstance(output, dict):
+        raise ValueError(f"{name} must be an object, got {type(output).__name__}")
+    unknown = sorted(set(output) - set(OUTPUT_KEYS))
+    if unknown:
+        raise ValueError(f"{name} has unknown field(s) {unknown}; fields are {list(OUTPUT_KEYS)}")
+    if output.get("modality") not in OUTPUT_MARKERS:
+        raise ValueError(f"{name} field 'modality' is {output.get('modality')!r}; expected one of "
+                         f"{sorted(OUTPUT_MARKERS)}")
+    if not isinstance(output.get("caption"), str) or not output["caption"].strip():
+        raise ValueError(f"{name} needs 'caption': the text a generator is conditioned on, got "
+                         f"{output.get('caption')!r}")
+    image, scene, asked = output.get("image"), output.get("scene"), output.get("asked")
+    if image is not None and not (isinstance(image, str) and image):
+        raise ValueError(f"{name} field 'image' must be a path or null, got {image!r}")
+    if scene is not None and not isinstance(scene, dict):
+        raise ValueError(f"{name} field 'scene' must be an object or null, got {type(scene).__name__}")
+    if asked is not None and not (isinstance(asked, list) and all(isinstance(item, str) for item in asked)):
+        raise ValueError(f"{name} field 'asked' must be a list of attribute names, got {asked!r}")
+    return {**output, "image": image, "scene": scene}
 
 
 def check_regions(regions: Any, where: str) -> list[dict]:

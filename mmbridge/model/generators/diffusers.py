@@ -13,6 +13,7 @@ conditioning length L) is set and the encoder's width equals the UNet's cross-at
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -176,7 +177,7 @@ class DiffusersGenerator(Generator):
             raise ValueError("encode_text needs at least one text")
         tokenizer = self.pipeline.tokenizer
         lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False).input_ids]
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_pipeline():  # truncation is reported in the result, once, not logged per call
             embeds, _ = self.pipeline.encode_prompt(texts, self.device, 1, False)
         return TextConditioning(embeds, [length > tokenizer.model_max_length for length in lengths])
 
@@ -286,3 +287,19 @@ def build_diffusers_generator(cfg: DiffusersGeneratorConfig) -> DiffusersGenerat
     cfg = dataclasses.replace(cfg, path=os.path.abspath(cfg.path))
     pipeline = load_pipeline(cfg.path, resolve_dtype(cfg.dtype, torch.device("cpu")))
     return DiffusersGenerator(pipeline, cfg)
+
+
+@contextlib.contextmanager
+def _quiet_pipeline() -> Iterator[None]:
+    """diffusers' and transformers' per-call warnings off (the truncation warning of every encode_prompt call)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])

@@ -5,7 +5,10 @@ record is a LLaVA conversation (``id``, ``image``, ``conversations``) plus ``tas
 ``split``, ``index``, ``seed``, ``question``, ``format``, ``answer``, ``answers``, the
 format-specific ``choices``/``box``/``references``/``pope``, and ``scene``, the full
 symbolic description. Multi-turn conversations have format ``"free"``, ``question`` and
-``answer`` ``None``, and their per-turn questions under ``turns``.
+``answer`` ``None``, and their per-turn questions under ``turns``. Generation requests have format ``"image"``:
+the answer is the reply ending with ``<image_out>``, the record's ``outputs`` hold the target of each marker
+(:mod:`.generation`; their images ``images/ID-out1.png``…), an edit's kind is its ``edit``, and a text request
+has no ``image`` (its ``scene`` is the scene asked for).
 
 ``box_format`` (``plain``, the default, or ``qwen``; :mod:`mmbridge.boxes`) is how grounding questions and
 answers write boxes in the text; it draws nothing, so both formats give the same scene, images and ``box``.
@@ -25,6 +28,7 @@ from mmbridge.worlds.miniworld.tasks import get_task
 
 IMAGE_TOKEN = "<image>"
 IMAGE_DIRECTORY = "images"
+GENERATION_FORMAT = "image"  # a request answered with an image: the prompt is the request as written
 
 
 def sample_id(task: str, split: str, index: int) -> str:
@@ -39,7 +43,10 @@ def make_episode(task: str, split: str, index: int, seed: int = 0, box_format: s
 
 
 def image_names(identifier: str, episode: Episode) -> list[str]:
-    """Relative PNG paths: ``images/ID.png``, or ``images/ID-1.png``… (images), ``images/ID-f00.png``… (frames)."""
+    """Relative PNG paths: ``images/ID.png``, or ``images/ID-1.png``… (images), ``images/ID-f00.png``… (frames),
+    none for a text request."""
+    if episode.layout == "text":
+        return []
     if episode.layout == "single":
         return [f"{IMAGE_DIRECTORY}/{identifier}.png"]
     if episode.layout == "video":
@@ -49,6 +56,8 @@ def image_names(identifier: str, episode: Episode) -> list[str]:
 
 def image_prefix(episode: Episode) -> str:
     """The placeholders that open the first user turn, one ``<image>`` per image, in order."""
+    if episode.layout == "text":
+        return ""
     if episode.layout == "single":
         return f"{IMAGE_TOKEN}\n"
     if episode.layout == "video":
@@ -68,13 +77,16 @@ def episode_record(task: str, split: str, index: int, seed: int, episode: Episod
     conversations = []
     instructed: set[str] = set()  # a format's instruction is given at its first turn and holds for the rest
     for position, question in enumerate(episode.questions):
-        prompt = format_prompt(question.text, question.format, question.choices, question.format not in instructed,
-                               box_format)
+        prompt = question.text if question.format == GENERATION_FORMAT else \
+            format_prompt(question.text, question.format, question.choices, question.format not in instructed,
+                          box_format)
         instructed.add(question.format)
         conversations.append({"from": "human", "value": (image_prefix(episode) if position == 0 else "") + prompt})
         conversations.append({"from": "gpt", "value": question.answer})
     record = {"id": identifier, "image": names[0] if episode.layout == "single" else names,
               "conversations": conversations, "task": task, "split": split, "index": index, "seed": seed}
+    if episode.layout == "text":
+        del record["image"]  # a text-only LLaVA record
     if episode.is_conversation:
         record.update({"question": None, "format": "free", "answer": None, "answers": [],
                        "turns": [question.fields() for question in episode.questions]})
@@ -82,8 +94,18 @@ def episode_record(task: str, split: str, index: int, seed: int, episode: Episod
         record.update(episode.questions[0].fields())
     if episode.layout == "video":
         record["video"] = True  # the images are the frames of one clip, in order
+    if episode.outputs:
+        record["outputs"] = [output.to_record(name) for output, name in zip(episode.outputs,
+                                                                            output_names(identifier, episode))]
+    if episode.edit is not None:
+        record["edit"] = episode.edit
     record["scene"] = episode.scene()
     return record
+
+
+def output_names(identifier: str, episode: Episode) -> list[str]:
+    """Relative PNG paths of the target images: ``images/ID-out1.png``, ``images/ID-out2.png``…"""
+    return [f"{IMAGE_DIRECTORY}/{identifier}-out{number}.png" for number in range(1, len(episode.outputs) + 1)]
 
 
 def make_record(task: str, split: str, index: int, seed: int = 0, box_format: str = "plain") -> dict:

@@ -4,7 +4,8 @@ A :class:`Scene` holds the canvas size, a :class:`Background`, shaped objects
 (:class:`SceneObject`: shape, colour, size class, centre, extent, exact RGB) and
 rendered words or numbers (:class:`TextItem`). Objects and text never overlap (boxes
 keep a gap), so every object is one connected blob of its colour. ``Scene.to_dict``
-is the JSON-able description stored with each sample.
+is the JSON-able description stored with each sample; ``Scene.from_dict`` reads it back (the same
+scene, drawn to the same pixels).
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ class Background:
     def to_dict(self) -> dict:
         return {key: value for key, value in vars(self).items() if value is not None}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Background:
+        """The background that :meth:`to_dict` wrote."""
+        return cls(**data)
+
     def describe(self) -> str:
         """Words for captions: "a plain beige background", "a gradient from white to light blue", …"""
         if self.kind == "gradient":
@@ -159,6 +165,15 @@ class Scene:
         return {"width": self.width, "height": self.height, "background": self.background.to_dict(),
                 "objects": [item.to_dict(self.width, self.height) for item in self.objects],
                 "texts": [item.to_dict(self.width, self.height) for item in self.texts]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Scene:
+        """The scene that :meth:`to_dict` wrote (derived fields such as ``box`` and ``region`` are recomputed)."""
+        objects = [SceneObject(item["shape"], item["colour"], item["size"], item["x"], item["y"], item["extent"],
+                               tuple(item["rgb"])) for item in data.get("objects", [])]
+        texts = [TextItem(TextSpec(item["text"], item["kind"], item["font"], item["font_size"], item["colour"],
+                                   tuple(item["rgb"])), item["x"], item["y"]) for item in data.get("texts", [])]
+        return cls(data["width"], data["height"], Background.from_dict(data["background"]), objects, texts)
 
 
 class LayoutError(RuntimeError):

@@ -5,7 +5,9 @@ imported (importing ``mmbridge`` imports it). A data source ``{"miniworld": {"ta
 "seed": ..., "box_format": ...}}`` builds the conversations up front (cheap) and gives each sample an
 ``image_loader`` that
 renders its images when the processor asks for them, so training needs no files. One-scene
-samples carry their objects as ``regions`` (box, colour, shape, size) for region–word alignment.
+samples carry their objects as ``regions`` (box, colour, shape, size) for region–word alignment. Generation
+requests carry their ``outputs`` with ``image`` ``None``: the target is drawn from the output's ``scene``
+(:func:`~mmbridge.worlds.miniworld.generation.output_images`).
 ``box_format`` (``plain``, the default, or ``qwen``) is how grounding turns write boxes; regions stay in 000–999.
 """
 
@@ -32,7 +34,7 @@ def load_samples(spec: dict, source: str = "") -> list[Sample]:
     samples = []
     for index in range(count):
         record = make_record(task, split, index, seed, box_format)
-        names = [record["image"]] if isinstance(record["image"], str) else record["image"]
+        names = [record["image"]] if isinstance(record.get("image"), str) else record.get("image", [])
         images = [f"miniworld://{seed}/{name}" for name in names]
         loader = functools.partial(render_images, task, split, index, seed)
         if "texts" in record:  # an interleaved document: image i, then text i
@@ -41,16 +43,18 @@ def load_samples(spec: dict, source: str = "") -> list[Sample]:
                                   image_loader=loader, document=chunks))
             continue
         conversation = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
+        outputs = [{**output, "image": None} for output in record["outputs"]] if "outputs" in record else None
         samples.append(Sample(id=record["id"], conversation=conversation, images=images, source=source,
-                              image_loader=loader, regions=scene_regions(record), video=bool(record.get("video"))))
+                              image_loader=loader, regions=scene_regions(record), video=bool(record.get("video")),
+                              outputs=outputs))
     return samples
 
 
 def scene_regions(record: dict) -> list[dict] | None:
     """The objects of a one-scene record as regions: box in 0–999 and the words colour, shape and size."""
     scene = record.get("scene")
-    if not scene or "objects" not in scene:  # several images (multi-image, video) or a chart: no single scene
-        return None
+    if not scene or "objects" not in scene or "image" not in record:  # several images (multi-image, video), a
+        return None  # chart, or a text request (its scene is the one asked for, not an image shown)
     return [{"box": item["box_999"], "words": {"colour": item["colour"], "shape": item["shape"], "size": item["size"]}}
             for item in scene["objects"]]
 

@@ -2,21 +2,26 @@
 
 An episode holds the drawables (scenes or charts) of one sample, in image order, the
 question(s) about them with answers derived from them, and how the images are laid
-out in the prompt (one image, several interleaved images, video frames, or an interleaved
-document: each image followed by its question's answer as plain text).
+out in the prompt (one image, several interleaved images, video frames, an interleaved
+document: each image followed by its question's answer as plain text, or none: a text request).
+A generation episode also holds its ``outputs`` (:class:`~mmbridge.worlds.miniworld.generation.Output`: the
+scenes the assistant answers with) and, for an edit, its kind.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from mmbridge.worlds.miniworld.chart import BarChart
 from mmbridge.worlds.miniworld.questions import Question
 from mmbridge.worlds.miniworld.scene import LayoutError, Scene
 from mmbridge.worlds.miniworld.splits import World
 
-LAYOUTS = ("single", "multi", "video", "document")
+if TYPE_CHECKING:
+    from mmbridge.worlds.miniworld.generation import Output
+
+LAYOUTS = ("single", "multi", "video", "document", "text")
 MAX_ATTEMPTS = 500
 
 
@@ -25,13 +30,15 @@ class Episode:
     """The images (as drawables) and question(s) of one sample.
 
     ``description`` is the stored ``scene`` field; by default the single image's
-    description, or ``{"images": [...]}`` for several images.
+    description, ``{"images": [...]}`` for several images, or the first output's scene for a text request.
     """
 
     images: list[Scene | BarChart]
     questions: list[Question]
     layout: str = "single"
     description: dict | None = field(default=None)
+    outputs: list[Output] = field(default_factory=list)
+    edit: str | None = None
 
     @property
     def is_conversation(self) -> bool:
@@ -43,6 +50,8 @@ class Episode:
             return self.description
         if len(self.images) == 1:
             return self.images[0].to_dict()
+        if not self.images and self.outputs:
+            return self.outputs[0].scene.to_dict()
         return {"images": [image.to_dict() for image in self.images]}
 
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from mmbridge.boxes import check_box_format
 from mmbridge.utils import atomic_path
+from mmbridge.worlds.miniworld.generation import draw_output
 from mmbridge.worlds.miniworld.sample import IMAGE_DIRECTORY, iter_samples
 from mmbridge.worlds.miniworld.splits import check_split
 from mmbridge.worlds.miniworld.tasks import get_task
@@ -30,7 +31,8 @@ def write_task(task: str, split: str, n: int, out_dir: str, seed: int = 0, progr
     real image–text data sets hold, and slower to decode).
 
     Image paths in the JSON are relative to ``out_dir`` (the JSON's directory), so
-    ``load_llava_json`` resolves them without an image root.
+    ``load_llava_json`` resolves them without an image root. A generation task also writes the target image of
+    each of its ``outputs`` (drawn from the output's scene).
     """
     get_task(task)
     check_split(split)
@@ -45,7 +47,10 @@ def write_task(task: str, split: str, n: int, out_dir: str, seed: int = 0, progr
     for record, images in tqdm(samples, total=n, desc=f"miniworld {task}/{split}", disable=not progress):
         if image_format == "jpeg":
             record = _as_jpeg_names(record)
-        names = [record["image"]] if isinstance(record["image"], str) else record["image"]
+        names = [record["image"]] if isinstance(record.get("image"), str) else record.get("image", [])
+        outputs = record.get("outputs", [])
+        names += [output["image"] for output in outputs]
+        images = images + [draw_output(output) for output in outputs]
         for name, image in zip(names, images):
             if image_format == "jpeg":
                 image.convert("RGB").save(os.path.join(out_dir, name), format="JPEG", quality=JPEG_FILE_QUALITY)
@@ -60,13 +65,17 @@ def write_task(task: str, split: str, n: int, out_dir: str, seed: int = 0, progr
 
 
 def _as_jpeg_names(record: dict) -> dict:
-    """The record with its image paths (``image``, and a document's ``images``) ending ``.jpg`` instead of ``.png``."""
+    """The record with its image paths (``image``, a document's ``images``, the ``outputs``' ``image``) ending
+    ``.jpg`` instead of ``.png``."""
     def renamed(names: str | list[str]) -> str | list[str]:
         if isinstance(names, str):
             return names[:-len(".png")] + ".jpg" if names.endswith(".png") else names
         return [renamed(name) for name in names]
 
-    return {**record, **{key: renamed(record[key]) for key in ("image", "images") if key in record}}
+    changed = {key: renamed(record[key]) for key in ("image", "images") if key in record}
+    if "outputs" in record:
+        changed["outputs"] = [{**output, "image": renamed(output["image"])} for output in record["outputs"]]
+    return {**record, **changed}
 
 
 def write_webdataset(task: str, split: str, n: int, out_dir: str, seed: int = 0, shard_size: int = 1000,
@@ -106,8 +115,8 @@ def write_webdataset(task: str, split: str, n: int, out_dir: str, seed: int = 0,
 def _members(task: str, record: dict, images: list) -> list[tuple[str, bytes]]:
     """One sample's tar members: ``KEY.jpg`` and ``KEY.json`` (plus ``KEY.txt`` for captions)."""
     key = record["id"]  # "caption-train-000012": no dot, so webdataset readers take it whole as the key
-    if len(images) != 1 or "conversations" not in record:
-        raise ValueError(f"task {task!r} has {len(images)} image(s) per sample or no conversation; "
+    if len(images) != 1 or "conversations" not in record or record.get("outputs"):
+        raise ValueError(f"task {task!r} has {len(images)} image(s) per sample, no conversation or output images; "
                          f"--format webdataset holds one image and one conversation per key (use the JSON format)")
     image = io.BytesIO()
     images[0].convert("RGB").save(image, format="JPEG", quality=JPEG_QUALITY)
