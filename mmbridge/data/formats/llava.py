@@ -48,7 +48,8 @@ class Sample:
     """One training conversation with its images (absolute paths, in placeholder order).
 
     ``image_loader``, when set, returns the images in memory instead of opening ``images``
-    (streamed synthetic data); ``images`` then only names them. It is never serialised.
+    (streamed synthetic data); ``images`` then only names them. ``output_loader`` likewise returns the target
+    image of each of ``outputs`` (streamed requests, whose ``outputs`` name no file). Neither is ever serialised.
     ``regions`` (optional) name what lies where in the first image, for region–word alignment
     (:mod:`mmbridge.train.region_words`): ``{"box": [x0, y0, x1, y1]`` in 0–999 of the image's
     width and height, ``"words": {attribute: word}}``, e.g. ``{"colour": "red", "shape": "star"}``.
@@ -66,6 +67,7 @@ class Sample:
     # what the assistant's output markers stand for, in order: {"modality", "caption", "image": absolute path or
     # None, "scene", "asked"} (see the module docstring)
     outputs: list[dict] | None = None
+    output_loader: Callable[[], list[Image.Image]] | None = field(default=None, repr=False, compare=False)
 
 
 def load_llava_json(path: str, image_root: str | None = None, source: str = "",

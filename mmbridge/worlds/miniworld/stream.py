@@ -6,8 +6,8 @@ imported (importing ``mmbridge`` imports it). A data source ``{"miniworld": {"ta
 ``image_loader`` that
 renders its images when the processor asks for them, so training needs no files. One-scene
 samples carry their objects as ``regions`` (box, colour, shape, size) for region–word alignment. Generation
-requests carry their ``outputs`` with ``image`` ``None``: the target is drawn from the output's ``scene``
-(:func:`~mmbridge.worlds.miniworld.generation.output_images`).
+requests carry their ``outputs`` with ``image`` ``None`` and an ``output_loader`` that draws each target from its
+``scene`` (:func:`~mmbridge.worlds.miniworld.generation.output_images`).
 ``box_format`` (``plain``, the default, or ``qwen``) is how grounding turns write boxes; regions stay in 000–999.
 """
 
@@ -18,6 +18,7 @@ import functools
 from mmbridge.boxes import check_box_format
 from mmbridge.data.formats.llava import ROLES, Sample
 from mmbridge.data.sources import SOURCE_TYPES, SourceType
+from mmbridge.worlds.miniworld.generation import output_images
 from mmbridge.worlds.miniworld.sample import make_record, render_images
 from mmbridge.worlds.miniworld.splits import check_split
 from mmbridge.worlds.miniworld.tasks import get_task
@@ -44,9 +45,10 @@ def load_samples(spec: dict, source: str = "") -> list[Sample]:
             continue
         conversation = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
         outputs = [{**output, "image": None} for output in record["outputs"]] if "outputs" in record else None
+        output_loader = functools.partial(output_images, outputs) if outputs else None
         samples.append(Sample(id=record["id"], conversation=conversation, images=images, source=source,
                               image_loader=loader, regions=scene_regions(record), video=bool(record.get("video")),
-                              outputs=outputs))
+                              outputs=outputs, output_loader=output_loader))
     return samples
 
 
