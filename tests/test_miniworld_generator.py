@@ -15,13 +15,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from mmbridge.config import RunConfig, load_run_config
-from mmbridge.data import collate
+from mmbridge.data import ImageLoadError, SampleError, collate
 from mmbridge.train import apply_stage, train
-from mmbridge.train.denoising import GeneratorModel, build_generator_model, parse_generator_spec
+from mmbridge.train.denoising import GeneratorModel, build_generator_model, generation_caption, parse_generator_spec
 from mmbridge.train.interrupt import TrainingInterrupted
 from mmbridge.train.objectives import StageObjective
 from mmbridge.train.pixel_vae import pixel_vae
 from mmbridge.train.preflight import check_run, parse_stage
+from mmbridge.train.qformer_pretrain import check_captions
 from mmbridge.utils import seed_everything
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -75,6 +76,100 @@ def _same_weights(model: torch.nn.Module, reference: torch.nn.Module) -> None:
     expected = reference.state_dict()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+# -- what it trains on -------------------------------------------------------------------------------------
+def _requests(task: str = "text_to_image", n: int = 3) -> list:
+    from mmbridge.worlds.miniworld.stream import load_samples
+
+    return load_samples({"task": task, "split": "train", "n": n})
+
+
+def _pixels(model: GeneratorModel, images: list) -> torch.Tensor:
+    return model.processor().pixel_values(images)
+
+
+def test_a_request_trains_on_its_output_target_and_caption_not_its_prompt(bert_dir):
+    from mmbridge.worlds.miniworld.generation import output_images
+
+    model = build_generator_model(_model_spec(bert_dir))
+    processor = model.processor()
+    for sample in _requests("text_to_image") + _requests("image_edit", 2):
+        caption = sample.outputs[0]["caption"]
+        example = processor(sample)
+        expected = model.tokenizer(caption, truncation=True, max_length=LENGTH)["input_ids"]
+        assert example["input_ids"].tolist() == expected
+        request = next(turn["content"] for turn in sample.conversation if turn["role"] == "user")
+        assert model.tokenizer.decode(expected, skip_special_tokens=True) != \
+            model.tokenizer.decode(model.tokenizer(request)["input_ids"], skip_special_tokens=True)
+        target = _pixels(model, output_images(sample.outputs))
+        assert example["pixel_values"].shape == (1, 3, SIZE, SIZE)
+        assert torch.equal(example["pixel_values"], target)
+        if sample.images:  # an edit's input image is not what it trains on
+            assert not torch.equal(example["pixel_values"], _pixels(model, sample.image_loader()))
+
+
+def test_a_written_request_trains_on_its_output_file(bert_dir, tmp_path):
+    from mmbridge.data.formats.llava import load_llava_json
+    from mmbridge.worlds.miniworld.writer import write_task
+
+    model = build_generator_model(_model_spec(bert_dir))
+    samples = load_llava_json(write_task("text_to_image", "train", 2, str(tmp_path), progress=False))
+    streamed = _requests("text_to_image", 2)
+    for written, same in zip(samples, streamed):
+        assert written.output_loader is None and os.path.isfile(written.outputs[0]["image"])
+        example, expected = model.processor()(written), model.processor()(same)
+        assert torch.equal(example["input_ids"], expected["input_ids"])
+        assert torch.equal(example["pixel_values"], expected["pixel_values"])  # the PNG holds the drawn pixels
+    os.remove(samples[0].outputs[0]["image"])
+    with pytest.raises(ImageLoadError, match="file not found"):
+        model.processor()(samples[0])
+
+
+def test_a_sample_without_outputs_trains_on_its_image_and_reply(bert_dir):
+    from mmbridge.worlds.miniworld.stream import load_samples
+
+    model = build_generator_model(_model_spec(bert_dir))
+    for sample in load_samples({"task": "caption", "split": "train", "n": 3}):
+        assert sample.outputs is None
+        example = model.processor()(sample)
+        reply = next(turn["content"] for turn in sample.conversation if turn["role"] == "assistant")
+        assert example["input_ids"].tolist() == model.tokenizer(reply, truncation=True, max_length=LENGTH)["input_ids"]
+        assert torch.equal(example["pixel_values"], _pixels(model, sample.image_loader()))
+
+
+def test_requests_it_cannot_train_on_are_named(bert_dir):
+    import dataclasses
+
+    model = build_generator_model(_model_spec(bert_dir))
+    sample = _requests(n=1)[0]
+    nothing = dataclasses.replace(sample, output_loader=None)  # no file, nothing to draw with
+    with pytest.raises(SampleError, match=r"outputs\[0\] names no image file"):
+        model.processor()(nothing)
+    twice = dataclasses.replace(sample, outputs=sample.outputs * 2)
+    with pytest.raises(SampleError, match="answers with 2 images"):
+        model.processor()(twice)
+    with pytest.raises(ValueError, match=r"stage 'denoise'.*1 sample\(s\) are not: .*output_count"):
+        check_captions([sample, twice], "stage 'denoise'", "denoising", generation_caption)
+
+
+def test_min_snr_weights_the_loss_per_timestep(bert_dir):
+    model = build_generator_model(_model_spec(bert_dir))
+    batch = _evaluation_batch(model, count=4, repeats=2)
+    with torch.no_grad():
+        weighted = float(model.denoising_loss(**batch))
+        clean = model.latents(batch["pixel_values"])
+        noisy = model.scheduler.add_noise(clean, batch["noise"], batch["timesteps"])
+        predicted = model.bridge(noisy, batch["timesteps"], model.conditioning(batch["input_ids"],
+                                                                               batch["attention_mask"]))
+    errors = ((predicted - batch["noise"]) ** 2).mean(dim=(1, 2, 3))  # [B]
+    alphas = model.scheduler.alphas_cumprod[batch["timesteps"]]
+    weights = torch.clamp(5.0 * (1 - alphas) / alphas, max=1.0)  # min(snr, 5) / snr
+    assert weights.min() < 0.5 and weights.max() == 1.0  # the batch holds both kinds of timestep
+    assert abs(weighted - float((weights * errors).mean())) < 1e-5 * float(errors.mean())
+    model.spec.noise.min_snr_gamma = 0.0
+    with torch.no_grad():
+        assert abs(float(model.denoising_loss(**batch)) - float(errors.mean())) < 1e-5 * float(errors.mean())
 
 
 # -- the pixel VAE ----------------------------------------------------------------------------------------
@@ -195,6 +290,49 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(bert_dir, tmp_path):
     assert len({record["loss"] for record in whole.history}) == 6  # every step drew its own noise
     stopped = StableDiffusionPipeline.from_pretrained(str(tmp_path / "stopped" / "final"), local_files_only=True)
     _same_weights(stopped.unet, whole.model.bridge.unet)
+
+
+def _ema_run(bert_dir: str, output: str) -> RunConfig:
+    run = _run(bert_dir, output)
+    run.model["bridge"]["ema_decay"] = 0.9
+    return run
+
+
+def test_the_moving_average_follows_each_step_and_is_what_final_holds(bert_dir, tmp_path):
+    run = _ema_run(bert_dir, str(tmp_path / "run"))
+    model = _fresh_model(run)
+    average = [parameter.detach().clone() for parameter in model.bridge.unet.parameters()]  # starts at the init
+
+    def follow(record: dict) -> None:  # the hand-written average of the weights after each step
+        step = record["global_step"] - 1
+        decay = min(0.9, (1 + step) / (10 + step))
+        for mean, weight in zip(average, model.bridge.unet.parameters()):
+            mean.mul_(decay).add_(weight.detach(), alpha=1 - decay)
+
+    result = train(run, progress=False, on_step=follow, model=model)
+    ema = list(result.model.bridge.ema.parameters())
+    assert not any(parameter.requires_grad for parameter in ema)
+    for mean, kept in zip(average, ema):
+        torch.testing.assert_close(kept, mean, atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(kept, weight) for kept, weight in zip(ema, result.model.bridge.unet.parameters()))
+    final = StableDiffusionPipeline.from_pretrained(os.path.join(run.output_dir, "final"), local_files_only=True)
+    _same_weights(final.unet, result.model.bridge.ema)
+
+
+@pytest.mark.skipif(not hasattr(signal, "raise_signal"), reason="needs signal.raise_signal")
+def test_ctrl_c_then_resume_restores_the_moving_average(bert_dir, tmp_path):
+    whole = train(_ema_run(bert_dir, str(tmp_path / "whole")), progress=False)
+
+    def press_ctrl_c(record: dict) -> None:
+        if record["global_step"] == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(_ema_run(bert_dir, str(tmp_path / "stopped")), progress=False, on_step=press_ctrl_c)
+    resumed = train(_ema_run(bert_dir, str(tmp_path / "stopped")), resume=True, progress=False)
+    _same_weights(resumed.model, whole.model)  # the average included
+    stopped = StableDiffusionPipeline.from_pretrained(str(tmp_path / "stopped" / "final"), local_files_only=True)
+    _same_weights(stopped.unet, whole.model.bridge.ema)
 
 
 # -- preflight -------------------------------------------------------------------------------------------

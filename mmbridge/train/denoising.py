@@ -9,8 +9,11 @@ by the empty prompt, so the model also learns the unconditional prediction that 
 
 The run holds a :class:`GeneratorModel` under the usual module keys: ``vision`` — the VAE (by default the frozen
 pixel VAE of :mod:`~mmbridge.train.pixel_vae`: the UNet denoises pixels), ``bridge`` — the UNet (trained),
-``llm`` — the text encoder (frozen), ``output`` — empty. Data are image-caption pairs, read as BLIP-2 stage 1
-reads them (:class:`~mmbridge.train.qformer_pretrain.CaptionProcessor`: each sample's one image and first reply).
+``llm`` — the text encoder (frozen), ``output`` — empty. Data are what a generator is asked to draw
+(:class:`GenerationProcessor`): a sample that answers with an image (its ``outputs``, e.g. MiniWorld's
+``text_to_image`` and ``image_edit`` requests) trains on that image and its caption, not on the request; any other
+sample is an image-caption pair read as BLIP-2 stage 1 reads it (its one image and first reply). The loss is
+weighted per timestep by Min-SNR-γ (Hang et al. 2023; ``noise.min_snr_gamma``, 0 for the plain mean).
 ``output_dir/final`` is a ``StableDiffusionPipeline`` directory (``model_index.json``, ``unet``, ``vae``,
 ``scheduler`` = the sampler, ``text_encoder``, ``tokenizer`` whose ``model_max_length`` is the conditioning
 length; no safety checker), which ``StableDiffusionPipeline.from_pretrained(DIR)`` loads and draws with from a
@@ -22,9 +25,10 @@ Recipe ``model`` section (each part checked by preflight, unknown fields named):
 
     vision: {type: pixels, image_size: 32}
     bridge: {type: unet, channels: [32, 64, 128], cross_attention: [false, true, true], layers_per_block: 1,
-             attention_heads: 4, norm_groups: 8}
+             attention_heads: 4, norm_groups: 8, ema_decay: 0.0}
     llm: {init_from: minilm, max_length: 32}
-    noise: {timesteps: 1000, beta_schedule: squaredcos_cap_v2, caption_dropout: 0.1, sampler: ddpm}
+    noise: {timesteps: 1000, beta_schedule: squaredcos_cap_v2, caption_dropout: 0.1, sampler: ddpm,
+            min_snr_gamma: 5.0}
 """
 
 from __future__ import annotations
@@ -40,11 +44,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmbridge.data import SampleError
+from mmbridge.data.formats.llava import Sample
 from mmbridge.model.bridges.base import StageHooks
+from mmbridge.model.generators.base import min_snr_weights
 from mmbridge.model.multimodal import MODULE_KEYS
 from mmbridge.model.vision.transform import ImageTransform
 from mmbridge.registry import config_from_dict
-from mmbridge.train.qformer_pretrain import CaptionProcessor
+from mmbridge.train.qformer_pretrain import CaptionProcessor, _open_image, caption_of
 from mmbridge.utils import make_shareable
 
 VAE_TYPES = ("pixels",)
@@ -74,14 +81,19 @@ class VaeSpec:
 @dataclass
 class UNetSpec:
     """``model.bridge``: a ``UNet2DConditionModel``, one down (and up) block per entry of ``channels``, with
-    cross-attention to the caption where ``cross_attention`` says (one flag per block, outermost first)."""
+    cross-attention to the caption where ``cross_attention`` says (one flag per block, outermost first); a block
+    with cross-attention also attends over its own pixels unless ``self_attention`` (one flag per block, default
+    all true) turns that off (diffusers' ``only_cross_attention``: the outermost block's self-attention over every
+    pixel costs the most)."""
 
     type: str = "unet"
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     cross_attention: list[bool] = field(default_factory=lambda: [False, True, True])
+    self_attention: list[bool] | None = None
     layers_per_block: int = 1
     attention_heads: int = 4
     norm_groups: int = 8
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.type != "unet":
@@ -89,6 +101,11 @@ class UNetSpec:
         if not self.channels or len(self.cross_attention) != len(self.channels):
             raise ValueError(f"'cross_attention' needs one flag per entry of 'channels' ({len(self.channels)}), "
                              f"got {len(self.cross_attention)}")
+        if self.self_attention is not None and len(self.self_attention) != len(self.channels):
+            raise ValueError(f"'self_attention' needs one flag per entry of 'channels' ({len(self.channels)}), "
+                             f"got {len(self.self_attention)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"field 'ema_decay' must lie in [0, 1) (0: no moving average), got {self.ema_decay}")
         if not any(self.cross_attention):
             raise ValueError("'cross_attention' must be true for at least one block: the caption enters there")
         bad = [width for width in self.channels if width % self.norm_groups or width % self.attention_heads]
@@ -113,12 +130,14 @@ class TextEncoderSpec:
 @dataclass
 class NoiseSpec:
     """``model.noise``: the DDPM forward process (``timesteps``, ``beta_schedule``), the probability that a caption
-    trains as the empty prompt (classifier-free guidance), and the sampler ``final/`` names."""
+    trains as the empty prompt (classifier-free guidance), the sampler ``final/`` names, and the γ of the Min-SNR
+    loss weights (0: every timestep weighs the same)."""
 
     timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     caption_dropout: float = 0.1
     sampler: str = "ddpm"
+    min_snr_gamma: float = 5.0
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in BETA_SCHEDULES:
@@ -127,6 +146,8 @@ class NoiseSpec:
             raise ValueError(f"field 'sampler' must be one of {list(SAMPLERS)}, got {self.sampler!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"field 'caption_dropout' must lie in [0, 1), got {self.caption_dropout}")
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"field 'min_snr_gamma' must be >= 0 (0: no weighting), got {self.min_snr_gamma}")
         if self.timesteps < 2:
             raise ValueError(f"field 'timesteps' must be at least 2, got {self.timesteps}")
 
@@ -164,11 +185,40 @@ def parse_generator_spec(model: Any) -> GeneratorSpec:
 
 # -- the model ------------------------------------------------------------------------------------
 class UNetBridge(StageHooks, nn.Module):
-    """The trained part: the UNet, under ``bridge`` (the trainer's stage hooks have neutral defaults)."""
+    """The trained part: the UNet, under ``bridge``, and with ``ema_decay`` > 0 an exponential moving average of
+    its weights (``ema``: frozen, updated after every optimizer step, checkpointed; what ``final/`` samples with).
+    The average's decay warms up as ``min(ema_decay, (1 + step) / (10 + step))`` (diffusers' ``EMAModel``), so
+    the first steps' random weights fade fast."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, ema_decay: float = 0.0) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet, self.ema_decay = unet, ema_decay
+        self.ema = copy.deepcopy(unet).requires_grad_(False) if ema_decay else None
+
+    def requires_grad_(self, requires_grad: bool = True) -> UNetBridge:
+        """As ``nn.Module.requires_grad_``, the average staying frozen (``apply_stage`` trains the bridge)."""
+        super().requires_grad_(requires_grad)
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        return self
+
+    def after_update(self, step: int) -> None:
+        """Move the average towards the UNet's weights after optimizer step ``step``."""
+        if self.ema is None:
+            return
+        decay = min(self.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for average, weight in zip(self.ema.parameters(), self.unet.parameters()):
+                average.lerp_(weight.detach(), 1.0 - decay)
+
+    def tracked_parameters(self) -> list[str]:
+        """The average's parameters (checkpointed with the UNet's)."""
+        return [f"ema.{name}" for name, _ in self.ema.named_parameters()] if self.ema is not None else []
+
+    @property
+    def sampling_unet(self) -> nn.Module:
+        """The UNet ``final/`` holds: the average when there is one."""
+        return self.ema if self.ema is not None else self.unet
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
         """The predicted noise ``[B, C, H, W]`` of ``noisy`` ``[B, C, H, W]`` at ``timesteps`` ``[B]`` given the
@@ -193,7 +243,8 @@ class GeneratorModel(nn.Module):
         super().__init__()
         from diffusers import DDPMScheduler
 
-        self.vision, self.bridge, self.llm, self.output = vae, UNetBridge(unet), text_encoder, nn.Module()
+        self.vision, self.llm, self.output = vae, text_encoder, nn.Module()
+        self.bridge = UNetBridge(unet, spec.bridge.ema_decay)
         self.tokenizer, self.spec = tokenizer, spec
         self.processor_settings: dict = {}  # the trainer records a stage's box_format here; final/ saves none
         # clip_sample off and steps_offset 1: what StableDiffusionPipeline rewrites a scheduler's config to (with a
@@ -220,15 +271,15 @@ class GeneratorModel(nn.Module):
     def add_lora(self, key: str, spec: Any) -> None:
         raise ValueError("objective 'denoising' supports the tuning modes frozen, full and partial, not lora")
 
-    def processor(self, max_length: int | None = None, box_format: str = "plain") -> CaptionProcessor:
-        """The stage's examples: image-caption pairs, the caption in the text encoder's tokenizer (at most
+    def processor(self, max_length: int | None = None, box_format: str = "plain") -> GenerationProcessor:
+        """The stage's examples (:class:`GenerationProcessor`): image-caption pairs, the caption in the text encoder's tokenizer (at most
         :attr:`max_length` tokens), the image at the generator's size in [-1, 1]."""
         if max_length is not None and max_length != self.max_length:
             raise ValueError(f"data max_length {max_length} differs from model.llm.max_length {self.max_length} "
                              f"(the conditioning length): remove it from data")
         size = self.spec.vision.image_size
         transform = ImageTransform(size=(size, size), resample="box", mean=(0.5,) * 3, std=(0.5,) * 3)
-        return CaptionProcessor(self.tokenizer, transform, self.max_length, box_format)
+        return GenerationProcessor(self.tokenizer, transform, self.max_length, box_format)
 
     def conditioning(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text encoder's last hidden states ``[B, L, D]`` for captions ``[B, T]`` (``T <= L``), padded to
@@ -253,12 +304,17 @@ class GeneratorModel(nn.Module):
 
     def denoising_loss(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The epsilon-prediction loss for given noise ``[B, C, h, w]`` and timesteps ``[B]`` (a fixed evaluation
+        """The epsilon-prediction loss (Min-SNR-weighted mean over the images) for given noise ``[B, C, h, w]`` and timesteps ``[B]`` (a fixed evaluation
         batch passes its own; :meth:`forward` draws them)."""
         clean = self.latents(pixel_values)
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
         predicted = self.bridge(noisy, timesteps, self.conditioning(input_ids, attention_mask))
-        return nn.functional.mse_loss(predicted.float(), noise.float())
+        errors = (predicted.float() - noise.float()).pow(2).flatten(1).mean(1)  # [B]
+        gamma = self.spec.noise.min_snr_gamma
+        if not gamma:
+            return errors.mean()
+        alphas = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]  # [B]
+        return (min_snr_weights(alphas / (1 - alphas), "epsilon", gamma) * errors).mean()
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> DenoisingOutput:
@@ -289,7 +345,8 @@ class GeneratorModel(nn.Module):
         return input_ids, attention_mask
 
     def pipeline(self) -> Any:
-        """The model as a ``StableDiffusionPipeline`` (sharing its modules) with the recipe's sampler."""
+        """The model as a ``StableDiffusionPipeline`` (sharing its modules; the UNet's moving average when there
+        is one) with the recipe's sampler."""
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
         sampler = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}[
@@ -301,13 +358,47 @@ class GeneratorModel(nn.Module):
         scheduler = sampler.from_config(self.scheduler.config, thresholding=self.spec.vision.type == "pixels",
                                         sample_max_value=1.0)
         return StableDiffusionPipeline(vae=self.vision, text_encoder=self.llm, tokenizer=tokenizer,
-                                       unet=self.bridge.unet, scheduler=scheduler,
+                                       unet=self.bridge.sampling_unet, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
     def save_pretrained(self, directory: str) -> None:
         """``output_dir/final``: a ``StableDiffusionPipeline`` directory, written beside ``directory`` and renamed
         into place (an older one is replaced)."""
         save_pipeline(self.pipeline(), directory)
+
+
+class GenerationProcessor(CaptionProcessor):
+    """A sample → a ``denoising`` example ``{"id", "input_ids": [T], "pixel_values": [1, 3, H, W]}``: what the
+    sample asks to draw when it answers with an image (its one output's target and caption), else its image and
+    caption as :class:`~mmbridge.train.qformer_pretrain.CaptionProcessor` reads them."""
+
+    def caption(self, sample: Sample) -> str:
+        """:func:`generation_caption`."""
+        return generation_caption(sample)
+
+    def load_images(self, sample: Sample) -> list:
+        """The output's target image (from the sample's ``output_loader``, else the file its ``image`` names), or
+        for a sample without outputs its own image."""
+        if not sample.outputs:
+            return super().load_images(sample)
+        if sample.output_loader is not None:
+            return list(sample.output_loader())
+        paths = [output.get("image") for output in sample.outputs]
+        if None in paths:
+            raise SampleError(f"sample {sample.id!r}: outputs[{paths.index(None)}] names no image file to train on "
+                              f"(and the sample has no output_loader to draw it)", sample.id, "no_output_image")
+        return [_open_image(path, sample.id) for path in paths]
+
+
+def generation_caption(sample: Sample) -> str:
+    """The caption a ``denoising`` example of ``sample`` is conditioned on: the caption of the image it answers
+    with (a :class:`SampleError` when it answers with several), else its first reply (one image needed)."""
+    if not sample.outputs:
+        return caption_of(sample)
+    if len(sample.outputs) != 1:
+        raise SampleError(f"sample {sample.id!r} answers with {len(sample.outputs)} images; objective 'denoising' "
+                          f"trains on samples that answer with one", sample.id, "output_count")
+    return sample.outputs[0]["caption"]
 
 
 def save_pipeline(pipeline: Any, directory: str) -> None:
@@ -333,11 +424,12 @@ def build_unet(spec: UNetSpec, image_size: int, channels: int, cross_attention_d
 
     down = [CROSS_DOWN if cross else PLAIN_DOWN for cross in spec.cross_attention]
     up = [CROSS_UP if cross else PLAIN_UP for cross in reversed(spec.cross_attention)]
+    only_cross = tuple(not flag for flag in spec.self_attention) if spec.self_attention is not None else False
     return UNet2DConditionModel(sample_size=image_size, in_channels=channels, out_channels=channels,
                                 down_block_types=tuple(down), up_block_types=tuple(up),
                                 block_out_channels=tuple(spec.channels), layers_per_block=spec.layers_per_block,
                                 norm_num_groups=spec.norm_groups, cross_attention_dim=cross_attention_dim,
-                                attention_head_dim=spec.attention_heads)  # diffusers' legacy name: the head count
+                                attention_head_dim=spec.attention_heads, only_cross_attention=only_cross)  # diffusers' legacy name: the head count
 
 
 def build_generator_model(model: dict) -> GeneratorModel:

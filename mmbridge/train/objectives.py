@@ -30,7 +30,7 @@ from torch import nn
 from mmbridge.config import RunConfig
 from mmbridge.data import DataConfig, model_inputs
 from mmbridge.model.multimodal import MultimodalModel
-from mmbridge.train.denoising import build_generator_model
+from mmbridge.train.denoising import build_generator_model, generation_caption
 from mmbridge.train.qformer_pretrain import build_pretrain_model, check_captions
 from mmbridge.train.recipe import DENOISING_OBJECTIVE, STAGE1_OBJECTIVE, StageConfig
 from mmbridge.train.region_words import WordGroups, check_grid, region_word_loss
@@ -80,8 +80,10 @@ def stage_objective(stage: StageConfig, model: nn.Module, dataset: Any) -> Stage
     if stage.objective == "region_words":
         check_grid(model)
         words = WordGroups.from_samples(dataset.samples, model.tokenizer, where=f"stage '{stage.name}'")
-    elif stage.objective in (STAGE1_OBJECTIVE, DENOISING_OBJECTIVE) and not dataset.config.skip_bad_samples:
+    elif stage.objective == STAGE1_OBJECTIVE and not dataset.config.skip_bad_samples:
         check_captions(dataset.samples, f"stage '{stage.name}'", stage.objective)
+    elif stage.objective == DENOISING_OBJECTIVE and not dataset.config.skip_bad_samples:
+        check_captions(dataset.samples, f"stage '{stage.name}'", stage.objective, generation_caption)
     return StageObjective(model, stage.objective, words)
 
 
