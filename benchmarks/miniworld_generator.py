@@ -1,79 +1,31 @@
-"""Does the MiniWorld generator draw what its caption asks? A pixel check of the requested colour.
+"""Does the MiniWorld generator draw what it is asked? MiniWorld's own scorer on the ``text_to_image`` test split.
 
-Prompts are the MiniWorld ``caption`` task's own captions of ``test``-split scenes that hold exactly one object
-("A red star.", "There is a green square on a plain beige background."), so the requested colour is that
-object's. Each generated image is scored by its pixels: every pixel is matched to the nearest colour of MiniWorld's
-palette (the 9 object colours, the 7 backgrounds, the 3 text colours) and kept when it lies within
-``MAX_DISTANCE`` of it; the image's drawn colour is the object colour with the most pixels (at least
-``MIN_PIXELS``), else none. Reported with Wilson 95% intervals, beside three references:
+Each request's target caption ("A small purple star.", "A large red circle in the top left and ...") conditions the
+generator: the upper bound of a model that answers with images through it (NExT-GPT) is this generator given the
+true caption. The images are scored by :func:`mmbridge.worlds.miniworld.scoring.score_requests` (count, colour,
+shape, size, position where the request asked them, and all at once; Wilson 95% intervals), beside two references:
 
-* ``uniform chance`` — 1/9;
-* ``unconditional`` — images drawn from the empty prompt, scored against the same requested colours: what the
-  generator's colour prior alone scores;
-* ``real renders`` — the scenes' own renders at the generator's size: how often the check itself reads the true
-  colour (its ceiling).
+* ``unconditional`` — images drawn from the empty prompt, scored against the same requests: the floor;
+* ``real renders`` — the requests' targets resized to the generator's size: what the scorer reads at that size.
 
-    python benchmarks/miniworld_generator.py runs/miniworld_generator/final --n 180 --guidance 3 --steps 50 \\
-        [--png sample.png] [--json out.json]
+    python benchmarks/miniworld_generator.py runs/miniworld_generator/final --n 200 --guidance 3 --steps 25 \\
+        [--png docs/miniworld_generator.png] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
-from mmbridge.worlds.miniworld import make_sample
-from mmbridge.worlds.miniworld.vocabulary import BACKGROUNDS, COLOURS, DARK_TEXT_COLOURS
+from mmbridge.worlds.miniworld.generation import output_images
+from mmbridge.worlds.miniworld.scoring import score_requests
+from mmbridge.worlds.miniworld.stream import load_samples
 
-MAX_DISTANCE = 60.0  # RGB distance within which a pixel counts as a palette colour (object colours are >= 80 apart)
-MIN_PIXELS = 3  # an object colour needs this many pixels to count as drawn
-SAMPLE_PROMPTS = [f"An image of a {colour} {shape}." for colour, shape in
-                  (("red", "circle"), ("orange", "square"), ("yellow", "star"), ("green", "square"),
-                   ("cyan", "circle"), ("blue", "cross"), ("purple", "hexagon"), ("pink", "diamond"),
-                   ("brown", "triangle"))]
-
-
-def wilson(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score 95% interval of a proportion."""
-    if total == 0:
-        return 0.0, 1.0
-    rate = successes / total
-    centre = (rate + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(rate * (1 - rate) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return centre - half, centre + half
-
-
-def one_object_prompts(count: int) -> list[tuple[str, str, Image.Image]]:
-    """``count`` (caption, colour, render) of test-split caption samples that hold exactly one object."""
-    chosen, index = [], 0
-    while len(chosen) < count:
-        record, images = make_sample("caption", "test", index)
-        index += 1
-        objects = record["scene"]["objects"]
-        if len(objects) == 1:
-            chosen.append((record["conversations"][1]["value"], objects[0]["colour"], images[0]))
-    return chosen
-
-
-_NAMES = list(COLOURS) + [f"background:{name}" for name in BACKGROUNDS] + [f"text:{name}" for name in DARK_TEXT_COLOURS]
-_PALETTE = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()) + list(DARK_TEXT_COLOURS.values()),
-                    dtype=np.float32)  # [K, 3]
-
-
-def drawn_colour(image: Image.Image) -> str | None:
-    """The object colour with the most pixels of ``image`` (within ``MAX_DISTANCE`` of the palette), or None."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 1, 3)  # [P, 1, 3]
-    distances = np.linalg.norm(pixels - _PALETTE[None], axis=-1)  # [P, K]
-    nearest = distances.argmin(axis=1)
-    close = distances[np.arange(len(nearest)), nearest] <= MAX_DISTANCE
-    counts = np.bincount(nearest[close], minlength=len(_NAMES))[:len(COLOURS)]
-    return list(COLOURS)[int(counts.argmax())] if counts.max() >= MIN_PIXELS else None
+SHEET_COLUMNS = 8
 
 
 def generate(pipeline, prompts: list[str], guidance: float, steps: int, seed: int, batch: int) -> list[Image.Image]:
@@ -87,56 +39,68 @@ def generate(pipeline, prompts: list[str], guidance: float, steps: int, seed: in
     return images
 
 
-def score(images: list[Image.Image], colours: list[str]) -> dict:
-    right = sum(drawn_colour(image) == colour for image, colour in zip(images, colours))
-    low, high = wilson(right, len(colours))
-    return {"right": right, "n": len(colours), "accuracy": right / len(colours), "wilson95": [low, high]}
+def sample_sheet(rows: list[list[Image.Image]], path: str, scale: int = 2) -> None:
+    """Rows of images side by side (enlarged ``scale`` times, nearest neighbour), written as a PNG."""
+    width, height = rows[0][0].size
+    cell_width, cell_height = width * scale + 2, height * scale + 2
+    sheet = Image.new("RGB", (max(map(len, rows)) * cell_width, len(rows) * cell_height), (128, 128, 128))
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images):
+            sheet.paste(image.resize((width * scale, height * scale), Image.Resampling.NEAREST),
+                        (column * cell_width, row * cell_height))
+    sheet.save(path, optimize=True)
 
 
-def sample_sheet(pipeline, guidance: float, steps: int, seed: int, path: str, scale: int = 3) -> None:
-    """One image per palette colour (:data:`SAMPLE_PROMPTS`), side by side, enlarged ``scale`` times."""
-    images = generate(pipeline, SAMPLE_PROMPTS, guidance, steps, seed, len(SAMPLE_PROMPTS))
-    width, height = images[0].size
-    sheet = Image.new("RGB", (len(images) * (width * scale + 2), height * scale), (255, 255, 255))
-    for position, image in enumerate(images):
-        sheet.paste(image.resize((width * scale, height * scale), Image.Resampling.NEAREST),
-                    (position * (width * scale + 2), 0))
-    sheet.save(path)
+def table(figures: dict) -> str:
+    """Per attribute: accuracy and interval of each image set, as a Markdown table."""
+    columns = ("true_caption", "unconditional", "real_renders")
+    lines = ["| attribute | n | " + " | ".join(name.replace("_", " ") for name in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for name, row in figures["true_caption"].items():
+        cells = [f"{100 * figures[column][name]['accuracy']:.1f}% "
+                 f"[{100 * figures[column][name]['interval'][0]:.1f}, {100 * figures[column][name]['interval'][1]:.1f}]"
+                 for column in columns]
+        lines.append(f"| {name} | {row['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("pipeline", help="a StableDiffusionPipeline directory (a denoising run's final/)")
-    parser.add_argument("--n", type=int, default=180)
+    parser.add_argument("--n", type=int, default=200, help="text_to_image test requests")
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=60)
-    parser.add_argument("--png", help="write a sample sheet (one image per colour) here")
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--png", help="write a sample sheet here: targets, true-caption images, unconditional images")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
-    prompts = one_object_prompts(args.n)
-    captions, colours = [caption for caption, _, _ in prompts], [colour for _, colour, _ in prompts]
+    samples = load_samples({"task": "text_to_image", "split": "test", "n": args.n})
+    captions = [sample.outputs[0]["caption"] for sample in samples]
     size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     began = time.perf_counter()
     generated = generate(pipeline, captions, args.guidance, args.steps, args.seed, args.batch)
     seconds = time.perf_counter() - began
     unconditional = generate(pipeline, [""] * len(captions), 1.0, args.steps, args.seed, args.batch)
-    renders = [render.resize((size, size), Image.Resampling.BOX) for _, _, render in prompts]
-    figures = {"pipeline": args.pipeline, "guidance": args.guidance, "steps": args.steps, "seed": args.seed,
-               "size": size, "generated": score(generated, colours), "unconditional": score(unconditional, colours),
-               "real_renders": score(renders, colours), "uniform_chance": 1 / len(COLOURS),
-               "seconds_per_image": seconds / len(captions), "threads": torch.get_num_threads()}
-    print(json.dumps(figures, indent=1))
+    renders = [image.resize((size, size), Image.Resampling.BOX) for sample in samples
+               for image in output_images(sample.outputs)]
+    figures = {name: score_requests([[image] for image in images], samples)["attributes"]
+               for name, images in (("true_caption", generated), ("unconditional", unconditional),
+                                    ("real_renders", renders))}
+    figures.update({"pipeline": args.pipeline, "sampler": type(pipeline.scheduler).__name__, "n": args.n,
+                    "guidance": args.guidance, "steps": args.steps, "seed": args.seed, "size": size,
+                    "seconds_per_image": seconds / len(captions), "threads": torch.get_num_threads()})
+    print(json.dumps(figures))
+    print(table(figures))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(figures, handle, indent=1)
     if args.png:
-        sample_sheet(pipeline, args.guidance, args.steps, args.seed, args.png)
+        sample_sheet([renders[:SHEET_COLUMNS], generated[:SHEET_COLUMNS], unconditional[:SHEET_COLUMNS]], args.png)
 
 
 if __name__ == "__main__":
