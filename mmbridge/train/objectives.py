@@ -9,7 +9,11 @@ A stage's ``objective`` (:class:`~mmbridge.train.recipe.StageConfig`):
 * ``itc_itm_itg`` — BLIP-2 stage 1 for a Q-Former, with no LLM (:mod:`~mmbridge.train.qformer_pretrain`): the
   run trains a :class:`~mmbridge.train.qformer_pretrain.QFormerPretrainModel` under the same keys
   (``vision``, ``bridge``, an empty ``llm``) and on image-caption examples, and its ``final/`` is the Q-Former
-  directory a stage-2 bridge reads with ``init_from``. Such a run has no other objective (preflight).
+  directory a stage-2 bridge reads with ``init_from``. Such a run has no other objective (preflight);
+* ``denoising`` — DDPM's noise-prediction loss for a text-to-image UNet under a frozen text encoder
+  (:mod:`~mmbridge.train.denoising`): the run trains a :class:`~mmbridge.train.denoising.GeneratorModel` (``vision``
+  the VAE, ``bridge`` the UNet, ``llm`` the text encoder, ``output`` empty) on image-caption examples, and its
+  ``final/`` is a diffusers ``StableDiffusionPipeline`` directory. A run of its own, like stage 1.
 
 :class:`StageObjective` holds the model and computes a stage's loss as one module, so that DDP (and FSDP)
 wrap all of it, including objectives that call the model's parts past its ``forward``.
@@ -26,8 +30,9 @@ from torch import nn
 from mmbridge.config import RunConfig
 from mmbridge.data import DataConfig, model_inputs
 from mmbridge.model.multimodal import MultimodalModel
+from mmbridge.train.denoising import build_generator_model, generation_caption
 from mmbridge.train.qformer_pretrain import build_pretrain_model, check_captions
-from mmbridge.train.recipe import STAGE1_OBJECTIVE, StageConfig
+from mmbridge.train.recipe import DENOISING_OBJECTIVE, STAGE1_OBJECTIVE, StageConfig
 from mmbridge.train.region_words import WordGroups, check_grid, region_word_loss
 
 StepLoss = tuple[torch.Tensor, int, dict[str, Any]]  # the loss, its labelled tokens (or cells), what a step logs
@@ -48,6 +53,9 @@ class StageObjective(nn.Module):
             return loss, cells, {"read": read}
         if self.objective == STAGE1_OBJECTIVE:
             return _itc_itm_itg(self.model, batch)
+        if self.objective == DENOISING_OBJECTIVE:
+            output = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+            return output.loss, output.images, {}  # "labelled" counts the images the loss averages over
         output = self.model(**model_inputs(batch), return_logits="none")
         positions = int(batch["attention_mask"].sum())  # through the LLM
         return output.loss, output.num_label_tokens, {"aux": output.aux_losses, "stats": output.stats,
@@ -73,7 +81,9 @@ def stage_objective(stage: StageConfig, model: nn.Module, dataset: Any) -> Stage
         check_grid(model)
         words = WordGroups.from_samples(dataset.samples, model.tokenizer, where=f"stage '{stage.name}'")
     elif stage.objective == STAGE1_OBJECTIVE and not dataset.config.skip_bad_samples:
-        check_captions(dataset.samples, f"stage '{stage.name}'")
+        check_captions(dataset.samples, f"stage '{stage.name}'", stage.objective)
+    elif stage.objective == DENOISING_OBJECTIVE and not dataset.config.skip_bad_samples:
+        check_captions(dataset.samples, f"stage '{stage.name}'", stage.objective, generation_caption)
     return StageObjective(model, stage.objective, words)
 
 
@@ -89,15 +99,21 @@ class Batching:
 def stage_batching(stage: StageConfig, data: DataConfig) -> Batching:
     """The stage's batching: ``data.group_by_length``; for stage 1, whose ITC and ITM take their negatives from
     the batch, never by length (captions of one length would make them easier) and at least 2 samples (ITM mines
-    each sample's negative among the others: an epoch's last batch of one sample is passed over)."""
+    each sample's negative among the others: an epoch's last batch of one sample is passed over); for ``denoising``
+    uniform draws too (the caption's length says how many objects the image holds)."""
     if stage.objective == STAGE1_OBJECTIVE:
         return Batching(group_by_length=False, min_samples=2)
+    if stage.objective == DENOISING_OBJECTIVE:
+        return Batching(group_by_length=False)
     return Batching(data.group_by_length)
 
 
 def build_model(run: RunConfig, stages: list[StageConfig]) -> nn.Module:
     """The model ``run`` trains: a :class:`~mmbridge.model.multimodal.MultimodalModel`, or for BLIP-2 stage 1
-    (every stage ``itc_itm_itg``, preflight saw to it) the Q-Former with its stage-1 heads and no LLM."""
+    (every stage ``itc_itm_itg``, preflight saw to it) the Q-Former with its stage-1 heads and no LLM, or for
+    ``denoising`` (every stage) the image generator."""
     if stages and stages[0].objective == STAGE1_OBJECTIVE:
         return build_pretrain_model(run.model)
+    if stages and stages[0].objective == DENOISING_OBJECTIVE:
+        return build_generator_model(run.model)
     return MultimodalModel.from_config(run.model, processor_settings=run.processor)

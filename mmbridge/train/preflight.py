@@ -20,8 +20,11 @@ from mmbridge.data.mixture import load_source
 from mmbridge.data.sources import SOURCE_TYPES
 from mmbridge.registry import config_from_dict
 from mmbridge.train.ranges import check_ranges
+from mmbridge.train.recipe import DENOISING_OBJECTIVE as DENOISING
 from mmbridge.train.recipe import STAGE1_OBJECTIVE as STAGE1
 from mmbridge.train.recipe import StageConfig
+
+OWN_RUN_OBJECTIVES = {STAGE1: "BLIP-2 stage 1, no LLM", DENOISING: "an image generator, no LLM"}
 
 PROCESSOR_FIELDS = {"max_length": int, "system_prompt": (str, type(None))}
 STAGE1_DATA_DEFAULTS = {"prefix_lm": False, "template": "chat", "labels": "assistant", "video_stride": 1}
@@ -31,7 +34,8 @@ def check_run(run: RunConfig) -> list[StageConfig]:
     """Validate ``run``; returns its parsed stages. Raises ``ValueError``/``FileNotFoundError`` naming the field.
 
     A run of BLIP-2 stage 1 (every stage ``objective: itc_itm_itg``) builds no LLM: its ``model.llm`` (stage 2's)
-    is not checked, and its bridge must be of the Q-Former family."""
+    is not checked, and its bridge must be of the Q-Former family. A ``denoising`` run's ``model`` names the VAE, the
+    UNet and the text encoder (:func:`~mmbridge.train.denoising.parse_generator_spec`)."""
     if not run.stages:
         raise ValueError("the recipe has no stages")
     if not isinstance(run.stages, list):
@@ -39,8 +43,14 @@ def check_run(run: RunConfig) -> list[StageConfig]:
     check_ranges(run)
     stages = [parse_stage(data, index) for index, data in enumerate(run.stages)]
     components = model_components(run, stages)
-    check_model(run.model, components)
-    if "llm" not in components:
+    conditioning_length = None
+    if stages[0].objective == DENOISING:
+        from mmbridge.train.denoising import parse_generator_spec
+
+        conditioning_length = parse_generator_spec(run.model).llm.max_length
+    else:
+        check_model(run.model, components)
+    if components == ("vision", "bridge"):
         check_stage1_bridge(run.model["bridge"])
     check_processor(run.processor)
     check_not_a_file(run.output_dir, "output_dir")
@@ -48,25 +58,36 @@ def check_run(run: RunConfig) -> list[StageConfig]:
         data = stage_data(run, index, stage)
         if stage.objective == STAGE1:
             check_stage1(stage, data, stage_label(index, stage.name))
+        elif stage.objective == DENOISING:
+            check_denoising(data, stage_label(index, stage.name), conditioning_length)
     return stages
 
 
 def model_components(run: RunConfig, stages: list[StageConfig]) -> tuple[str, ...]:
-    """The model keys ``run`` builds: ``vision``, ``llm``, ``bridge``; only ``vision`` and ``bridge`` for BLIP-2
-    stage 1, a run of its own (with another objective in the same run, or sharded by FSDP, it is refused)."""
-    stage1 = [stage.objective == STAGE1 for stage in stages]
-    if not any(stage1):
+    """The registry components ``run`` builds: ``vision``, ``llm``, ``bridge``; only ``vision`` and ``bridge`` for
+    BLIP-2 stage 1; none for ``denoising`` (its parts are the generator's own). Each of those two is a run of its
+    own (with another objective in the same run, or sharded by FSDP, it is refused)."""
+    own = next((stage.objective for stage in stages if stage.objective in OWN_RUN_OBJECTIVES), None)
+    if own is None:
         return ("vision", "llm", "bridge")
-    if not all(stage1):
-        other = stage1.index(False)
-        raise ValueError(f"{stage_label(other, stages[other].name)} has objective {stages[other].objective!r} but "
-                         f"{stage_label(stage1.index(True), stages[stage1.index(True)].name)} trains '{STAGE1}' "
-                         f"(BLIP-2 stage 1, no LLM): stage 1 is a recipe of its own, whose output_dir/final a stage-2 "
-                         f"recipe's Q-Former bridge reads with init_from")
+    first = next(index for index, stage in enumerate(stages) if stage.objective == own)
+    for index, stage in enumerate(stages):
+        if stage.objective != own:
+            raise ValueError(f"{stage_label(index, stage.name)} has objective {stage.objective!r} but "
+                             f"{stage_label(first, stages[first].name)} trains '{own}' ({OWN_RUN_OBJECTIVES[own]}): "
+                             f"{_own_run_reason(own)}")
     if run.distributed.strategy == "fsdp":
-        raise ValueError(f"distributed.strategy 'fsdp' shards the LLM's decoder layers; objective '{STAGE1}' "
-                         f"(BLIP-2 stage 1) has no LLM: train it with strategy 'ddp' (the default)")
-    return ("vision", "bridge")
+        raise ValueError(f"distributed.strategy 'fsdp' shards the LLM's decoder layers; objective '{own}' "
+                         f"({OWN_RUN_OBJECTIVES[own]}) has no LLM: train it with strategy 'ddp' (the default)")
+    return ("vision", "bridge") if own == STAGE1 else ()
+
+
+def _own_run_reason(objective: str) -> str:
+    if objective == STAGE1:
+        return "stage 1 is a recipe of its own, whose output_dir/final a stage-2 recipe's Q-Former bridge reads with " \
+               "init_from"
+    return "the generator is a recipe of its own, whose output_dir/final (a diffusers pipeline directory) a model's " \
+           "generator reads"
 
 
 def check_stage1_bridge(spec: Any) -> None:
@@ -92,6 +113,22 @@ def check_stage1(stage: StageConfig, data: DataConfig, label: str) -> None:
         if getattr(data, name) != default:
             raise ValueError(f"{label} data sets {name}={getattr(data, name)!r}, which objective '{STAGE1}' does not "
                              f"read (it trains on image-caption pairs); remove it")
+
+
+def check_denoising(data: DataConfig, label: str, conditioning_length: int) -> None:
+    """A ``denoising`` stage reads each sample's image and caption: data settings that shape an LLM's prompt and
+    labels are refused rather than ignored, and so is a feature cache (the VAE's latents are not cached); captions
+    are cut at the conditioning length ``model.llm.max_length``, so ``data.max_length`` may only repeat it."""
+    if data.max_length is not None and data.max_length != conditioning_length:
+        raise ValueError(f"{label} data sets max_length={data.max_length}, but objective '{DENOISING}' cuts captions "
+                         f"at the conditioning length model.llm.max_length={conditioning_length}; remove it")
+    for name, default in STAGE1_DATA_DEFAULTS.items():
+        if getattr(data, name) != default:
+            raise ValueError(f"{label} data sets {name}={getattr(data, name)!r}, which objective '{DENOISING}' does "
+                             f"not read (it trains on image-caption pairs); remove it")
+    if data.feature_cache:
+        raise ValueError(f"{label} data sets feature_cache, which objective '{DENOISING}' does not use (its VAE's "
+                         f"latents are computed per step); remove it")
 
 
 def stage_label(index: int, name: str) -> str:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -315,12 +315,16 @@ class CaptionProcessor:
 
     def __call__(self, sample: Sample, images: list[Image.Image] | None = None, pixels: bool = True) -> dict:
         """The example of ``sample``; ``images`` (PIL) replace loading its image."""
-        caption = rewrite_boxes(caption_of(sample), self.box_format)
+        caption = rewrite_boxes(self.caption(sample), self.box_format)
         ids = self.tokenizer(caption, truncation=True, max_length=self.max_length)["input_ids"]
         example = {"id": sample.id, "input_ids": torch.tensor(ids, dtype=torch.long)}
         if pixels:
             example["pixel_values"] = self.pixel_values(images if images is not None else self.load_images(sample))
         return example
+
+    def caption(self, sample: Sample) -> str:
+        """The text of ``sample``'s example: its caption (:func:`caption_of`)."""
+        return caption_of(sample)
 
     def load_images(self, sample: Sample) -> list[Image.Image]:
         """The sample's image, decoded (streamed samples: from their ``image_loader``)."""
@@ -346,17 +350,19 @@ def caption_of(sample: Sample) -> str:
     return reply
 
 
-def check_captions(samples: list[Sample], where: str) -> None:
-    """Every sample is an image-caption pair; else one ``ValueError`` naming the first five that are not (a stage
-    without ``skip_bad_samples`` learns it before training rather than at the batch that holds one)."""
+def check_captions(samples: list[Sample], where: str, objective: str = STAGE1_OBJECTIVE,
+                   caption: Callable[[Sample], str] = caption_of) -> None:
+    """Every sample is an image-caption pair (``caption`` of it raises no :class:`SampleError`); else one
+    ``ValueError`` naming the first five that are not (a stage without ``skip_bad_samples`` learns it before
+    training rather than at the batch that holds one)."""
     bad = []
     for sample in samples:
         try:
-            caption_of(sample)
+            caption(sample)
         except SampleError as error:
             bad.append(f"{sample.id} ({error.reason})")
     if bad:
-        raise ValueError(f"{where}: objective '{STAGE1_OBJECTIVE}' trains on samples with one image and a caption; "
+        raise ValueError(f"{where}: objective '{objective}' trains on samples with one image and a caption; "
                          f"{len(bad)} sample(s) are not: {', '.join(bad[:5])} (or set data.skip_bad_samples)")
 
 

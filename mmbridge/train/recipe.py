@@ -34,8 +34,9 @@ from mmbridge.registry import config_from_dict
 
 logger = logging.getLogger("mmbridge")
 MODES = ("frozen", "full", "lora", "partial")
-OBJECTIVES = ("lm", "region_words", "itc_itm_itg")  # what each does: mmbridge.train.objectives
+OBJECTIVES = ("lm", "region_words", "itc_itm_itg", "denoising")  # what each does: mmbridge.train.objectives
 STAGE1_OBJECTIVE = "itc_itm_itg"  # BLIP-2 stage 1: ITC + ITM + ITG for a Q-Former, no LLM (qformer_pretrain.py)
+DENOISING_OBJECTIVE = "denoising"  # a text-to-image UNet under a frozen text encoder (denoising.py)
 
 
 @dataclass
@@ -91,7 +92,8 @@ class StageConfig:
     save_every: int | None = None  # optimizer steps between checkpoints
     log_every: int = 1
     objective: str = "lm"  # lm: next-token loss on the labels; region_words: bridge-only alignment (region_words.py);
-    # itc_itm_itg: BLIP-2 stage 1, a Q-Former without the LLM (qformer_pretrain.py)
+    # itc_itm_itg: BLIP-2 stage 1, a Q-Former without the LLM (qformer_pretrain.py); denoising: an image generator
+    # (denoising.py)
     upcycle: bool = False  # MoE-tuning: copy each MoE layer's FFN into its experts as this stage starts (moe bridge)
     save_model: bool = False  # also write the model as this stage ends, to output_dir/stages/<N>-<name> (loadable)
 
@@ -112,6 +114,12 @@ class StageConfig:
         if self.objective == STAGE1_OBJECTIVE and self.spec("llm").mode != "frozen":
             raise ValueError(f"stage '{self.name}': objective 'itc_itm_itg' (BLIP-2 stage 1) builds no LLM, so "
                              f"train.llm must stay frozen (got {self.spec('llm').mode!r})")
+        if self.objective == DENOISING_OBJECTIVE:
+            for key, role in (("llm", "the text encoder"), ("vision", "the VAE")):
+                if self.spec(key).mode != "frozen":
+                    raise ValueError(f"stage '{self.name}': objective 'denoising' trains the UNet (bridge) under a "
+                                     f"frozen {key} ({role}), so train.{key} must stay frozen (got "
+                                     f"{self.spec(key).mode!r})")
         if self.steps is None and not self.epochs:
             raise ValueError(f"stage '{self.name}' needs 'epochs' or 'steps'")
         for name in ("batch_size", "grad_accum"):

@@ -174,6 +174,7 @@ class _Session:
         model.bridge.start_stage(stage)  # e.g. MoE upcycling: copies the FFNs as trained so far
         rows = apply_stage(model, stage, log=False)
         self.touched |= {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        self.touched |= {f"bridge.{name}" for name in model.bridge.tracked_parameters()}  # e.g. an EMA
         return rows
 
     def save_final(self, model: nn.Module, stage_count: int) -> None:
@@ -314,6 +315,7 @@ class _StageRun:
             else None
         learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
+        self.model.bridge.after_update(step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step, state.global_step = step + 1, state.global_step + 1

@@ -24,8 +24,9 @@ dropped by :meth:`Bridge.release_caches`, which whoever made the prompt state ca
 
 **Training and reporting.** :meth:`Bridge.training_outputs` (auxiliary losses and counts after a training
 forward); the :class:`StageHooks` every bridge has — ``check_stage`` / ``start_stage`` (what a stage asks of the
-bridge, e.g. MoE upcycling), ``step_report`` (numbers logged every step), ``write_plots`` (figures at the end of
-a stage); :meth:`Bridge.inactive_parameters_per_token` (``mmbridge info``).
+bridge, e.g. MoE upcycling), ``step_report`` (numbers logged every step), ``after_update`` /
+``tracked_parameters`` (weights updated after each optimizer step without gradients, e.g. an EMA, and
+checkpointed), ``write_plots`` (figures at the end of a stage); :meth:`Bridge.inactive_parameters_per_token` (``mmbridge info``).
 
 **Saving and processing.** :meth:`Bridge.export_config` (the config that rebuilds it as it is now),
 :attr:`Bridge.tokenizer` (its own text tokenizer, saved beside the model), :meth:`Bridge.processor_needs`
@@ -99,6 +100,15 @@ class StageHooks:
     def step_report(self) -> dict[str, Any]:
         """Numbers to log with every training step (none by default)."""
         return {}
+
+    def after_update(self, step: int) -> None:
+        """Called after optimizer step ``step`` (0-based, within the stage) has changed the weights, e.g. to update
+        a moving average of them (nothing by default)."""
+
+    def tracked_parameters(self) -> list[str]:
+        """Names (under the bridge) of frozen parameters that change while training without gradients, e.g. a
+        moving average: checkpointed with the trained ones, so a resumed run restores them (none by default)."""
+        return []
 
     def write_plots(self, records: list[dict], directory: str, number: int, name: str) -> list[str]:
         """Figures of stage ``number`` (1-based) ``name`` from its step records, written into ``directory``; returns
