@@ -16,6 +16,7 @@ from mmbridge.model.llm import LLMS
 from mmbridge.model.output import output_configs
 from mmbridge.model.vision import VISION_ENCODERS
 from mmbridge.registry import config_from_dict
+from mmbridge.train.denoising import parse_generator_spec
 from mmbridge.train.ranges import check_ranges
 from mmbridge.train.recipe import stage_from_dict
 
@@ -30,6 +31,20 @@ def test_there_are_recipes():
 def test_recipe_parses(path):
     run = load_run_config(path)
     check_ranges(run)  # every numeric field within its range
+    if any(stage.get("objective") == "denoising" for stage in run.stages):  # a generator: its own model section
+        parse_generator_spec(run.model)
+    else:
+        check_components(run)
+    assert run.stages
+    for stage in map(stage_from_dict, run.stages):
+        data = stage.data if stage.data is not None else run.data
+        assert data is not None, f"{path}: stage {stage.name} has no data"
+        config_from_dict(DataConfig, dict(data))
+        assert isinstance(stage.lr, float)
+
+
+def check_components(run) -> None:
+    """The registries' configs of the recipe's vision, bridge, llm, highres and output parts."""
     VISION_ENCODERS.make_config(run.model["vision"])
     BRIDGES.make_config(run.model["bridge"])
     LLMS.make_config(run.model["llm"])
@@ -37,12 +52,6 @@ def test_recipe_parses(path):
         HIGHRES.make_config(run.model["highres"])
     for config in output_configs(run.model.get("output")).values():  # the generator's files are not read here
         GENERATORS.make_config(config.generator)
-    assert run.stages
-    for stage in map(stage_from_dict, run.stages):
-        data = stage.data if stage.data is not None else run.data
-        assert data is not None, f"{path}: stage {stage.name} has no data"
-        config_from_dict(DataConfig, dict(data))
-        assert isinstance(stage.lr, float)
 
 
 

@@ -144,7 +144,7 @@ def test_requests_it_cannot_train_on_are_named(bert_dir):
     model = build_generator_model(_model_spec(bert_dir))
     sample = _requests(n=1)[0]
     nothing = dataclasses.replace(sample, output_loader=None)  # no file, nothing to draw with
-    with pytest.raises(SampleError, match=r"outputs\[0\] names no image file"):
+    with pytest.raises(SampleError, match=r"outputs\[0\] names no target image file"):
         model.processor()(nothing)
     twice = dataclasses.replace(sample, outputs=sample.outputs * 2)
     with pytest.raises(SampleError, match="answers with 2 images"):

@@ -123,8 +123,8 @@ def load_output_images(sample: Sample) -> list[Image.Image]:
         return images
     for number, output in enumerate(outputs):
         if not output.get("image"):
-            raise SampleError(f"sample {sample.id!r}: outputs[{number}] names no target image (a denoising loss "
-                              f"needs one)", sample.id, "no_output_image")
+            raise SampleError(f"sample {sample.id!r}: outputs[{number}] names no target image file (and the sample "
+                              f"has no output_loader to draw it)", sample.id, "no_output_image")
     return [_open_image(output["image"], sample.id) for output in outputs]
 
 

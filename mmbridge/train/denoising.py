@@ -46,12 +46,13 @@ from torch import nn
 
 from mmbridge.data import SampleError
 from mmbridge.data.formats.llava import Sample
+from mmbridge.data.images import load_output_images
 from mmbridge.model.bridges.base import StageHooks
 from mmbridge.model.generators.base import min_snr_weights
 from mmbridge.model.multimodal import MODULE_KEYS
 from mmbridge.model.vision.transform import ImageTransform
 from mmbridge.registry import config_from_dict
-from mmbridge.train.qformer_pretrain import CaptionProcessor, _open_image, caption_of
+from mmbridge.train.qformer_pretrain import CaptionProcessor, caption_of
 from mmbridge.utils import make_shareable
 
 VAE_TYPES = ("pixels",)
@@ -381,13 +382,7 @@ class GenerationProcessor(CaptionProcessor):
         for a sample without outputs its own image."""
         if not sample.outputs:
             return super().load_images(sample)
-        if sample.output_loader is not None:
-            return list(sample.output_loader())
-        paths = [output.get("image") for output in sample.outputs]
-        if None in paths:
-            raise SampleError(f"sample {sample.id!r}: outputs[{paths.index(None)}] names no image file to train on "
-                              f"(and the sample has no output_loader to draw it)", sample.id, "no_output_image")
-        return [_open_image(path, sample.id) for path in paths]
+        return load_output_images(sample)
 
 
 def generation_caption(sample: Sample) -> str:
