@@ -121,7 +121,8 @@ def load_pipeline(path: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     from diffusers import StableDiffusionPipeline
 
     check_pipeline_dir(path)
-    pipeline = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
+    with _quiet_pipeline(loading=True):  # checked above; a BERT text encoder is no surprise, nor worth a bar
+        pipeline = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
@@ -299,16 +300,25 @@ def build_diffusers_generator(cfg: DiffusersGeneratorConfig) -> DiffusersGenerat
 
 
 @contextlib.contextmanager
-def _quiet_pipeline() -> Iterator[None]:
-    """diffusers' and transformers' per-call warnings off (the truncation warning of every encode_prompt call)."""
+def _quiet_pipeline(loading: bool = False) -> Iterator[None]:
+    """diffusers' and transformers' per-call warnings off (the truncation warning of every encode_prompt call);
+    ``loading``: their loading progress bars too (a generator loads in a second)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
+    if loading:
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])
+        if loading and bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if loading and bars[1]:
+            transformers_logging.enable_progress_bar()
