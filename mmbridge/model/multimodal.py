@@ -62,6 +62,15 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+
+def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{key: {"trainable": n, "frozen": n}}`` for every module key of ``model`` (any model trained under the
+    keys: the multimodal model, BLIP-2 stage 1's Q-Former, the generator of objective ``denoising``)."""
+    counts = {key: {"trainable": 0, "frozen": 0} for key in MODULE_KEYS}
+    for name, parameter in model.named_parameters():
+        counts[name.split(".", 1)[0]]["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
+    return counts
+
 @dataclass
 class ModelConfig:
     """What to build: three component specs (dicts with a ``type`` or registered configs).
@@ -480,12 +489,8 @@ class MultimodalModel(nn.Module):
 
     # -- reporting -----------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, dict[str, int]]:
-        """``{key: {"trainable": n, "frozen": n}}`` for ``vision``, ``bridge``, ``llm``."""
-        counts = {key: {"trainable": 0, "frozen": 0} for key in MODULE_KEYS}
-        for name, parameter in self.named_parameters():
-            key = name.split(".", 1)[0]
-            counts[key]["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
-        return counts
+        """``{key: {"trainable": n, "frozen": n}}`` for every module key (:func:`parameter_counts`)."""
+        return parameter_counts(self)
 
     def inactive_parameters_per_token(self) -> int:
         """Parameters one token does not use (a fusion bridge's idle experts or bypassed originals; else 0)."""

@@ -49,7 +49,7 @@ from mmbridge.data.formats.llava import Sample
 from mmbridge.data.images import load_output_images
 from mmbridge.model.bridges.base import StageHooks
 from mmbridge.model.generators.base import min_snr_weights
-from mmbridge.model.multimodal import MODULE_KEYS
+from mmbridge.model.multimodal import parameter_counts
 from mmbridge.model.vision.transform import ImageTransform
 from mmbridge.registry import config_from_dict
 from mmbridge.train.qformer_pretrain import CaptionProcessor, caption_of
@@ -263,11 +263,8 @@ class GeneratorModel(nn.Module):
         return self.spec.llm.max_length
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
-        """``{key: {"trainable": n, "frozen": n}}`` for ``vision``, ``bridge``, ``llm``."""
-        counts = {key: {"trainable": 0, "frozen": 0} for key in MODULE_KEYS}
-        for name, parameter in self.named_parameters():
-            counts[name.split(".", 1)[0]]["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
-        return counts
+        """``{key: {"trainable": n, "frozen": n}}`` for every module key."""
+        return parameter_counts(self)
 
     def add_lora(self, key: str, spec: Any) -> None:
         raise ValueError("objective 'denoising' supports the tuning modes frozen, full and partial, not lora")

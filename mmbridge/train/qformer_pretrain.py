@@ -59,7 +59,7 @@ from mmbridge.model.bridges import BRIDGES
 from mmbridge.model.bridges.base import StageHooks
 from mmbridge.model.bridges.qformer import (QFormer, QFormerBridgeConfig, build_qformer, load_text_tokenizer,
                                             resolve_config, save_qformer)
-from mmbridge.model.multimodal import MODULE_KEYS
+from mmbridge.model.multimodal import parameter_counts
 from mmbridge.model.vision import build_vision
 from mmbridge.train.recipe import STAGE1_OBJECTIVE
 from mmbridge.utils import atomic_path
@@ -203,10 +203,7 @@ class QFormerPretrainModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """``{key: {"trainable": n, "frozen": n}}`` for every module key."""
-        counts = {key: {"trainable": 0, "frozen": 0} for key in MODULE_KEYS}
-        for name, parameter in self.named_parameters():
-            counts[name.split(".", 1)[0]]["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
-        return counts
+        return parameter_counts(self)
 
     def add_lora(self, key: str, spec: Any) -> None:
         raise ValueError("Q-Former stage 1 supports the tuning modes frozen, full and partial, not lora")
