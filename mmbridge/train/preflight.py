@@ -109,10 +109,15 @@ def check_stage1(stage: StageConfig, data: DataConfig, label: str) -> None:
     if stage.batch_size < 2:
         raise ValueError(f"{label}: objective '{STAGE1}' takes its negatives from the batch: batch_size must be at "
                          f"least 2, got {stage.batch_size}")
+    refuse_prompt_settings(data, label, STAGE1)
+
+
+def refuse_prompt_settings(data: DataConfig, label: str, objective: str) -> None:
+    """An image-caption objective reads no prompt or labels: a data setting that shapes them is refused, named."""
     for name, default in STAGE1_DATA_DEFAULTS.items():
         if getattr(data, name) != default:
-            raise ValueError(f"{label} data sets {name}={getattr(data, name)!r}, which objective '{STAGE1}' does not "
-                             f"read (it trains on image-caption pairs); remove it")
+            raise ValueError(f"{label} data sets {name}={getattr(data, name)!r}, which objective '{objective}' does "
+                             f"not read (it trains on image-caption pairs); remove it")
 
 
 def check_denoising(data: DataConfig, label: str, conditioning_length: int) -> None:
@@ -122,10 +127,7 @@ def check_denoising(data: DataConfig, label: str, conditioning_length: int) -> N
     if data.max_length is not None and data.max_length != conditioning_length:
         raise ValueError(f"{label} data sets max_length={data.max_length}, but objective '{DENOISING}' cuts captions "
                          f"at the conditioning length model.llm.max_length={conditioning_length}; remove it")
-    for name, default in STAGE1_DATA_DEFAULTS.items():
-        if getattr(data, name) != default:
-            raise ValueError(f"{label} data sets {name}={getattr(data, name)!r}, which objective '{DENOISING}' does "
-                             f"not read (it trains on image-caption pairs); remove it")
+    refuse_prompt_settings(data, label, DENOISING)
     if data.feature_cache:
         raise ValueError(f"{label} data sets feature_cache, which objective '{DENOISING}' does not use (its VAE's "
                          f"latents are computed per step); remove it")
