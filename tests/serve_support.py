@@ -23,6 +23,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from mmbridge.model.multimodal import MultimodalModel
+from mmbridge.serve.outputs import FinishedRow
 from mmbridge.testing import shape_image, tiny_llm_config, tiny_model_config
 
 MODEL_NAME = "tiny"
@@ -163,3 +164,19 @@ def bomb_png(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
             + chunk(b"IEND", b""))
+
+
+class ChosenImages:
+    """An ``answer_images`` hook for the serving tests: records every finished row and answers it with ``images``
+    (none by default), or raises ``error`` when one is set."""
+
+    def __init__(self) -> None:
+        self.images: list[Image.Image] = []
+        self.rows: list[FinishedRow] = []
+        self.error: Exception | None = None
+
+    def __call__(self, row: FinishedRow) -> list[Image.Image]:
+        self.rows.append(row)
+        if self.error is not None:
+            raise self.error
+        return list(self.images)

@@ -21,26 +21,12 @@ from PIL import Image
 
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.serve import ServeSettings, create_app
-from mmbridge.serve.outputs import FinishedRow, ImageOptions, image_content_parts, message_content
-from serve_support import MODEL_NAME, ThreadServer, data_url, image_part, openai_client, sample_image, save_tiny_model
+from mmbridge.serve.outputs import ImageOptions, image_content_parts, message_content
+from serve_support import (MODEL_NAME, ChosenImages, ThreadServer, data_url, image_part, openai_client, sample_image,
+                           save_tiny_model)
 
 MAX_STEPS, MAX_SIZE = 8, 64
 GREEDY = {"temperature": 0, "max_tokens": 10}
-
-
-class ChosenImages:
-    """The ``answer_images`` hook of these tests: records every finished row and answers it with ``images``."""
-
-    def __init__(self) -> None:
-        self.images: list[Image.Image] = []
-        self.rows: list[FinishedRow] = []
-        self.error: Exception | None = None
-
-    def __call__(self, row: FinishedRow) -> list[Image.Image]:
-        self.rows.append(row)
-        if self.error is not None:
-            raise self.error
-        return list(self.images)
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,9 @@ from browser_support import (WAIT_S, assistant_messages, chromium, last_answer, 
                              set_max_tokens, type_message)
 from mmbridge.model.multimodal import MultimodalModel
 from mmbridge.serve import ServeSettings, create_app
-from mmbridge.serve.outputs import FinishedRow
 from mmbridge.worlds.miniworld import make_episode, render_image
 from serve_examples import EXAMPLES, MANIFEST, MAX_EXAMPLE_BYTES, default_folder, write_examples
-from serve_support import MODEL_NAME, ThreadServer, sample_image, save_tiny_model
+from serve_support import MODEL_NAME, ChosenImages, ThreadServer, sample_image, save_tiny_model
 
 MAX_TOKENS = 12
 SCREENSHOT_BYTES = 150_000  # the README's screenshot stays small
@@ -96,16 +95,6 @@ def carries_text(body: bytes) -> bool:
             if isinstance(content, str) and content:
                 return True
     return False
-
-
-class ChosenImages:
-    """The engine's ``answer_images`` hook here: answers every finished row with ``images`` (none by default)."""
-
-    def __init__(self) -> None:
-        self.images: list[Image.Image] = []
-
-    def __call__(self, row: FinishedRow) -> list[Image.Image]:
-        return list(self.images)
 
 
 @pytest.fixture(scope="module")
